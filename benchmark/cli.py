@@ -1,0 +1,176 @@
+"""The `mugbench` command line: run, report, methods, data, eval.
+
+Heavy imports (torch, timm, open_clip) happen inside the commands, after cheap checks, so
+that a wrong name or a missing data set is reported within seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_METHODS = "mae,clip,mug"
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="toy", help="smoke | toy | paper | path to a study YAML (default: toy)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study setting, e.g. --set train.epochs=2 --set methods.mae.mask_ratio=0.6")
+    p.add_argument("--cache-dir", type=Path, default=None, help="generated data (default: $MUGBENCH_CACHE or ~/.cache/mugbench)")
+    p.add_argument("--data-root", type=Path, default=None, help="root of named shard sets (default: $MUGBENCH_DATA)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mugbench", description="Like-for-like benchmark of self-supervised vision pre-training.")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="pre-train each method, evaluate it, record results, print the table")
+    run.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
+    run.add_argument("--data", default=None, help="toy | cc3m | cc12m | laion400m | shard pattern (default: the preset's)")
+    run.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's seed)")
+    run.add_argument("--workdir", type=Path, default=Path("runs"), help="checkpoints and logs (default: ./runs)")
+    run.add_argument("--results", type=Path, default=Path("results"), help="result records (default: ./results)")
+    run.add_argument("--reports", type=Path, default=Path("reports"), help="tables and plots (default: ./reports)")
+    _add_study_args(run)
+
+    rep = sub.add_parser("report", help="rebuild reports/ from results/ alone and print the table")
+    rep.add_argument("--results", type=Path, default=Path("results"))
+    rep.add_argument("--reports", type=Path, default=Path("reports"))
+
+    sub.add_parser("methods", help="list registered methods with their needs and capabilities")
+
+    data = sub.add_parser("data", help="prepare the embedded data or check a shard set")
+    dsub = data.add_subparsers(dest="data_command")
+    prep = dsub.add_parser("prepare", help="generate the embedded `toy` shards into the cache")
+    prep.add_argument("name", choices=["toy"])
+    _add_study_args(prep)
+    check = dsub.add_parser("check", help="read every sample of a shard set and count bad ones")
+    check.add_argument("urls", help="shard pattern, e.g. 'cc3m/{00000..00331}.tar', or a named set")
+    check.add_argument("--data-root", type=Path, default=None)
+
+    ev = sub.add_parser("eval", help="run the evaluation harness on an exported encoder")
+    ev.add_argument("--checkpoint", type=Path, required=True, help="encoder.safetensors written by `mugbench run`")
+    _add_study_args(ev)
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from .config import load_config
+    from .data.catalog import default_cache_dir, default_data_root, resolve_pretrain_urls
+
+    overrides = list(args.overrides) + ([f"data.name={args.data}"] if args.data else [])
+    cfg = load_config(args.preset, overrides)
+    data_root = args.data_root or default_data_root()
+    if cfg.data.name != "toy":  # fail fast, before the heavy imports
+        resolve_pretrain_urls(cfg.data.name, data_root)
+    from .registry import get_method, parse_method_list
+
+    methods = parse_method_list(args.methods)
+    for name in methods:  # option errors before any training starts
+        get_method(name).parse_options(cfg.methods.get(name))
+    from .report.tables import write_report
+    from .study import run_study
+
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
+    for seed in seeds:
+        cfg.seed = seed
+        run_study(cfg, methods, workdir=args.workdir, results_dir=args.results,
+                  cache_dir=args.cache_dir or default_cache_dir(), data_root=data_root, overrides=overrides)
+    if _is_main_process():
+        print(write_report(args.results, args.reports))
+    return 0
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _cmd_report(args) -> int:
+    from .report.tables import write_report
+
+    print(write_report(args.results, args.reports))
+    print(f"\nwritten: {args.reports / 'summary.md'}, {args.reports / 'summary.csv'}")
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from .registry import registered_methods
+
+    for name, cls in registered_methods().items():
+        views = len(cls.views)
+        text = "image+text" if cls.needs_text else "image only"
+        caps = ", ".join(cls.capabilities()) or "-"
+        opts = ", ".join(f"{k}={v}" for k, v in cls.option_defaults().items()) or "-"
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:8s} views={views}  needs={text:10s}  capabilities: {caps}\n         {doc}\n         options: {opts}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    if args.data_command == "prepare":
+        from .config import load_config
+        from .data.catalog import default_cache_dir
+        from .study import prepare_toy_world
+
+        cfg = load_config(args.preset, args.overrides)
+        root, manifest = prepare_toy_world(cfg, args.cache_dir or default_cache_dir())
+        counts = ", ".join(f"{k}={v['count']}" for k, v in manifest["splits"].items())
+        print(f"toy world ready in {root}: {counts}")
+        return 0
+    if args.data_command == "check":
+        from .data.catalog import default_data_root, resolve_pretrain_urls
+        from .data.pipeline import check_shards, expand_urls
+
+        urls = expand_urls(args.urls) if ("{" in args.urls or args.urls.endswith(".tar")) else \
+            resolve_pretrain_urls(args.urls, args.data_root or default_data_root())
+        stats = check_shards(urls)
+        print(f"shards: {stats['shards']}  good samples: {stats['samples']}  skipped: {stats['skipped'] or 'none'}")
+        return 1 if stats["skipped"] else 0
+    print("usage: mugbench data {prepare,check} ...", file=sys.stderr)
+    return 2
+
+
+def _cmd_eval(args) -> int:
+    from .config import load_config
+    from .data.catalog import default_cache_dir
+    from .study import EvalSets, evaluate
+    from .train.checkpoint import load_encoder
+
+    if not args.checkpoint.is_file():
+        raise FileNotFoundError(f"No encoder file at {args.checkpoint}: pass the encoder.safetensors of a run directory.")
+    cfg = load_config(args.preset, args.overrides)
+    encoder = load_encoder(args.checkpoint)
+    if encoder.patch_embed.img_size[0] != cfg.encoder.img_size:
+        cfg.encoder = type(cfg.encoder)(**{**cfg.to_dict()["encoder"], "img_size": encoder.patch_embed.img_size[0]})
+    for protocol, dataset, metrics, _, seconds in evaluate(encoder, cfg, EvalSets(cfg, args.cache_dir or default_cache_dir()), "cpu"):
+        print(f"{protocol:8s} {dataset:10s} " + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items()) + f"  ({seconds:.1f}s)")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "report": _cmd_report, "methods": _cmd_methods, "data": _cmd_data, "eval": _cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mugbench` console script; with no command it runs the default study."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    args = parser.parse_args(argv or ["run"])
+    if args.command is None:
+        args = parser.parse_args(["run", *argv])
+    from .errors import user_errors
+
+    try:
+        return COMMANDS[args.command](args)
+    except Exception as exc:
+        if not isinstance(exc, user_errors()):
+            raise
+        print(f"mugbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mugbench: interrupted; rerun the same command to resume from the last checkpoint.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Weighted k-NN on frozen features: cosine similarity, k nearest, votes weighted by
+exp(similarity / T) (Wu et al., 2018; the k=20, T=0.07 setting used by DINO)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
+                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Class scores ``[Q, num_classes]`` for each query from its ``k`` nearest training features."""
+    train = F.normalize(train_feats, dim=1)
+    k = min(k, len(train))
+    scores = []
+    for i in range(0, len(query_feats), chunk):
+        sim = F.normalize(query_feats[i:i + chunk], dim=1) @ train.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(top_sim), num_classes)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def evaluate_knn(train_feats, train_labels, val_feats, val_labels, num_classes: int, *, k: int = 20,
+                 temperature: float = 0.07) -> dict[str, float]:
+    """Top-1 (and, with more than 10 classes, top-5) accuracy in percent."""
+    scores = knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature)
+    metrics = {"top1": 100.0 * (scores.argmax(1) == val_labels).float().mean().item()}
+    if num_classes > 10:
+        metrics["top5"] = 100.0 * (scores.topk(5, 1).indices == val_labels[:, None]).any(1).float().mean().item()
+    return metrics

@@ -1,0 +1,345 @@
+"""Result records: one self-describing JSON file per (study, method, protocol, dataset, seed).
+
+A record carries everything needed to rebuild the report from ``results/`` alone: the
+method and its options, the study (pre-training data + preset), the encoder, the
+evaluation protocol, metrics, timings, skipped-sample counts and provenance (package
+versions, git commit, host, time). Records are written atomically so that concurrent
+runs never corrupt or lose each other's results, and reading is forgiving so that one
+bad file never takes the report down.
+
+Published numbers from papers are *not* records: they live under
+``results/references/`` and are loaded separately by :func:`load_references`, so they
+can never be mistaken for something this benchmark measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import socket
+import subprocess
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# Sub-folder of the results dir holding published claims; never read as records.
+REFERENCES_DIR = "references"
+SHIPPED_REFERENCES = Path(__file__).parent / "references"
+
+# Distributions whose versions make a result reproducible; keys are the short names
+# used in the record, values the installed distribution names.
+_VERSIONED_DISTRIBUTIONS = {
+    "torch": "torch",
+    "timm": "timm",
+    "open_clip": "open_clip_torch",
+}
+
+# A record without these cannot be placed in a table, so loading one is an error.
+_REQUIRED_KEYS = ("method", "protocol", "dataset", "pretrain_data", "preset", "seed", "metrics")
+
+
+class MalformedRecordWarning(UserWarning):
+    """Emitted when a file under the results dir cannot be read as a record or reference."""
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class ResultRecord:
+    """One evaluation result of one pre-trained encoder on one dataset with one seed.
+
+    Provenance fields (``versions``, ``git_commit``, ``created``, ``run_id``, ``host``)
+    are filled automatically when a record is constructed in a run; :meth:`from_dict`
+    never invents them for a file that lacks them.
+    """
+
+    method: str
+    protocol: str
+    dataset: str
+    pretrain_data: str
+    preset: str
+    seed: int
+    metrics: dict[str, float]
+    method_options: dict[str, Any] = field(default_factory=dict)
+    protocol_options: dict[str, Any] = field(default_factory=dict)
+    encoder: dict[str, Any] = field(default_factory=dict)
+    epochs: float = 0.0
+    steps: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped_samples: dict[str, int] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    versions: dict[str, str | None] = field(default_factory=lambda: collect_versions())
+    git_commit: str | None = field(default_factory=lambda: git_commit())
+    created: str = field(default_factory=_now_iso)
+    run_id: str = field(default_factory=_new_run_id)
+    host: str = field(default_factory=socket.gethostname)
+    schema: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict (deep copy) of this record."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ResultRecord":
+        """Build a record from :meth:`to_dict` output, validating what the report relies on.
+
+        Raises ``ValueError`` for a missing required key, a wrong type, or a schema newer
+        than this code understands. Unknown keys are ignored so that additive changes
+        within a schema version stay readable.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        schema = data.get("schema", SCHEMA_VERSION)
+        if not _is_int(schema) or schema > SCHEMA_VERSION:
+            raise ValueError(f"unsupported record schema {schema!r} (this mugbench reads <= {SCHEMA_VERSION})")
+        missing = [k for k in _REQUIRED_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"missing required field(s): {', '.join(missing)}")
+        for key in ("method", "protocol", "dataset", "pretrain_data", "preset"):
+            if not isinstance(data[key], str) or not data[key]:
+                raise ValueError(f"field {key!r} must be a non-empty string")
+        if not _is_int(data["seed"]):
+            raise ValueError(f"field 'seed' must be an integer, got {data['seed']!r}")
+        metrics = data["metrics"]
+        if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and _is_number(v) for k, v in metrics.items()
+        ):
+            raise ValueError("field 'metrics' must map names to numbers")
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        # Absent provenance stays absent: filling it from *this* process would be a lie.
+        kwargs.setdefault("versions", {})
+        kwargs.setdefault("git_commit", None)
+        kwargs.setdefault("created", "")
+        kwargs.setdefault("run_id", "")
+        kwargs.setdefault("host", "")
+        kwargs["metrics"] = {k: float(v) for k, v in metrics.items()}
+        return cls(**kwargs)
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass; a seed of True is a bug, not a seed.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def collect_versions() -> dict[str, str | None]:
+    """Versions of Python and the packages that shape results; ``None`` for one not installed.
+
+    Reads installed distribution metadata instead of importing the packages, so it is
+    cheap even in a process that never imported torch.
+    """
+    from mugbench import __version__  # local import: mugbench/__init__ must stay import-light
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for key, dist in _VERSIONED_DISTRIBUTIONS.items():
+        try:
+            versions[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[key] = None
+    versions["mugbench"] = __version__
+    return versions
+
+
+@functools.lru_cache(maxsize=8)
+def _git_commit_cached(path: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=2,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    """Commit hash of the git checkout containing ``path`` (default: mugbench's source dir).
+
+    Best effort and never raises: ``None`` outside a checkout, without git, or on timeout.
+    Cached per path because the code a process runs is the code it loaded at start, so a
+    commit made mid-sweep must not relabel later records of the same process.
+    """
+    if path is None:
+        path = Path(__file__).resolve().parent
+    path = Path(path)
+    if not path.is_dir():
+        path = path.parent
+    return _git_commit_cached(str(path))
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe_name(name: str) -> str:
+    """A filesystem-safe, collision-free path component for ``name``.
+
+    Names that are already safe are kept verbatim (readable paths for the common case);
+    others are cleaned and suffixed with a short hash of the original so that e.g.
+    ``a/b`` and ``a_b`` (or two long shard URL patterns) never share a file.
+    """
+    cleaned = _UNSAFE.sub("_", name).strip("._")[:60]
+    if cleaned == name:
+        return name
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
+    return f"{cleaned}-{digest}" if cleaned else digest
+
+
+def record_path(results_dir: str | os.PathLike, record: ResultRecord) -> Path:
+    """Where ``record`` lives: ``<results_dir>/<pretrain_data>/<preset>/<method>/<protocol>-<dataset>-seed<seed>.json``."""
+    filename = f"{_safe_name(record.protocol)}-{_safe_name(record.dataset)}-seed{int(record.seed)}.json"
+    return (
+        Path(results_dir)
+        / _safe_name(record.pretrain_data)
+        / _safe_name(record.preset)
+        / _safe_name(record.method)
+        / filename
+    )
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` so readers see either the old file or the whole new one.
+
+    Each writer uses its own uniquely named temp file in the destination directory (same
+    filesystem, so ``os.replace`` is atomic); concurrent writers of the same path thus
+    never interleave and the last ``os.replace`` wins.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The ".tmp" suffix keeps half-written files out of every "*.json" / "*.md" glob.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable across a crash; not supported everywhere (Windows).
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_record(record: ResultRecord, results_dir: str | os.PathLike) -> Path:
+    """Atomically write ``record`` to :func:`record_path` and return that path.
+
+    Non-finite numbers are rejected (``ValueError``) because they are not valid JSON and
+    would make the file unreadable to strict JSON tools.
+    """
+    text = json.dumps(record.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return atomic_write_text(record_path(results_dir, record), text)
+
+
+def _record_files(results_dir: Path) -> list[Path]:
+    files = []
+    for p in results_dir.rglob("*.json"):
+        rel = p.relative_to(results_dir)
+        if rel.parts[0] == REFERENCES_DIR or any(part.startswith(".") for part in rel.parts):
+            continue
+        files.append(p)
+    return sorted(files)
+
+
+def load_records(results_dir: str | os.PathLike) -> list[ResultRecord]:
+    """Every record under ``results_dir`` (excluding ``references/``), in path order.
+
+    A file that is not valid JSON or not a valid record is skipped with a
+    :class:`MalformedRecordWarning` naming it; a missing directory yields ``[]``.
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        return []
+    records = []
+    for path in _record_files(results_dir):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            records.append(ResultRecord.from_dict(data))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+            warnings.warn(f"skipping malformed result record {path}: {exc}", MalformedRecordWarning, stacklevel=2)
+    return records
+
+
+def load_references(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Published claims, each marked ``reference: True``: the ones shipped with mugbench
+    (``mugbench/references/*.json``) plus any under ``<results_dir>/references/`` (a file of the
+    same name there replaces the shipped one).
+
+    A file holds ``{"references": [...]}`` (or a bare list) of dicts with at least
+    ``claim`` and ``source``. Malformed files or entries are skipped with a warning.
+    """
+    files = {p.name: p for p in sorted(SHIPPED_REFERENCES.glob("*.json"))}
+    ref_dir = Path(results_dir) / REFERENCES_DIR
+    if ref_dir.is_dir():
+        files.update({p.name: p for p in sorted(ref_dir.glob("*.json"))})
+    references = []
+    for path in files.values():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            warnings.warn(f"skipping malformed reference file {path}: {exc}", MalformedRecordWarning, stacklevel=2)
+            continue
+        entries = data.get("references") if isinstance(data, dict) else data
+        if not isinstance(entries, list):
+            warnings.warn(f"skipping reference file {path}: no 'references' list", MalformedRecordWarning, stacklevel=2)
+            continue
+        for i, entry in enumerate(entries):
+            if not (isinstance(entry, dict) and isinstance(entry.get("claim"), str) and isinstance(entry.get("source"), str)):
+                warnings.warn(
+                    f"skipping reference #{i} in {path}: needs string 'claim' and 'source'",
+                    MalformedRecordWarning,
+                    stacklevel=2,
+                )
+                continue
+            value = entry.get("value")
+            if value is not None and not (_is_number(value) and math.isfinite(value)):
+                warnings.warn(f"skipping reference #{i} in {path}: bad 'value'", MalformedRecordWarning, stacklevel=2)
+                continue
+            # Always labelled, whatever the file says: these were not produced by a run.
+            references.append({**entry, "reference": True, "file": path.name})
+    return references

@@ -1,0 +1,206 @@
+"""One study end to end: data -> per method (build, pre-train, evaluate) -> result records.
+
+This is the only place that wires the pieces together; methods never import it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import StudyConfig
+from .data import catalog
+from .data.pipeline import load_split_tensors, make_loader
+from .data.tokenizer import TextTokenizer, corpus_vocab
+from .data.toy import prepare_toy, toy_cache_dir
+from .data.transforms import build_eval_transform, build_view_transform
+from .eval import PROTOCOLS
+from .eval.features import extract_features
+from .method import Method, TextSpec
+from .models.vit import build_encoder
+from .registry import get_method
+from .results import ResultRecord, write_record
+from .train.checkpoint import export_encoder
+from .train.distributed import DistInfo, init_distributed
+from .train.loop import train
+
+TOY_EVAL_SETS = {"toy-cls": ("cls-train", "cls-val")}
+
+
+@dataclass
+class PretrainData:
+    """Resolved pre-training shards."""
+
+    name: str
+    urls: list[str]
+    samples: int
+    vocab_cache: Path
+
+
+def prepare_toy_world(cfg: StudyConfig, cache_dir: Path) -> tuple[Path, dict]:
+    """Generate (or find in the cache) the embedded world's shards for this study."""
+    d = cfg.data
+    root = toy_cache_dir(cache_dir, d.toy_sizes, d.toy_seed, d.toy_native_size)
+    return root, prepare_toy(root, d.toy_sizes, seed=d.toy_seed, native_size=d.toy_native_size)
+
+
+def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path) -> PretrainData:
+    """Find the pre-training shards; ``toy`` is generated on demand, others must exist."""
+    if cfg.data.name == "toy":
+        root, manifest = prepare_toy_world(cfg, cache_dir)
+        split = manifest["splits"]["pretrain"]
+        return PretrainData("toy", [str(root / s) for s in split["shards"]], split["count"], root / "vocab.json")
+    urls = catalog.resolve_pretrain_urls(cfg.data.name, data_root)
+    if not cfg.data.samples_per_epoch:
+        raise catalog.DataNotFoundError(
+            f"Pre-training data {cfg.data.name!r} has no manifest with a sample count, so the epoch length is "
+            f"unknown. Set it with --set data.samples_per_epoch=N (img2dataset prints the count of successful "
+            f"downloads in its stats files).")
+    key = hashlib.sha1("\n".join(urls).encode()).hexdigest()[:12]
+    return PretrainData(cfg.data.name, urls, cfg.data.samples_per_epoch, cache_dir / "vocab" / f"{key}.json")
+
+
+def build_tokenizer(cfg: StudyConfig, data: PretrainData) -> TextTokenizer:
+    """The study's tokenizer: full BPE, or the BPE ids of the training captions (cached)."""
+    if cfg.text.vocab == "full":
+        return TextTokenizer(cfg.text.context_length)
+    if cfg.text.vocab != "corpus":
+        raise ValueError(f"text.vocab must be 'full' or 'corpus', not {cfg.text.vocab!r}")
+    data.vocab_cache.parent.mkdir(parents=True, exist_ok=True)
+    vocab = corpus_vocab(_iter_captions(data.urls) if not data.vocab_cache.exists() else [], cache=data.vocab_cache)
+    return TextTokenizer(cfg.text.context_length, vocab)
+
+
+def _iter_captions(urls: list[str]):
+    import webdataset as wds
+
+    for sample in wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue):
+        if "txt" in sample:
+            yield sample["txt"].decode("utf-8", "replace")
+
+
+def text_spec(cfg: StudyConfig, tok: TextTokenizer) -> TextSpec:
+    """What methods are told about text."""
+    t = cfg.text
+    return TextSpec(vocab_size=tok.vocab_size, context_length=t.context_length, sot_id=tok.sot_id,
+                    eot_id=tok.eot_id, pad_id=tok.pad_id, width=t.width, heads=t.heads, layers=t.layers,
+                    embed_dim=t.embed_dim)
+
+
+def build_method(name: str, cfg: StudyConfig, spec: TextSpec) -> Method:
+    """The method around a freshly built shared encoder; the encoder init depends only on the seed."""
+    encoder = build_encoder(cfg.encoder, seed=cfg.seed)
+    torch.manual_seed(cfg.seed + 1)  # heads: same per seed, independent of the encoder's draws
+    return get_method(name).build(encoder, spec, cfg.methods.get(name))
+
+
+def run_dir_for(workdir: Path, cfg: StudyConfig, name: str) -> Path:
+    """Run directory keyed by everything that changes training, so a rerun resumes the same run."""
+    key = {k: v for k, v in cfg.to_dict().items() if k not in ("eval", "preset")}
+    key["method"] = name
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return workdir / _safe(cfg.data.name) / cfg.preset / f"{name}-seed{cfg.seed}-{digest}"
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
+
+
+class EvalSets:
+    """Evaluation splits as tensors at the study's resolution, loaded once per process."""
+
+    def __init__(self, cfg: StudyConfig, cache_dir: Path):
+        self.cfg, self.cache_dir, self._loaded = cfg, cache_dir, {}
+
+    def get(self, dataset: str) -> dict:
+        """``{"train": {...}, "val": {...}, "num_classes": C}`` for a named evaluation set."""
+        if dataset not in self._loaded:
+            if dataset not in TOY_EVAL_SETS:
+                raise catalog.DataNotFoundError(
+                    f"Unknown evaluation dataset {dataset!r}. Available here: {', '.join(TOY_EVAL_SETS)}.")
+            root, manifest = prepare_toy_world(self.cfg, self.cache_dir)
+            transform = build_eval_transform(self.cfg.encoder.img_size)
+            splits = {}
+            for role, split in zip(("train", "val"), TOY_EVAL_SETS[dataset]):
+                urls = [str(root / s) for s in manifest["splits"][split]["shards"]]
+                splits[role] = load_split_tensors(urls, transform)
+            splits["num_classes"] = len(manifest["classes"])
+            self._loaded[dataset] = splits
+        return self._loaded[dataset]
+
+
+def evaluate(encoder: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, device) -> list[tuple[str, str, dict, dict, float]]:
+    """Run every configured protocol on every configured dataset.
+
+    Returns ``(protocol, dataset, metrics, protocol_options, seconds)`` tuples.
+    """
+    out = []
+    for dataset in cfg.eval.datasets:
+        data = eval_sets.get(dataset)
+        t0 = time.perf_counter()
+        feats = {role: extract_features(encoder, data[role]["image"], pool=cfg.eval.pool,
+                                        batch_size=cfg.eval.batch_size, device=device) for role in ("train", "val")}
+        feat_s = time.perf_counter() - t0
+        for protocol in cfg.eval.protocols:
+            if protocol not in PROTOCOLS:
+                raise ValueError(f"Unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
+            t1 = time.perf_counter()
+            metrics, options = PROTOCOLS[protocol](feats, data, cfg.eval, cfg.seed)
+            out.append((protocol, dataset, metrics, dict(options, pool=cfg.eval.pool),
+                        time.perf_counter() - t1 + feat_s))
+    return out
+
+
+def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_dir: Path, cache_dir: Path,
+              data_root: Path | None = None, overrides: list[str] = (), log=print) -> list[ResultRecord]:
+    """Pre-train and evaluate each method like-for-like; write and return the result records."""
+    info: DistInfo = init_distributed(cfg.train.device)
+    data = resolve_data(cfg, data_root, cache_dir)
+    tokenizer = build_tokenizer(cfg, data)
+    spec = text_spec(cfg, tokenizer)
+    eval_sets = EvalSets(cfg, cache_dir)
+    world = info.world_size * cfg.train.accum_steps
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by world size x accum_steps = {world}")
+    per_rank = cfg.train.batch_size // world
+    steps_per_epoch = data.samples // cfg.train.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{data.samples} samples make no full batch of {cfg.train.batch_size}")
+    records = []
+    for name in methods:
+        method = build_method(name, cfg, spec)
+        transforms = [build_view_transform(v, cfg.encoder.img_size) for v in method.views]
+        needs_text = method.needs_text
+
+        def batches(epoch: int, transforms=transforms, needs_text=needs_text):
+            return make_loader(data.urls, batch_size=per_rank, image_transforms=transforms,
+                               tokenizer=tokenizer if needs_text else None, need_caption=needs_text,
+                               shuffle=True, seed=cfg.seed, epoch=epoch, num_workers=cfg.data.num_workers,
+                               shuffle_buffer=cfg.data.shuffle_buffer)
+
+        run_dir = run_dir_for(workdir, cfg, name)
+        log(f"[{name}] pre-training on {data.name} ({data.samples} samples, {cfg.train.epochs} epochs) in {run_dir}")
+        summary = train(method, batches, cfg.train, steps_per_epoch=steps_per_epoch, workdir=run_dir, info=info,
+                        seed=cfg.seed, desc=name)
+        if not info.is_main:
+            continue
+        export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
+        log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
+        for protocol, dataset, metrics, options, seconds in evaluate(method.encoder, cfg, eval_sets, info.device):
+            record = ResultRecord(
+                method=name, protocol=protocol, dataset=dataset, pretrain_data=data.name, preset=cfg.preset,
+                seed=cfg.seed, metrics=metrics, method_options=dataclasses.asdict(method.options),
+                protocol_options=options, encoder=dataclasses.asdict(cfg.encoder), epochs=summary.epochs,
+                steps=summary.steps,
+                timings={"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": seconds},
+                skipped_samples=summary.skipped, overrides=list(overrides),
+            )
+            write_record(record, results_dir)
+            records.append(record)
+            log(f"[{name}] {protocol} on {dataset}: " + ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+    return records

@@ -1,0 +1,189 @@
+"""The one training loop every method shares (DESIGN.md "Trainer").
+
+AdamW without weight decay on norms, biases and tokens; warmup then cosine (timm's scheduler);
+gradient clipping and accumulation; bf16 autocast on CUDA; DDP under torchrun; JSONL metrics;
+atomic checkpoints every N steps and at the end, resumed automatically by a rerun.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistInfo
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+@dataclass
+class TrainSummary:
+    """What a finished pre-training run reports to the harness and the result records."""
+
+    steps: int
+    epochs: float
+    seconds: float
+    images_per_s: float
+    final_loss: float
+    skipped: dict = field(default_factory=dict)
+    resumed_from: int = 0
+
+
+def build_optimizer(method: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the method's parameters; 1-D params and ``no_weight_decay()`` names are exempt."""
+    return create_optimizer_v2(method, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> CosineLRScheduler:
+    """Linear warmup then cosine decay to ``min_lr``, stepped per optimiser update."""
+    warmup = min(total_steps - 1, max(0, round(cfg.warmup_epochs * steps_per_epoch)))
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), lr_min=cfg.min_lr,
+                             warmup_t=warmup, warmup_lr_init=cfg.lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else
+                [t.to(device, non_blocking=True) for t in v] if k == "image_views" else v)
+            for k, v in batch.items()}
+
+
+def _all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
+    ok = torch.isfinite(loss.detach()).float()
+    if info.world_size > 1:  # every rank must stop together, or the others hang in all-reduce
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg: TrainConfig, *,
+          steps_per_epoch: int, workdir: Path, info: DistInfo, seed: int, desc: str = "train") -> TrainSummary:
+    """Pre-train ``method`` on ``batches(epoch)`` for ``cfg.epochs`` epochs, resuming from ``workdir``.
+
+    ``steps_per_epoch`` counts optimiser updates per epoch for the global batch. The run's
+    checkpoint is ``workdir/checkpoint.pt``; metrics go to ``workdir/metrics.jsonl``.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = workdir / "checkpoint.pt", workdir / "metrics.jsonl"
+    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    device = info.device
+    method.to(device)
+    optimizer = build_optimizer(method, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
+    model = method
+    if info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[info.local_rank] if device.type == "cuda" else None)
+
+    state = {"step": 0, "batch_in_epoch": 0, "seconds": 0.0, "images": 0, "skipped": {}, "loss": float("nan")}
+    torch.manual_seed(seed + 7919 * info.rank)  # masks and dropout: same per seed, distinct per rank
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        method.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state.update(ckpt["state"])
+        torch.set_rng_state(ckpt["rng"][min(info.rank, len(ckpt["rng"]) - 1)])
+    resumed_from = state["step"]
+
+    def checkpoint():
+        rngs = [torch.get_rng_state()]
+        if info.world_size > 1:
+            rngs = [torch.empty_like(rngs[0]) for _ in range(info.world_size)]
+            dist.all_gather_object(rngs, torch.get_rng_state())
+        if info.is_main:
+            save_checkpoint(ckpt_path, {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "state": dict(state), "rng": rngs})
+
+    step = state["step"]
+    scheduler.step_update(step)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not info.is_main, dynamic_ncols=True, leave=False)
+    log = open(log_path, "a") if info.is_main else None
+    model.train()
+    window_t, window_images = time.perf_counter(), 0
+    try:
+        while step < total:
+            epoch, skip = divmod(step, steps_per_epoch)
+            skip = skip * cfg.accum_steps
+            micro = 0
+            for i, batch in enumerate(batches(epoch)):
+                for reason, n in batch.pop("skipped", {}).items():
+                    state["skipped"][reason] = state["skipped"].get(reason, 0) + int(n)
+                if i < skip:  # resuming mid-epoch: the pipeline is deterministic, so skip what was seen
+                    continue
+                batch = _to_device(batch, device)
+                sync = (micro + 1) % cfg.accum_steps == 0
+                with (contextlib.nullcontext() if sync or info.world_size == 1 else model.no_sync()):
+                    with _autocast(cfg, device):
+                        out = model(batch)
+                    if not _all_finite(out["loss"], info):
+                        raise NonFiniteLossError(
+                            f"Training of {desc} stopped at step {step}: the loss became {out['loss'].item()} "
+                            f"(parts: { {k: v.detach().item() for k, v in out.items()} }). The last good checkpoint is kept "
+                            f"at {ckpt_path if ckpt_path.exists() else '(none yet)'}. Lower train.blr, set "
+                            f"train.grad_clip, or check the data; rerunning resumes from that checkpoint.")
+                    (out["loss"] / cfg.accum_steps).backward()
+                micro += 1
+                n_img = batch["image"].shape[0] * info.world_size
+                state["images"] += n_img
+                window_images += n_img
+                if not sync:
+                    continue
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                state["step"], state["batch_in_epoch"] = step, i + 1
+                scheduler.step_update(step)
+                state["loss"] = out["loss"].detach().item()
+                if step % cfg.log_every == 0 or step == total:
+                    now = time.perf_counter()
+                    ips = window_images / max(now - window_t, 1e-9)
+                    state["seconds"] += now - window_t
+                    window_t, window_images = now, 0
+                    row = {"step": step, "epoch": step / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
+                           **{k: v.detach().item() for k, v in out.items()}, "images_per_s": ips}
+                    if log:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
+                bar.update(1)
+                if step % cfg.ckpt_every == 0 or step == total:
+                    state["seconds"] += time.perf_counter() - window_t
+                    window_t = time.perf_counter()
+                    checkpoint()
+                if step >= total or step % steps_per_epoch == 0:
+                    break
+            else:
+                if micro == 0:
+                    raise RuntimeError(f"The data pipeline yielded no batch for epoch {epoch} of {desc}: "
+                                       f"check the shards (`mugbench data check`).")
+                # A short epoch (samples were skipped): drop a partial accumulation and count the epoch
+                # as complete, so the schedule and the resume position stay aligned with the epochs.
+                optimizer.zero_grad(set_to_none=True)
+                step = state["step"] = min(total, max(step, (epoch + 1) * steps_per_epoch))
+                scheduler.step_update(step)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    seconds = state["seconds"]
+    return TrainSummary(steps=step, epochs=step / steps_per_epoch, seconds=seconds,
+                        images_per_s=state["images"] / max(seconds, 1e-9), final_loss=state["loss"],
+                        skipped=dict(state["skipped"]), resumed_from=resumed_from)

@@ -1,0 +1,99 @@
+"""End to end through the real console script: run -> records -> report, and the error paths."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def mugbench(*args, cwd: Path, cache: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MUGBENCH_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    env.pop("MUGBENCH_DATA", None)
+    return subprocess.run([sys.executable, "-m", "mugbench.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One `mugbench run --preset smoke` shared by the tests below."""
+    root = tmp_path_factory.mktemp("e2e")
+    start = time.perf_counter()
+    proc = mugbench("run", "--preset", "smoke", cwd=root, cache=root / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, proc, time.perf_counter() - start
+
+
+def test_run_writes_one_record_per_method_and_protocol(smoke_run):
+    root, proc, _ = smoke_run
+    files = sorted((root / "results").rglob("*.json"))
+    assert len(files) == 3 * 2, files
+    records = [json.loads(f.read_text()) for f in files]
+    assert {(r["method"], r["protocol"]) for r in records} == {(m, p) for m in ("mae", "clip", "mug") for p in ("knn", "linear")}
+    for r in records:
+        assert r["preset"] == "smoke" and r["pretrain_data"] == "toy" and r["dataset"] == "toy-cls"
+        assert 0 <= r["metrics"]["top1"] <= 100 and r["steps"] == 8
+        assert r["timings"]["images_per_s"] > 0 and r["versions"]["torch"]
+    # every method trained on the same encoder architecture for the same budget
+    assert len({json.dumps(r["encoder"], sort_keys=True) for r in records}) == 1
+    # the table is printed at the end of the run
+    assert "| mae |" in proc.stdout and "| mug |" in proc.stdout
+    assert (root / "reports" / "summary.md").exists()
+    # checkpoints and exported encoders live in the run directory, not in results/
+    assert len(list((root / "runs").rglob("encoder.safetensors"))) == 3
+
+
+def test_report_rebuilds_from_results_alone(smoke_run):
+    root, proc, _ = smoke_run
+    (root / "reports" / "summary.md").unlink()
+    out = mugbench("report", cwd=root, cache=root / "nonexistent-cache")
+    assert out.returncode == 0, out.stderr
+    text = (root / "reports" / "summary.md").read_text()
+    assert "| clip |" in text and "Published reference claims" in text
+    assert text.strip() in out.stdout
+
+
+def test_rerun_resumes_instead_of_retraining(smoke_run):
+    root, _, first = smoke_run
+    start = time.perf_counter()
+    proc = mugbench("run", "--preset", "smoke", "--methods", "mae", "--set", "eval.protocols=[knn]",
+                    cwd=root, cache=root / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "8 steps" in proc.stdout
+    assert time.perf_counter() - start < first
+
+
+def test_missing_cc3m_fails_fast_with_instructions(tmp_path):
+    start = time.perf_counter()
+    proc = mugbench("run", "--methods", "mae,clip,mug", "--data", "cc3m", "--data-root", str(tmp_path / "data"),
+                    cwd=tmp_path, cache=tmp_path / "cache")
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2
+    assert "cc3m" in proc.stderr and str(tmp_path / "data") in proc.stderr and "img2dataset" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 5.0, f"took {elapsed:.1f}s"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--methods", "mae,nope"], "Registered methods"),
+    (["run", "--set", "train.epoch=2"], "train.epoch"),
+    (["run", "--preset", "smoke", "--set", "methods.mae.mask_ratio=2"], "mask_ratio"),
+    (["run", "--preset", "smoke", "--set", "methods.mug.not_an_option=1"], "not_an_option"),
+])
+def test_bad_input_is_one_clear_error(args, needle, tmp_path):
+    proc = mugbench(*args, cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_methods_lists_needs_and_capabilities(tmp_path):
+    proc = mugbench("methods", cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 0
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line and not line.startswith(" ")}
+    assert {"mae", "clip", "mug"} <= set(lines)
+    assert "image only" in lines["mae"] and "image+text" in lines["clip"]
+    assert "encode_text" in lines["clip"] and "encode_image" in lines["clip"]

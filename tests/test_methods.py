@@ -1,0 +1,127 @@
+"""Contract tests: every registered method satisfies the method interface (DESIGN.md).
+
+Parametrised over the registry, so a new method is tested by adding its file.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from mugbench.method import Method, MethodOptionError
+from mugbench.models.vit import build_encoder
+from mugbench.registry import UnknownMethodError, get_method, registered_methods
+from mugbench.study import build_method
+from mugbench.train.checkpoint import export_encoder, load_encoder
+from mugbench.train.loop import build_optimizer
+
+from conftest import make_batch
+
+METHODS = sorted(registered_methods())
+
+
+def test_registry_has_the_foundation_methods():
+    assert {"mae", "clip", "mug"} <= set(METHODS)
+
+
+def test_unknown_method_lists_registered_ones():
+    with pytest.raises(UnknownMethodError) as err:
+        get_method("mea")
+    assert "mae" in str(err.value) and "clip" in str(err.value)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_builds_and_loss_is_finite(name, smoke_cfg, spec, toy_samples, tokenizer):
+    method = build_method(name, smoke_cfg, spec)
+    assert isinstance(method, Method) and method.name == name
+    assert isinstance(method.encoder, timm.models.vision_transformer.VisionTransformer)
+    out = method(make_batch(type(method), toy_samples[:8], tokenizer, smoke_cfg.encoder.img_size))
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.encoder.parameters())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_loss_falls_when_overfitting_one_batch(name, smoke_cfg, spec, toy_samples, tokenizer):
+    method = build_method(name, smoke_cfg, spec)
+    batch = make_batch(type(method), toy_samples[:16], tokenizer, smoke_cfg.encoder.img_size)
+    opt = torch.optim.AdamW(method.parameters(), lr=2e-3)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(40):
+        loss = method(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, f"{name}: loss {first:.4f} -> {last:.4f}"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_encoder_export_loads_into_timm(name, smoke_cfg, spec, tmp_path):
+    method = build_method(name, smoke_cfg, spec).eval()
+    with torch.no_grad():  # move the weights away from init so the check is not trivially true
+        for p in method.encoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    enc = smoke_cfg.encoder
+    fresh = timm.create_model(enc.timm_name, pretrained=False, **enc.timm_kwargs()).eval()
+    fresh.load_state_dict(method.encoder.state_dict(), strict=True)  # no key renaming
+    reloaded = load_encoder(export_encoder(tmp_path / "enc.safetensors", method.encoder, enc)).eval()
+    x = torch.randn(4, 3, enc.img_size, enc.img_size)
+    with torch.no_grad():
+        ref = method.encoder.forward_features(x)
+        assert torch.equal(fresh.forward_features(x), ref)
+        assert torch.equal(reloaded.forward_features(x), ref)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_same_seed_same_losses(name, smoke_cfg, spec, toy_samples, tokenizer):
+    def run():
+        method = build_method(name, smoke_cfg, spec)
+        batch = make_batch(type(method), toy_samples[:8], tokenizer, smoke_cfg.encoder.img_size)
+        opt = build_optimizer(method, smoke_cfg.train)
+        torch.manual_seed(123)
+        out = []
+        for _ in range(3):
+            loss = method(batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    a, b = run(), run()
+    assert a == b and all(math.isfinite(x) for x in a)
+
+
+def test_every_method_starts_from_the_same_encoder(smoke_cfg, spec):
+    ref = build_encoder(smoke_cfg.encoder, seed=smoke_cfg.seed).state_dict()
+    for name in METHODS:
+        enc = build_method(name, smoke_cfg, spec).encoder.state_dict()
+        assert all(torch.equal(enc[k], ref[k]) for k in ref), name
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_unknown_option_names_method_and_option(name):
+    with pytest.raises(MethodOptionError) as err:
+        get_method(name).parse_options({"no_such_option": 1})
+    assert name in str(err.value) and "no_such_option" in str(err.value)
+
+
+def test_out_of_range_option_is_rejected():
+    with pytest.raises(MethodOptionError, match="mask_ratio"):
+        get_method("mae").parse_options({"mask_ratio": 1.5})
+
+
+def test_weight_decay_exempts_norms_biases_and_tokens(smoke_cfg, spec):
+    method = build_method("mug", smoke_cfg, spec)
+    opt = build_optimizer(method, smoke_cfg.train)
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    names = {n for n, p in method.named_parameters() if id(p) in no_decay}
+    assert "encoder.cls_token" in names and "decoder.mask_token" in names
+    assert "encoder.norm.weight" in names and "encoder.blocks.0.attn.qkv.bias" in names
+    assert "encoder.blocks.0.attn.qkv.weight" not in names
+    assert not method.encoder.pos_embed.requires_grad  # fixed sin-cos, as in MAE
