@@ -119,8 +119,8 @@ def _cmd_data(args) -> int:
         print(f"toy world ready in {root}: {counts}")
         return 0
     if args.data_command == "check":
-        from .data.catalog import default_data_root, resolve_pretrain_urls
-        from .data.pipeline import check_shards, expand_urls
+        from .data.catalog import default_data_root, expand_urls, resolve_pretrain_urls
+        from .data.pipeline import check_shards
 
         urls = expand_urls(args.urls) if ("{" in args.urls or args.urls.endswith(".tar")) else \
             resolve_pretrain_urls(args.urls, args.data_root or default_data_root())

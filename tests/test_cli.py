@@ -97,3 +97,17 @@ def test_methods_lists_needs_and_capabilities(tmp_path):
     assert {"mae", "clip", "mug"} <= set(lines)
     assert "image only" in lines["mae"] and "image+text" in lines["clip"]
     assert "encode_text" in lines["clip"] and "encode_image" in lines["clip"]
+
+
+def test_eval_of_an_exported_encoder_reproduces_the_record(smoke_run):
+    root = smoke_run[0]
+    encoder = next((root / "runs").rglob("mae-seed0-*/encoder.safetensors"))
+    proc = mugbench("eval", "--checkpoint", str(encoder), "--preset", "smoke", cwd=root, cache=root / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(next((root / "results").rglob("mae/knn-toy-cls-seed0.json")).read_text())
+    assert f"top1={record['metrics']['top1']:.2f}" in proc.stdout
+
+
+def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    proc = mugbench("eval", "--checkpoint", str(tmp_path / "nope.safetensors"), cwd=tmp_path, cache=tmp_path / "c")
+    assert proc.returncode == 2 and "nope.safetensors" in proc.stderr and "Traceback" not in proc.stderr

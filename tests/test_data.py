@@ -14,8 +14,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mugbench.data.catalog import PRETRAIN_SETS, DataNotFoundError, resolve_pretrain_urls
-from mugbench.data.pipeline import check_shards, expand_urls, load_split_tensors, make_loader
+from mugbench.data.catalog import PRETRAIN_SETS, DataNotFoundError, expand_urls, resolve_pretrain_urls
+from mugbench.data.pipeline import check_shards, load_split_tensors, make_loader
 from mugbench.data.toy import SHAPE_WORDS, TOY_CLASSES, ToyWorld, prepare_toy, toy_cache_dir
 from mugbench.data.transforms import ViewSpec, apply_views, build_eval_transform, build_view_transform
 

@@ -11,8 +11,19 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
-from .pipeline import expand_urls
+from braceexpand import braceexpand
+
+
+def expand_urls(spec: str | Sequence[str]) -> list[str]:
+    """Expand a shard spec into URLs/paths: ``::``-separated patterns, each brace-expanded
+    (``data/{00000..00009}.tar``); a list is expanded element-wise. Kept free of torch so that
+    a missing data set is reported before the heavy imports."""
+    if isinstance(spec, (list, tuple)):
+        return [url for item in spec for url in expand_urls(str(item))]
+    return [url for part in str(spec).split("::") if part for url in braceexpand(part)]
+
 
 # Shard patterns relative to the data root, as img2dataset names them for each set.
 PRETRAIN_SETS: dict[str, str] = {

@@ -25,6 +25,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from webdataset.autodecode import DecodingError
 
+from .catalog import expand_urls
 from .transforms import apply_views, sample_seed
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,6 @@ MASK_KEY = "seg.png"
 # Only these fields are decoded: webdataset's default handlers would also unpickle
 # .pyd/.pth members, which we must never do with shards downloaded from the web.
 _DECODED_KEYS = (*IMAGE_KEYS, MASK_KEY, "txt", "json", "cls")
-
-
-def expand_urls(spec: str | Sequence[str]) -> list[str]:
-    """Expand a shard spec into a list of URLs/paths.
-
-    A string may hold several ``::``-separated patterns, each brace-expanded
-    (``data/{00000..00009}.tar``); a list is expanded element-wise.
-    """
-    if isinstance(spec, (list, tuple)):
-        return [url for item in spec for url in expand_urls(str(item))]
-    return wds.shardlists.expand_urls(str(spec))
 
 
 class SkipCounter:

@@ -25,7 +25,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 # Bump whenever drawing or captioning changes, so cached shards are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 # Chosen so that each stays recognisable at 32x32: distinct outlines, holes or
 # orientations (a hexagon would be too close to a circle at that resolution).
@@ -64,12 +64,13 @@ TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted", "outlined")
 # object" is unambiguously the largest one.
 SIZE_RANGES: dict[str, tuple[float, float]] = {
     "small": (0.08, 0.12),
-    "medium": (0.16, 0.21),
+    "medium": (0.19, 0.24),
     "large": (0.28, 0.36),
 }
 
 SPLITS: tuple[str, ...] = ("pretrain", "cls-train", "cls-val", "seg-train", "seg-val", "caps-val")
 SEG_SPLITS: frozenset[str] = frozenset({"seg-train", "seg-val"})
+OBJECT_CENTRIC_SPLITS: frozenset[str] = frozenset({"cls-train", "cls-val"})
 NUM_CAPTIONS = 5
 
 
@@ -314,7 +315,7 @@ class ToyWorld:
         n, big = self.native_size, self.native_size * self.factor
         background = self._background(rng, big)
         canvas = background.pop("canvas")
-        objects = self._layout(rng)
+        objects = self._layout(rng, object_centric=split in OBJECT_CENTRIC_SPLITS)
         coverages = []
         for obj in objects:
             cx, cy = obj["center"][0] * big, obj["center"][1] * big
@@ -380,24 +381,35 @@ class ToyWorld:
         noise = rng.uniform(4, 10) if kind == "noisy" else rng.uniform(0, 2)
         return {"canvas": canvas, "kind": kind, "word": word, "clutter": clutter > 0, "noise": float(noise)}
 
-    def _layout(self, rng: np.random.Generator) -> list[dict]:
-        """Main object first (largest), then 0-2 smaller objects placed with little overlap."""
+    def _layout(self, rng: np.random.Generator, object_centric: bool = False) -> list[dict]:
+        """Main object first (medium or large), then 0-2 small objects placed with little overlap.
+
+        Other objects are always small so that the main shape (the class label) dominates the
+        image at 32 px; captions still describe the small objects and their relations.
+        Object-centric splits (classification) hold one large object near the centre, as
+        ImageNet is object-centric while web pre-training images are scenes."""
+        if object_centric:
+            return [self._object(rng, "large", [], centre_jitter=0.1)]
         main_size = _pick(rng, ("medium", "large"))
         objects = [self._object(rng, main_size, [])]
         for _ in range(int(rng.integers(0, 3))):
-            size = "small" if main_size == "medium" else _pick(rng, ("small", "medium"))
-            obj = self._object(rng, size, objects)
+            obj = self._object(rng, "small", objects)
             if obj is not None:
                 objects.append(obj)
         return objects
 
-    def _object(self, rng: np.random.Generator, size: str, placed: list[dict]) -> dict | None:
-        """Sample one object's attributes and a position that avoids ``placed`` objects."""
+    def _object(self, rng: np.random.Generator, size: str, placed: list[dict],
+                centre_jitter: float | None = None) -> dict | None:
+        """Sample one object's attributes and a position that avoids ``placed`` objects
+        (or, with ``centre_jitter``, lies within that distance of the image centre)."""
         shape = _pick(rng, TOY_CLASSES)
         colour = _pick(rng, tuple(COLOURS))
         texture = _pick(rng, TEXTURES)
         radius = float(rng.uniform(*SIZE_RANGES[size]))
         for _ in range(30):
+            if centre_jitter is not None:
+                x, y = 0.5 + rng.uniform(-centre_jitter, centre_jitter, size=2)
+                break
             x, y = rng.uniform(radius, 1 - radius, size=2)
             if all(math.hypot(x - o["center"][0], y - o["center"][1]) > 0.9 * (radius + o["radius"]) for o in placed):
                 break
