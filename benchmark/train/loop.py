@@ -91,7 +91,7 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
         model = torch.nn.parallel.DistributedDataParallel(
             method, device_ids=[info.local_rank] if device.type == "cuda" else None)
 
-    state = {"step": 0, "batch_in_epoch": 0, "seconds": 0.0, "images": 0, "skipped": {}, "loss": float("nan")}
+    state = {"step": 0, "seconds": 0.0, "images": 0, "skipped": {}, "loss": float("nan")}
     torch.manual_seed(seed + 7919 * info.rank)  # masks and dropout: same per seed, distinct per rank
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
@@ -122,10 +122,10 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
             skip = skip * cfg.accum_steps
             micro = 0
             for i, batch in enumerate(batches(epoch)):
-                for reason, n in batch.pop("skipped", {}).items():
-                    state["skipped"][reason] = state["skipped"].get(reason, 0) + int(n)
                 if i < skip:  # resuming mid-epoch: the pipeline is deterministic, so skip what was seen
                     continue
+                for reason, n in batch.pop("skipped", {}).items():
+                    state["skipped"][reason] = state["skipped"].get(reason, 0) + int(n)
                 batch = _to_device(batch, device)
                 sync = (micro + 1) % cfg.accum_steps == 0
                 with (contextlib.nullcontext() if sync or info.world_size == 1 else model.no_sync()):
@@ -149,7 +149,7 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                state["step"], state["batch_in_epoch"] = step, i + 1
+                state["step"] = step
                 scheduler.step_update(step)
                 state["loss"] = out["loss"].detach().item()
                 if step % cfg.log_every == 0 or step == total:
