@@ -52,6 +52,7 @@ class DataConfig:
     name: str = "toy"  # toy | cc3m | cc12m | laion400m | a shard pattern
     toy_seed: int = 0
     toy_native_size: int = 64  # pixels the world is drawn at; views are resized to encoder.img_size
+    toy_shard_size: int = 1000  # samples per shard; ranks x loader workers need a shard each
     toy_sizes: dict = field(default_factory=lambda: {"pretrain": 6000, "cls-train": 2000, "cls-val": 1000})
     samples_per_epoch: Optional[int] = None  # needed for shard sets without a manifest
     num_workers: int = 0

@@ -45,8 +45,9 @@ class PretrainData:
 def prepare_toy_world(cfg: StudyConfig, cache_dir: Path) -> tuple[Path, dict]:
     """Generate (or find in the cache) the embedded world's shards for this study."""
     d = cfg.data
-    root = toy_cache_dir(cache_dir, d.toy_sizes, d.toy_seed, d.toy_native_size)
-    return root, prepare_toy(root, d.toy_sizes, seed=d.toy_seed, native_size=d.toy_native_size)
+    root = toy_cache_dir(cache_dir, d.toy_sizes, d.toy_seed, d.toy_native_size, d.toy_shard_size)
+    return root, prepare_toy(root, d.toy_sizes, seed=d.toy_seed, native_size=d.toy_native_size,
+                             shard_size=d.toy_shard_size)
 
 
 def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path) -> PretrainData:
@@ -79,7 +80,11 @@ def build_tokenizer(cfg: StudyConfig, data: PretrainData) -> TextTokenizer:
 def _iter_captions(urls: list[str]):
     import webdataset as wds
 
-    for sample in wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue):
+    # Every shard, whatever this process's rank: the vocabulary must be the same on all ranks.
+    everything = lambda shards: shards  # noqa: E731
+    only_captions = lambda name: name.endswith(".txt")  # noqa: E731  (skip decoding-free image bytes too)
+    for sample in wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue, nodesplitter=everything,
+                                 workersplitter=everything, select_files=only_captions):
         if "txt" in sample:
             yield sample["txt"].decode("utf-8", "replace")
 
@@ -160,8 +165,15 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
               data_root: Path | None = None, overrides: list[str] = (), log=print) -> list[ResultRecord]:
     """Pre-train and evaluate each method like-for-like; write and return the result records."""
     info: DistInfo = init_distributed(cfg.train.device)
-    data = resolve_data(cfg, data_root, cache_dir)
-    tokenizer = build_tokenizer(cfg, data)
+    if not info.is_main:
+        log = lambda *args, **kwargs: None  # noqa: E731  (one voice per job)
+    # Rank 0 generates the embedded data and the vocabulary cache; the others then find them cached.
+    for turn in (True, False):
+        if info.is_main == turn:
+            data = resolve_data(cfg, data_root, cache_dir)
+            tokenizer = build_tokenizer(cfg, data)
+        if info.world_size > 1:
+            torch.distributed.barrier()
     spec = text_spec(cfg, tokenizer)
     eval_sets = EvalSets(cfg, cache_dir)
     world = info.world_size * cfg.train.accum_steps

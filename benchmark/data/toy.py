@@ -425,14 +425,15 @@ class ToyWorld:
 
 # --------------------------------------------------------------------------- shards
 
-def toy_cache_dir(cache_root: Path, sizes: dict[str, int], seed: int, native_size: int) -> Path:
+def toy_cache_dir(cache_root: Path, sizes: dict[str, int], seed: int, native_size: int,
+                  shard_size: int = 1000) -> Path:
     """Cache folder for one parameter set: ``cache_root/toy/<hash>``.
 
-    The hash covers the split sizes, seed, native size and ``GENERATOR_VERSION``, so a
-    change to any of them (or to the generator) lands in a fresh folder.
+    The hash covers the split sizes, seed, native size, shard size and ``GENERATOR_VERSION``,
+    so a change to any of them (or to the generator) lands in a fresh folder.
     """
     params = {"sizes": dict(sorted(sizes.items())), "seed": int(seed), "native_size": int(native_size),
-              "generator_version": GENERATOR_VERSION}
+              "shard_size": int(shard_size), "generator_version": GENERATOR_VERSION}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_root) / "toy" / digest
 

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,22 @@ def _all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
     return bool(ok.item())
 
 
+def _while_every_rank_has_data(batches: Iterable[dict], info: DistInfo) -> Iterator[dict]:
+    """Yield batches while every rank still has one. Shards rarely hold equal sample counts, and
+    a rank that ran dry would leave the others waiting forever in the gradient all-reduce."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if info.world_size > 1:
+            more = torch.tensor([float(batch is not None)], device=info.device)
+            dist.all_reduce(more, op=dist.ReduceOp.MIN)
+            if not more.item():
+                return
+        if batch is None:
+            return
+        yield batch
+
+
 def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg: TrainConfig, *,
           steps_per_epoch: int, workdir: Path, info: DistInfo, seed: int, desc: str = "train") -> TrainSummary:
     """Pre-train ``method`` on ``batches(epoch)`` for ``cfg.epochs`` epochs, resuming from ``workdir``.
@@ -121,7 +137,7 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
             epoch, skip = divmod(step, steps_per_epoch)
             skip = skip * cfg.accum_steps
             micro = 0
-            for i, batch in enumerate(batches(epoch)):
+            for i, batch in enumerate(_while_every_rank_has_data(batches(epoch), info)):
                 if i < skip:  # resuming mid-epoch: the pipeline is deterministic, so skip what was seen
                     continue
                 for reason, n in batch.pop("skipped", {}).items():
