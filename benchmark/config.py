@@ -7,6 +7,7 @@ differs per method; those options are validated by the method itself.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -133,6 +134,47 @@ _SECTIONS = {"data": DataConfig, "encoder": EncoderSpec, "text": TextConfig, "tr
 PRESETS = ("smoke", "toy", "paper")
 
 
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the field's type; numbers written as text (YAML reads ``8e-3``
+    as a string) are converted, anything else that does not fit is a `ConfigError`."""
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} must not be empty (null).")
+    if optional:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    base = typing.get_origin(hint) or hint
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+        elif base is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                return int(value)
+        elif base is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                return float(value)
+        elif base is str:
+            if isinstance(value, str):
+                return value
+        elif base in (list, tuple):
+            if isinstance(value, (list, tuple)):
+                return base(value)
+        elif base is dict:
+            if isinstance(value, dict):
+                return value
+        else:
+            return value
+    except ValueError:
+        pass
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {getattr(base, '__name__', base)}.")
+
+
 def _build(cls, values: dict, where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
@@ -141,9 +183,8 @@ def _build(cls, values: dict, where: str):
                 f"Unknown configuration key {where}.{key}. Valid keys of {where!r} are: {', '.join(known)}. "
                 f"Check the spelling in the preset or in --set."
             )
-    values = dict(values)
-    if "betas" in values:
-        values["betas"] = tuple(values["betas"])
+    hints = typing.get_type_hints(cls)
+    values = {k: coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     try:
         return cls(**values)
     except TypeError as exc:

@@ -7,12 +7,14 @@ the declared ``views`` and ``needs_text``, and optional capabilities found by na
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .config import coerce
 from .data.transforms import ViewSpec
 
 # Optional capabilities the harness looks for; a method has one if it defines the method.
@@ -96,7 +98,9 @@ class Method(nn.Module):
                 f"Method {cls.name!r} has no option {unknown[0]!r}. Its options are: "
                 f"{', '.join(sorted(known)) or '(none)'}. Set them with --set methods.{cls.name}.OPTION=VALUE."
             )
+        hints = typing.get_type_hints(cls.Options)
         try:
+            options = {k: coerce(v, hints[k], f"methods.{cls.name}.{k}") for k, v in options.items()}
             return cls.Options(**options)
         except (TypeError, ValueError) as exc:
             raise MethodOptionError(f"Method {cls.name!r}: invalid option value: {exc}") from None

@@ -102,3 +102,16 @@ def test_optimizer_uses_the_scaled_learning_rate(smoke_cfg, spec):
     opt = build_optimizer(build_method("mae", smoke_cfg, spec), cfg)
     assert all(g["lr"] == pytest.approx(3e-4) for g in opt.param_groups)
     assert {g["weight_decay"] for g in opt.param_groups} == {0.0, cfg.weight_decay}
+
+
+def test_config_types_are_checked_and_numbers_in_text_converted():
+    from mugbench.config import ConfigError, load_config
+    from mugbench.registry import get_method
+
+    cfg = load_config("smoke", ["train.blr=8e-3", "train.grad_clip=null"])  # YAML reads 8e-3 as text
+    assert cfg.train.blr == pytest.approx(8e-3) and cfg.train.grad_clip is None
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config("smoke", ["train.batch_size=1.5"])
+    with pytest.raises(ConfigError, match="eval.protocols"):
+        load_config("smoke", ["eval.protocols=knn"])
+    assert get_method("mae").parse_options({"mask_ratio": "6e-1"}).mask_ratio == pytest.approx(0.6)
