@@ -22,6 +22,18 @@ from conftest import make_batch
 METHODS = sorted(registered_methods())
 
 
+def _steps(method, batch, opt, n: int) -> list[float]:
+    """``n`` optimiser steps on one fixed batch; the losses before each step."""
+    losses = []
+    for _ in range(n):
+        loss = method(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_registry_has_the_foundation_methods():
     assert {"mae", "clip", "mug"} <= set(METHODS)
 
@@ -47,15 +59,8 @@ def test_builds_and_loss_is_finite(name, smoke_cfg, spec, toy_samples, tokenizer
 def test_loss_falls_when_overfitting_one_batch(name, smoke_cfg, spec, toy_samples, tokenizer):
     method = build_method(name, smoke_cfg, spec)
     batch = make_batch(type(method), toy_samples[:16], tokenizer, smoke_cfg.encoder.img_size)
-    opt = torch.optim.AdamW(method.parameters(), lr=2e-3)
     torch.manual_seed(0)
-    losses = []
-    for _ in range(40):
-        loss = method(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _steps(method, batch, torch.optim.AdamW(method.parameters(), lr=2e-3), 40)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, f"{name}: loss {first:.4f} -> {last:.4f}"
 
@@ -82,16 +87,8 @@ def test_same_seed_same_losses(name, smoke_cfg, spec, toy_samples, tokenizer):
     def run():
         method = build_method(name, smoke_cfg, spec)
         batch = make_batch(type(method), toy_samples[:8], tokenizer, smoke_cfg.encoder.img_size)
-        opt = build_optimizer(method, smoke_cfg.train)
         torch.manual_seed(123)
-        out = []
-        for _ in range(3):
-            loss = method(batch)["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            out.append(loss.item())
-        return out
+        return _steps(method, batch, build_optimizer(method, smoke_cfg.train), 3)
 
     a, b = run(), run()
     assert a == b and all(math.isfinite(x) for x in a)
