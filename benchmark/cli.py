@@ -6,6 +6,7 @@ that a wrong name or a missing data set is reported within seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -141,8 +142,8 @@ def _cmd_eval(args) -> int:
         raise FileNotFoundError(f"No encoder file at {args.checkpoint}: pass the encoder.safetensors of a run directory.")
     cfg = load_config(args.preset, args.overrides)
     encoder = load_encoder(args.checkpoint)
-    if encoder.patch_embed.img_size[0] != cfg.encoder.img_size:
-        cfg.encoder = type(cfg.encoder)(**{**cfg.to_dict()["encoder"], "img_size": encoder.patch_embed.img_size[0]})
+    # Evaluate at the resolution the encoder was trained at, whatever the preset says.
+    cfg.encoder = dataclasses.replace(cfg.encoder, img_size=encoder.patch_embed.img_size[0])
     for protocol, dataset, metrics, _, seconds in evaluate(encoder, cfg, EvalSets(cfg, args.cache_dir or default_cache_dir()), "cpu"):
         print(f"{protocol:8s} {dataset:10s} " + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items()) + f"  ({seconds:.1f}s)")
     return 0
