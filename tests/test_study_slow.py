@@ -22,8 +22,9 @@ def test_default_study_separates_from_chance(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("*.json")]
     assert {r["method"] for r in records} == {"mae", "clip", "mug"}
-    # Measured on 2 cores (4 epochs of 6,000 images): k-NN 20-22 %, linear probe 31-34 %.
-    floor = {"knn": 1.4 * CHANCE, "linear": 2.0 * CHANCE}
+    # Measured on 2 cores (4 epochs of 6,000 images): k-NN 18-22 %, linear probe 30-41 %
+    # (results/toy/toy). A randomly initialised encoder gives about 15 % and 24 %.
+    floor = {"knn": 1.3 * CHANCE, "linear": 2.0 * CHANCE}
     for r in records:
         assert r["preset"] == "toy" and r["skipped_samples"] == {}
         assert r["metrics"]["top1"] > floor[r["protocol"]], (r["method"], r["protocol"], r["metrics"])
