@@ -120,12 +120,11 @@ def _cmd_data(args) -> int:
         print(f"toy world ready in {root}: {counts}")
         return 0
     if args.data_command == "check":
-        from .data.catalog import default_data_root, expand_urls, resolve_pretrain_urls
+        from .data.catalog import default_data_root, resolve_pretrain_urls
         from .data.pipeline import check_shards
 
-        urls = expand_urls(args.urls) if ("{" in args.urls or args.urls.endswith(".tar")) else \
-            resolve_pretrain_urls(args.urls, args.data_root or default_data_root())
-        stats = check_shards(urls)
+        # The catalog tells named sets from shard patterns, and says clearly when shards are missing.
+        stats = check_shards(resolve_pretrain_urls(args.urls, args.data_root or default_data_root()))
         print(f"shards: {stats['shards']}  good samples: {stats['samples']}  skipped: {stats['skipped'] or 'none'}")
         return 1 if stats["skipped"] else 0
     print("usage: mugbench data {prepare,check} ...", file=sys.stderr)
@@ -135,12 +134,13 @@ def _cmd_data(args) -> int:
 def _cmd_eval(args) -> int:
     from .config import load_config
     from .data.catalog import default_cache_dir
-    from .study import EvalSets, evaluate
+    from .study import EvalSets, check_evaluation, evaluate
     from .train.checkpoint import load_encoder
 
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"No encoder file at {args.checkpoint}: pass the encoder.safetensors of a run directory.")
     cfg = load_config(args.preset, args.overrides)
+    check_evaluation(cfg)
     encoder = load_encoder(args.checkpoint)
     # Evaluate at the resolution the encoder was trained at, whatever the preset says.
     cfg.encoder = dataclasses.replace(cfg.encoder, img_size=encoder.patch_embed.img_size[0])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import StudyConfig
+from .config import ConfigError, StudyConfig
 from .data import catalog
 from .data.pipeline import load_split_tensors, make_loader
 from .data.tokenizer import TextTokenizer, corpus_vocab
@@ -73,7 +73,7 @@ def build_tokenizer(cfg: StudyConfig, data: PretrainData) -> TextTokenizer:
     if cfg.text.vocab != "corpus":
         raise ValueError(f"text.vocab must be 'full' or 'corpus', not {cfg.text.vocab!r}")
     data.vocab_cache.parent.mkdir(parents=True, exist_ok=True)
-    vocab = corpus_vocab(_iter_captions(data.urls) if not data.vocab_cache.exists() else [], cache=data.vocab_cache)
+    vocab = corpus_vocab(_iter_captions(data.urls), cache=data.vocab_cache)  # lazy: unread on a cache hit
     return TextTokenizer(cfg.text.context_length, vocab)
 
 
@@ -116,6 +116,15 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
 
 
+def check_evaluation(cfg: StudyConfig) -> None:
+    """Reject unknown protocols and evaluation sets before any training starts."""
+    for kind, names, known in (("protocol", cfg.eval.protocols, PROTOCOLS),
+                               ("evaluation dataset", cfg.eval.datasets, TOY_EVAL_SETS)):
+        for name in names:
+            if name not in known:
+                raise ConfigError(f"Unknown {kind} {name!r} in eval settings. Available: {', '.join(known)}.")
+
+
 class EvalSets:
     """Evaluation splits as tensors at the study's resolution, loaded once per process."""
 
@@ -125,9 +134,6 @@ class EvalSets:
     def get(self, dataset: str) -> dict:
         """``{"train": {...}, "val": {...}, "num_classes": C}`` for a named evaluation set."""
         if dataset not in self._loaded:
-            if dataset not in TOY_EVAL_SETS:
-                raise catalog.DataNotFoundError(
-                    f"Unknown evaluation dataset {dataset!r}. Available here: {', '.join(TOY_EVAL_SETS)}.")
             root, manifest = prepare_toy_world(self.cfg, self.cache_dir)
             transform = build_eval_transform(self.cfg.encoder.img_size)
             splits = {}
@@ -152,8 +158,6 @@ def evaluate(encoder: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, de
                                         batch_size=cfg.eval.batch_size, device=device) for role in ("train", "val")}
         feat_s = time.perf_counter() - t0
         for protocol in cfg.eval.protocols:
-            if protocol not in PROTOCOLS:
-                raise ValueError(f"Unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
             t1 = time.perf_counter()
             metrics, options = PROTOCOLS[protocol](feats, data, cfg.eval, cfg.seed)
             out.append((protocol, dataset, metrics, dict(options, pool=cfg.eval.pool),
@@ -164,6 +168,7 @@ def evaluate(encoder: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, de
 def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_dir: Path, cache_dir: Path,
               data_root: Path | None = None, overrides: list[str] = (), log=print) -> list[ResultRecord]:
     """Pre-train and evaluate each method like-for-like; write and return the result records."""
+    check_evaluation(cfg)
     info: DistInfo = init_distributed(cfg.train.device)
     if not info.is_main:
         log = lambda *args, **kwargs: None  # noqa: E731  (one voice per job)

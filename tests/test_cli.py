@@ -83,6 +83,7 @@ def test_missing_cc3m_fails_fast_with_instructions(tmp_path):
     (["run", "--set", "train.epoch=2"], "train.epoch"),
     (["run", "--preset", "smoke", "--set", "methods.mae.mask_ratio=2"], "mask_ratio"),
     (["run", "--preset", "smoke", "--set", "methods.mug.not_an_option=1"], "not_an_option"),
+    (["run", "--preset", "smoke", "--set", "eval.protocols=[knn, lineer]"], "lineer"),
 ])
 def test_bad_input_is_one_clear_error(args, needle, tmp_path):
     proc = mugbench(*args, cwd=tmp_path, cache=tmp_path / "cache")

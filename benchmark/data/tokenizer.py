@@ -53,19 +53,22 @@ class TextTokenizer:
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """Model ids -> text, stopping at the end token and skipping start/padding."""
-        words = []
-        for i in (ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)):
-            if i == self.eot_id:
-                break
-            if i in (self.sot_id, self.pad_id):
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if self.eot_id in ids:
+            ids = ids[: ids.index(self.eot_id)]
+        ids = [i for i in ids if i not in (self.sot_id, self.pad_id)]
+        if self.vocab is None:
+            return " ".join(self.bpe.decode(ids).split())
+        # Decode runs of known ids in one call each; an id outside the sub-vocabulary is <unk>.
+        pieces, run = [], []
+        for i in ids:
+            if i < len(self.vocab):
+                run.append(self.vocab[i])
                 continue
-            if self.vocab is not None:
-                if i >= len(self.vocab):
-                    words.append(" <unk> ")
-                    continue
-                i = self.vocab[i]
-            words.append(self.bpe.decode([i]))
-        return " ".join("".join(words).split())
+            pieces += [self.bpe.decode(run), " <unk> "]
+            run = []
+        pieces.append(self.bpe.decode(run))
+        return " ".join("".join(pieces).split())
 
     def to_json(self) -> dict:
         """Enough to rebuild the same tokenizer (stored in checkpoints)."""
