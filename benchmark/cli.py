@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_METHODS = "mae,clip,mug"
+DEFAULT_METHODS = "simclr,mae,clip,mug"  # the paper's four paradigms
 
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:

@@ -54,7 +54,8 @@ class DataConfig:
     toy_seed: int = 0
     toy_native_size: int = 64  # pixels the world is drawn at; views are resized to encoder.img_size
     toy_shard_size: int = 1000  # samples per shard; ranks x loader workers need a shard each
-    toy_sizes: dict = field(default_factory=lambda: {"pretrain": 6000, "cls-train": 2000, "cls-val": 1000})
+    toy_sizes: dict = field(default_factory=lambda: {"pretrain": 6000, "cls-train": 2000, "cls-val": 1000,
+                                                     "caps-val": 200})
     samples_per_epoch: Optional[int] = None  # needed for shard sets without a manifest
     num_workers: int = 0
     shuffle_buffer: int = 2000
@@ -100,16 +101,20 @@ class TrainConfig:
 class EvalConfig:
     """The uniform evaluation harness's protocols and their options."""
 
-    protocols: list = field(default_factory=lambda: ["knn", "linear"])
-    datasets: list = field(default_factory=lambda: ["toy-cls"])
+    protocols: list = field(default_factory=lambda: ["knn", "linear", "captioning", "reconstruction"])
+    datasets: list = field(default_factory=lambda: ["toy-cls", "toy-caps"])
     pool: str = "token"  # class token, as in MAE's linear probe
     batch_size: int = 256
     knn_k: int = 20
     knn_temperature: float = 0.07
+    knn_standardize: bool = False  # DINO's k-NN uses raw L2-normalised features
     linear_epochs: int = 100
     linear_lr: float = 0.1
     linear_batch_size: int = 256
     linear_weight_decay: float = 0.0
+    caption_beam: int = 1  # greedy decoding
+    caption_max_len: int = 24
+    figure_images: int = 8
 
 
 @dataclass

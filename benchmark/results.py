@@ -87,6 +87,7 @@ class ResultRecord:
     timings: dict[str, float] = field(default_factory=dict)
     skipped_samples: dict[str, int] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    examples: list[dict[str, Any]] = field(default_factory=list)  # e.g. generated captions beside references
     versions: dict[str, str | None] = field(default_factory=lambda: collect_versions())
     git_commit: str | None = field(default_factory=lambda: git_commit())
     created: str = field(default_factory=_now_iso)

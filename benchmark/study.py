@@ -19,17 +19,19 @@ from .data.pipeline import load_split_tensors, make_loader
 from .data.tokenizer import TextTokenizer, corpus_vocab
 from .data.toy import prepare_toy, toy_cache_dir
 from .data.transforms import build_eval_transform, build_view_transform
-from .eval import PROTOCOLS
+from .eval import CAPABILITY_PROTOCOLS, FEATURE_PROTOCOLS, PROTOCOLS
 from .eval.features import extract_features
 from .method import Method, TextSpec
 from .models.vit import build_encoder
 from .registry import get_method
-from .results import ResultRecord, write_record
+from .results import ResultRecord, record_path, write_record
 from .train.checkpoint import export_encoder
 from .train.distributed import DistInfo, init_distributed
 from .train.loop import train
 
-TOY_EVAL_SETS = {"toy-cls": ("cls-train", "cls-val")}
+# Evaluation sets of the embedded world: (train split or None, val split). Classification sets
+# (with a train split) serve the feature protocols; image-caption sets the capability protocols.
+TOY_EVAL_SETS = {"toy-cls": ("cls-train", "cls-val"), "toy-caps": (None, "caps-val")}
 
 
 @dataclass
@@ -138,6 +140,8 @@ class EvalSets:
             transform = build_eval_transform(self.cfg.encoder.img_size)
             splits = {}
             for role, split in zip(("train", "val"), TOY_EVAL_SETS[dataset]):
+                if split is None:
+                    continue
                 urls = [str(root / s) for s in manifest["splits"][split]["shards"]]
                 splits[role] = load_split_tensors(urls, transform)
             splits["num_classes"] = len(manifest["classes"])
@@ -146,22 +150,47 @@ class EvalSets:
 
 
 def evaluate(encoder: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, device) -> list[tuple[str, str, dict, dict, float]]:
-    """Run every configured protocol on every configured dataset.
+    """Run every configured feature protocol on every configured classification set.
 
     Returns ``(protocol, dataset, metrics, protocol_options, seconds)`` tuples.
     """
     out = []
+    protocols = [p for p in cfg.eval.protocols if p in FEATURE_PROTOCOLS]
     for dataset in cfg.eval.datasets:
+        if not protocols or TOY_EVAL_SETS[dataset][0] is None:
+            continue
         data = eval_sets.get(dataset)
         t0 = time.perf_counter()
         feats = {role: extract_features(encoder, data[role]["image"], pool=cfg.eval.pool,
                                         batch_size=cfg.eval.batch_size, device=device) for role in ("train", "val")}
         feat_s = time.perf_counter() - t0
-        for protocol in cfg.eval.protocols:
+        for protocol in protocols:
             t1 = time.perf_counter()
-            metrics, options = PROTOCOLS[protocol](feats, data, cfg.eval, cfg.seed)
+            metrics, options = FEATURE_PROTOCOLS[protocol](feats, data, cfg.eval, cfg.seed)
             out.append((protocol, dataset, metrics, dict(options, pool=cfg.eval.pool),
                         time.perf_counter() - t1 + feat_s))
+    return out
+
+
+def evaluate_capabilities(method: Method, cfg: StudyConfig, eval_sets: EvalSets, tokenizer: TextTokenizer,
+                          device, artifact_stem) -> list[tuple[str, str, dict, dict, float, list]]:
+    """Run every configured capability protocol the method supports on every image-caption set.
+
+    ``artifact_stem(protocol, dataset)`` gives the path stem for a protocol's figures. Returns
+    ``(protocol, dataset, metrics, protocol_options, seconds, examples)`` tuples.
+    """
+    out = []
+    for protocol in cfg.eval.protocols:
+        if protocol not in CAPABILITY_PROTOCOLS or not callable(getattr(method, CAPABILITY_PROTOCOLS[protocol][0], None)):
+            continue
+        for dataset in cfg.eval.datasets:
+            if TOY_EVAL_SETS[dataset][0] is not None:
+                continue
+            t0 = time.perf_counter()
+            metrics, options, examples = CAPABILITY_PROTOCOLS[protocol][1](
+                method, eval_sets.get(dataset), cfg.eval, cfg.seed, tokenizer=tokenizer, device=device,
+                artifact=artifact_stem(protocol, dataset))
+            out.append((protocol, dataset, metrics, options, time.perf_counter() - t0, examples))
     return out
 
 
@@ -208,14 +237,21 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
             continue
         export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
         log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
-        for protocol, dataset, metrics, options, seconds in evaluate(method.encoder, cfg, eval_sets, info.device):
+        def artifact_stem(protocol, dataset, name=name):
+            probe = ResultRecord(method=name, protocol=protocol, dataset=dataset, pretrain_data=data.name,
+                                 preset=cfg.preset, seed=cfg.seed, metrics={})
+            return record_path(results_dir, probe).with_suffix("")
+
+        results = [r + ([],) for r in evaluate(method.encoder, cfg, eval_sets, info.device)]
+        results += evaluate_capabilities(method, cfg, eval_sets, tokenizer, info.device, artifact_stem)
+        for protocol, dataset, metrics, options, seconds, examples in results:
             record = ResultRecord(
                 method=name, protocol=protocol, dataset=dataset, pretrain_data=data.name, preset=cfg.preset,
                 seed=cfg.seed, metrics=metrics, method_options=dataclasses.asdict(method.options),
                 protocol_options=options, encoder=dataclasses.asdict(cfg.encoder), epochs=summary.epochs,
                 steps=summary.steps,
                 timings={"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": seconds},
-                skipped_samples=summary.skipped, overrides=list(overrides),
+                skipped_samples=summary.skipped, overrides=list(overrides), examples=examples,
             )
             write_record(record, results_dir)
             records.append(record)

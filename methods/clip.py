@@ -30,7 +30,8 @@ class CLIP(Method):
         def __post_init__(self):
             check_range("clip", "init_temperature", self.init_temperature, 1e-3, 1.0)
 
-    views = (ViewSpec(scale=(0.5, 1.0)),)  # SLIP's CLIP crop for ViTs on web image-text data
+    # SLIP's CLIP crop for ViTs on web image-text data, and no flip: captions say "left" and "right".
+    views = (ViewSpec(scale=(0.5, 1.0), hflip=False),)
     needs_text = True
 
     def __init__(self, encoder, text, options):

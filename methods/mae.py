@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from mugbench.data.transforms import ViewSpec
 from mugbench.method import Method, check_range
 from mugbench.models.mae_decoder import MaskedDecoder, masked_patch_loss
-from mugbench.models.vit import masked_encode, patchify
+from mugbench.models.text import evaluating
+from mugbench.models.vit import masked_encode, patchify, unpatchify
 from mugbench.registry import register_method
 
 
@@ -52,3 +54,36 @@ class MAE(Method):
         latent, mask, ids_restore = masked_encode(self.encoder, images, self.options.mask_ratio)
         recon = self.reconstruction_loss(images, latent, mask, ids_restore)
         return {"loss": recon, "recon": recon}
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, mask_ratio: Optional[float] = None) -> dict[str, torch.Tensor]:
+        """Mask ``images [B, 3, H, W]`` at random, predict the removed patches, and return pictures
+        in the input's (normalised) pixel space, as in MAE's Fig. 2:
+
+        - ``masked``: the input with removed patches set to 0 (the mean colour after normalisation);
+        - ``reconstruction``: the decoder's prediction for every patch;
+        - ``pasted``: the input's visible patches with the prediction in the removed ones;
+        - ``mask``: ``[B, N]`` patches in row-major order, 1 = removed; ``pixel_mask``: ``[B, 1, H, W]``.
+
+        With ``norm_pix_loss`` the decoder predicts each patch normalised by its own mean and
+        variance; a removed patch's statistics are unknown to the model, so (as MAE's visualisation
+        does) each prediction is mapped back with the true target patch's mean and variance.
+        ``mask_ratio`` defaults to the training ratio; seed torch for a repeatable mask.
+        """
+        with evaluating(self):
+            ratio = self.options.mask_ratio if mask_ratio is None else mask_ratio
+            latent, mask, ids_restore = masked_encode(self.encoder, images, ratio)
+            pred = self.decoder(latent, ids_restore).float()
+        p, c = self.patch_size, images.shape[1]
+        target = patchify(images, p)
+        if self.options.norm_pix_loss:
+            # Same statistics as masked_patch_loss's target normalisation, inverted.
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+        removed = mask.bool().unsqueeze(-1).expand_as(target)
+        return {
+            "masked": unpatchify(torch.where(removed, torch.zeros_like(target), target), p, c),
+            "reconstruction": unpatchify(pred.to(images.dtype), p, c),
+            "pasted": unpatchify(torch.where(removed, pred.to(images.dtype), target), p, c),
+            "mask": mask,
+            "pixel_mask": unpatchify(removed.to(images.dtype), p, c)[:, :1],
+        }

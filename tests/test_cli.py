@@ -31,20 +31,33 @@ def smoke_run(tmp_path_factory):
 def test_run_writes_one_record_per_method_and_protocol(smoke_run):
     root, proc, _ = smoke_run
     files = sorted((root / "results").rglob("*.json"))
-    assert len(files) == 3 * 2, files
     records = [json.loads(f.read_text()) for f in files]
-    assert {(r["method"], r["protocol"]) for r in records} == {(m, p) for m in ("mae", "clip", "mug") for p in ("knn", "linear")}
+    # Feature protocols for every method; capability protocols only where the method has one.
+    expected = {(m, p) for m in ("simclr", "mae", "clip", "mug") for p in ("knn", "linear")}
+    expected |= {("mae", "reconstruction"), ("mug", "reconstruction"), ("mug", "captioning")}
+    assert sorted((r["method"], r["protocol"]) for r in records) == sorted(expected)
     for r in records:
-        assert r["preset"] == "smoke" and r["pretrain_data"] == "toy" and r["dataset"] == "toy-cls"
-        assert 0 <= r["metrics"]["top1"] <= 100 and r["steps"] == 8
+        assert r["preset"] == "smoke" and r["pretrain_data"] == "toy" and r["steps"] == 8
         assert r["timings"]["images_per_s"] > 0 and r["versions"]["torch"]
+        if r["protocol"] in ("knn", "linear"):
+            assert r["dataset"] == "toy-cls" and 0 <= r["metrics"]["top1"] <= 100
+        else:
+            assert r["dataset"] == "toy-caps"
+    caps = next(r for r in records if r["protocol"] == "captioning")
+    assert set(caps["metrics"]) >= {"shape_named", "colour_named", "shape_or_colour_named"}
+    assert len(caps["examples"]) == 8 and all(e["generated"] and e["reference"] for e in caps["examples"])
+    for r in records:
+        if r["protocol"] == "reconstruction":
+            assert r["metrics"]["masked_mse"] > 0
+            grid = root / "results" / "toy" / "smoke" / r["method"] / r["protocol_options"]["figure"]
+            assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every method trained on the same encoder architecture for the same budget
     assert len({json.dumps(r["encoder"], sort_keys=True) for r in records}) == 1
     # the table is printed at the end of the run
     assert "| mae |" in proc.stdout and "| mug |" in proc.stdout
     assert (root / "reports" / "summary.md").exists()
     # checkpoints and exported encoders live in the run directory, not in results/
-    assert len(list((root / "runs").rglob("encoder.safetensors"))) == 3
+    assert len(list((root / "runs").rglob("encoder.safetensors"))) == 4
 
 
 def test_report_rebuilds_from_results_alone(smoke_run):

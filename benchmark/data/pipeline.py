@@ -130,7 +130,7 @@ class _ToExample:
         views = [image] if self.transforms is None else \
             apply_views(image, self.transforms, sample_seed(self.seed, self.epoch, key))
         example = {"key": key, "views": views, "caption": (caption or "").strip(), "label": label,
-                   "captions": meta.get("captions")}
+                   "captions": meta.get("captions"), "objects": meta.get("objects")}
         if self.need_mask:
             size = self.mask_size or int(views[0].shape[-1])
             example["mask"] = _mask_tensor(mask, size)
@@ -263,7 +263,8 @@ def load_split_tensors(urls: str | Sequence[str], transform: Callable, need_mask
 
     Returns ``image`` [N,3,S,S], ``label`` LongTensor [N] (-1 where a sample has none),
     ``key`` list[str], ``captions`` list[list[str]] (from ``.json`` when present, else the
-    ``.txt`` caption), ``mask`` LongTensor [N,M,M] when ``need_mask``, and ``skipped``.
+    ``.txt`` caption), ``objects`` list (the ``.json`` scene description of generated data, else
+    None), ``mask`` LongTensor [N,M,M] when ``need_mask``, and ``skipped``.
     """
     urls = expand_urls(urls)
     counter = SkipCounter()
@@ -278,6 +279,7 @@ def load_split_tensors(urls: str | Sequence[str], transform: Callable, need_mask
         "label": torch.tensor([-1 if ex["label"] is None else int(ex["label"]) for ex in examples]),
         "key": [ex["key"] for ex in examples],
         "captions": [ex["captions"] or ([ex["caption"]] if ex["caption"] else []) for ex in examples],
+        "objects": [ex["objects"] for ex in examples],
         "skipped": dict(counter.counts),
     }
     if need_mask:

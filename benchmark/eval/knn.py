@@ -22,9 +22,21 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
     return torch.cat(scores)
 
 
+def standardize(train_feats: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Centre and scale every feature dimension with the training split's mean and std.
+
+    The same statistics MAE's linear probe applies through its parameter-free BatchNorm; before a
+    cosine k-NN it stops a few large, nearly constant dimensions (common in short-trained ViTs)
+    from dominating every similarity."""
+    mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)
+    return [(f - mean) / std for f in (train_feats, *others)]
+
+
 def evaluate_knn(train_feats, train_labels, val_feats, val_labels, num_classes: int, *, k: int = 20,
-                 temperature: float = 0.07) -> dict[str, float]:
+                 temperature: float = 0.07, standardize_features: bool = False) -> dict[str, float]:
     """Top-1 (and, with more than 10 classes, top-5) accuracy in percent."""
+    if standardize_features:
+        train_feats, val_feats = standardize(train_feats, val_feats)
     scores = knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature)
     metrics = {"top1": 100.0 * (scores.argmax(1) == val_labels).float().mean().item()}
     if num_classes > 10:

@@ -1,0 +1,123 @@
+"""CAP: captioning as the only pre-training signal (VirTex, Desai & Johnson, 2021; CapPa,
+Tschannen et al., 2023, "Image Captioners Are Scalable Vision Learners"). It is MUG's caption
+branch without the reconstruction branch: the encoder sees the whole image (``mask_ratio=0``) and
+a caption decoder cross-attends to all of its tokens.
+
+This module also holds `CaptioningMixin`, the ``caption`` / ``score_text`` capabilities shared by
+every captioning method (``cap``, ``mug``, ``coca``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from mugbench.data.transforms import ViewSpec
+from mugbench.method import Method, check_range
+from mugbench.models.text import (CaptionDecoder, caption_log_likelihood, caption_loss, evaluating,
+                                  generate_captions)
+from mugbench.models.vit import masked_encode
+from mugbench.registry import register_method
+
+Prefix = Union[str, Sequence[str], torch.Tensor, None]
+
+
+def encode_tokens(encoder, images: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """The encoder's final-norm tokens ``[B, P + K, D]``: every patch when ``mask_ratio`` is 0,
+    else the prefix tokens and a random ``1 - mask_ratio`` of the patches (MAE masking)."""
+    if mask_ratio == 0:
+        # Unshuffled and without drawing random numbers, unlike masked_encode at ratio 0.
+        return encoder.forward_features(images)
+    return masked_encode(encoder, images, mask_ratio)[0]
+
+
+class CaptioningMixin:
+    """``caption`` and ``score_text`` for a method with a caption decoder.
+
+    The method provides ``caption_decoder`` (called as ``decoder(image_tokens, tokens) -> logits``)
+    and ``caption_memory(images, mask_ratio=None)`` (the image tokens the decoder attends to;
+    ``None`` = the method's own training choice). Methods hold only token ids (their `TextSpec`),
+    so text comes in and goes out through the study's tokenizer: ``caption_tokens`` returns ids and
+    ``caption`` decodes them with the tokenizer it is given. All three run in eval mode without
+    gradients and restore the module's mode afterwards.
+    """
+
+    def caption_tokens(self, images: torch.Tensor, prefix: Optional[torch.Tensor] = None,
+                       max_len: Optional[int] = None, beam: int = 1,
+                       mask_ratio: Optional[float] = None) -> torch.Tensor:
+        """Generated caption ids ``[B, L]`` (start token, prefix, continuation, end token, padding);
+        ``beam=1`` is greedy. See `generate_captions` for ``prefix`` and ``max_len``."""
+        t = self.text_spec
+        with evaluating(self), torch.no_grad():
+            memory = self.caption_memory(images, mask_ratio)
+            return generate_captions(self.caption_decoder, memory, sot_id=t.sot_id, eot_id=t.eot_id,
+                                     pad_id=t.pad_id, context_length=t.context_length, prefix=prefix,
+                                     max_len=max_len, beam=beam)
+
+    def caption(self, images: torch.Tensor, tokenizer, prefix: Prefix = None, max_len: Optional[int] = None,
+                beam: int = 1, mask_ratio: Optional[float] = None) -> list[str]:
+        """One generated caption per image, decoded with ``tokenizer`` (the study's `TextTokenizer`).
+
+        ``prefix``: a text every caption continues (or one per image, or token ids); the returned
+        strings include it.
+        """
+        if isinstance(prefix, str):
+            prefix = tokenizer([prefix])
+        elif prefix is not None and not isinstance(prefix, torch.Tensor):
+            prefix = tokenizer(list(prefix))
+        ids = self.caption_tokens(images, prefix=prefix, max_len=max_len, beam=beam, mask_ratio=mask_ratio)
+        return [tokenizer.decode(row) for row in ids]
+
+    def score_text(self, images: torch.Tensor, text: torch.Tensor, mask_ratio: Optional[float] = None) -> torch.Tensor:
+        """Mean per-token log-likelihood ``[B]`` of caption ``text[i]`` (tokenizer ids) given image ``i``.
+
+        To score several texts against one image, repeat the image. With a masked latent
+        (``mask_ratio`` > 0) the score depends on the random mask: seed torch for repeatable scores.
+        """
+        t = self.text_spec
+        with evaluating(self), torch.no_grad():
+            memory = self.caption_memory(images, mask_ratio)
+            return caption_log_likelihood(self.caption_decoder, memory, text.to(memory.device), t.pad_id, t.eot_id)
+
+
+@register_method("cap")
+class CAP(CaptioningMixin, Method):
+    """Captioner: the shared ViT encodes the image, a caption decoder generates its caption."""
+
+    @dataclass
+    class Options:
+        """``mask_ratio`` > 0 captions from a masked latent (as MUG does, without reconstruction);
+        the decoder's size (``None`` = the study's text-tower size), as in MUG."""
+
+        mask_ratio: float = 0.0
+        cap_width: Optional[int] = None
+        cap_layers: Optional[int] = None
+        cap_heads: Optional[int] = None
+
+        def __post_init__(self):
+            check_range("cap", "mask_ratio", self.mask_ratio, 0.0, 0.99)
+
+    # Text-supervised methods take SLIP's milder crop (as clip does): a tight crop can cut away
+    # what the caption describes.
+    views = (ViewSpec(scale=(0.5, 1.0), hflip=False),)  # clip's caption-paired view
+    needs_text = True
+
+    def __init__(self, encoder, text, options):
+        super().__init__(encoder, text, options)
+        self.caption_decoder = CaptionDecoder(
+            text, encoder.embed_dim,
+            width=options.cap_width or text.width,
+            layers=options.cap_layers or text.layers,
+            heads=options.cap_heads or text.heads,
+        )
+
+    def caption_memory(self, images: torch.Tensor, mask_ratio: Optional[float] = None) -> torch.Tensor:
+        """Encoder tokens the decoder attends to (``mask_ratio`` default: the training option)."""
+        return encode_tokens(self.encoder, images, self.options.mask_ratio if mask_ratio is None else mask_ratio)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """``loss`` = ``caption``, the teacher-forced captioning loss."""
+        t = self.text_spec
+        cap = caption_loss(self.caption_decoder, self.caption_memory(batch["image"]), batch["text"], t.pad_id, t.eot_id)
+        return {"loss": cap, "caption": cap}

@@ -1,0 +1,125 @@
+"""CoCa (Yu et al., 2022, "CoCa: Contrastive Captioners are Image-Text Foundation Models"):
+a CLIP-style contrastive loss between image and text embeddings plus a captioning loss from a
+multimodal decoder that reads the unimodal text features and cross-attends to the image tokens.
+
+The text side, its wiring and the loss are open_clip's (``TextTransformer`` with ``embed_cls``,
+``MultimodalTransformer``, ``CoCaLoss`` with its distributed gather); the image tower is the
+shared ViT, as for every method of a study.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import CoCaLoss
+from open_clip.transformer import AttentionalPooler
+from torch import nn
+
+from mugbench.data.transforms import ViewSpec
+from mugbench.method import Method, check_range
+from mugbench.methods.cap import CaptioningMixin, encode_tokens
+from mugbench.models.text import CoCaTextDecoder, caption_targets
+from mugbench.registry import register_method
+from mugbench.train.distributed import rank_and_world
+
+IMAGE_POOLS = ("token", "attn")
+
+
+@register_method("coca")
+class CoCa(CaptioningMixin, Method):
+    """Contrastive captioner: CLIP's contrastive loss plus captions decoded from the image tokens.
+
+    Image embedding = the projected class token (or an attention-pooled query); text embedding =
+    the unimodal text tower's appended class token; the multimodal decoder attends to all image
+    tokens of the whole image."""
+
+    @dataclass
+    class Options:
+        """CoCa's loss weights (caption 2.0, contrastive 1.0, the paper's), CLIP's initial
+        temperature 0.07, the image pooling for the contrastive embedding (``token``: the class
+        token, as clip; ``attn``: one learned query attending to all tokens, CoCa's pooler) and the
+        multimodal decoder's depth/heads (``None`` = the study's text-tower size; its width is the
+        text tower's, whose token features it reads)."""
+
+        caption_loss_weight: float = 2.0
+        clip_loss_weight: float = 1.0
+        init_temperature: float = 0.07
+        image_pool: str = "token"
+        cap_layers: Optional[int] = None
+        cap_heads: Optional[int] = None
+
+        def __post_init__(self):
+            check_range("coca", "caption_loss_weight", self.caption_loss_weight, 0.0, 100.0)
+            check_range("coca", "clip_loss_weight", self.clip_loss_weight, 0.0, 100.0)
+            check_range("coca", "init_temperature", self.init_temperature, 1e-3, 1.0)
+            if self.caption_loss_weight == 0 and self.clip_loss_weight == 0:
+                raise ValueError("coca: caption_loss_weight and clip_loss_weight cannot both be 0")
+            if self.image_pool not in IMAGE_POOLS:
+                raise ValueError(f"coca.image_pool={self.image_pool!r} is not one of {', '.join(IMAGE_POOLS)}")
+
+    views = (ViewSpec(scale=(0.5, 1.0), hflip=False),)  # clip's caption-paired view
+    needs_text = True
+
+    def __init__(self, encoder, text, options):
+        super().__init__(encoder, text, options)
+        d = encoder.embed_dim
+        self.image_pool = AttentionalPooler(d, d, n_head=encoder.blocks[0].attn.num_heads, n_queries=1) \
+            if options.image_pool == "attn" else None
+        self.image_proj = nn.Linear(d, text.embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=d ** -0.5)
+        self.caption_decoder = CoCaTextDecoder(text, d, layers=options.cap_layers or text.layers,
+                                               heads=options.cap_heads or text.heads)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / options.init_temperature)))
+        rank, world = rank_and_world()
+        # local_loss + gather_with_grad: the memory-lean exact gradient under DDP (open_clip's advice).
+        # CoCaLoss returns each part already multiplied by its weight.
+        self.loss_fn = CoCaLoss(caption_loss_weight=options.caption_loss_weight,
+                                clip_loss_weight=options.clip_loss_weight, pad_id=text.pad_id,
+                                local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+
+    def _image_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Unnormalised joint-space embedding from the encoder's tokens ``[B, 1 + N, D]``."""
+        pooled = tokens[:, 0] if self.image_pool is None else self.image_pool(tokens)[:, 0]
+        return self.image_proj(pooled)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings in the joint space."""
+        z = self._image_embedding(self.encoder.forward_features(images))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Caption embeddings in the joint space (the unimodal tower's class token)."""
+        z = self.caption_decoder.encode(text)[0]
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def caption_memory(self, images: torch.Tensor, mask_ratio: Optional[float] = None) -> torch.Tensor:
+        """Encoder tokens the decoder attends to: every token of the whole image unless asked to mask."""
+        return encode_tokens(self.encoder, images, mask_ratio or 0.0)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """``loss`` = clip_loss_weight * ``contrastive`` + caption_loss_weight * ``caption``."""
+        images, text, t = batch["image"], batch["text"], self.text_spec
+        tokens = self.encoder.forward_features(images)
+        text_emb, text_features = self.caption_decoder.encode(text)
+        # The tower is causal: the features of text[:, :-1] are the first L-1 of text's (open_clip's CoCa).
+        logits = self.caption_decoder.decode(tokens, text_features[:, :-1])
+        scale = self.logit_scale.exp().clamp(max=100.0)
+        contrastive_w, caption_w = self.loss_fn(
+            F.normalize(self._image_embedding(tokens), dim=-1), F.normalize(text_emb, dim=-1),
+            logits, caption_targets(text, t.pad_id, t.eot_id), scale)
+        o = self.options
+        # Log the unweighted parts, comparable with clip's and mug's; a part with weight 0 is not
+        # computed (CoCaLoss skips the contrastive one) and is logged as 0.
+        contrastive = contrastive_w / o.clip_loss_weight if o.clip_loss_weight else contrastive_w.detach()
+        caption = caption_w / o.caption_loss_weight if o.caption_loss_weight else caption_w.detach()
+        return {"loss": contrastive_w + caption_w, "contrastive": contrastive, "caption": caption,
+                "logit_scale": scale.detach()}
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The base set plus the temperature and the attention pooler's query."""
+        extra = {"image_pool.query"} if self.image_pool is not None else set()
+        return super().no_weight_decay() | {"logit_scale"} | extra

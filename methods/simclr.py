@@ -1,0 +1,155 @@
+"""SimCLR (Chen et al., 2020, "A Simple Framework for Contrastive Learning of Visual
+Representations"): pull two augmented views of an image together, push every other image away.
+
+The recipe is the one SLIP (Mu et al., 2022, "SLIP: Self-supervision meets Language-Image
+Pre-training") used for ViTs on web images: two strongly augmented views, a 3-layer projection
+MLP on the class token and an NT-Xent loss at temperature 0.1. The loss and the MLP live here as
+module-level pieces so that SLIP (`mugbench.methods.slip`) adds exactly the same objective to CLIP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+from torch import nn
+
+from mugbench.data.transforms import ViewSpec
+from mugbench.method import Method, check_range
+from mugbench.models.vit import pooled_features
+from mugbench.registry import register_method
+from mugbench.train.distributed import rank_and_world
+
+__all__ = ["SIMCLR_VIEW", "HeadBatchNorm", "ProjectionMLP", "nt_xent_loss", "simclr_loss", "two_views", "SimCLR"]
+
+# SLIP's SimCLR augmentation: RandomResizedCrop(0.08-1), colour jitter (0.4, 0.4, 0.4, 0.1) with
+# p=0.8 -- strength 0.5 in ViewSpec's convention (brightness 0.8*s, hue 0.2*s), SLIP keeps it
+# "not strengthened" -- grayscale p=0.2, Gaussian blur p=0.5 and a horizontal flip.
+SIMCLR_VIEW = ViewSpec(scale=(0.08, 1.0), color_jitter=0.5, grayscale=0.2, blur=0.5)
+
+
+class HeadBatchNorm(nn.SyncBatchNorm):
+    """BatchNorm of a projection head, with statistics over the global batch where possible.
+
+    SimCLR ("Global BN", Sec. 2.2 of the paper) aggregates BN statistics over all devices: with per-device
+    statistics the two views of a positive pair are normalised together, which leaks a shortcut
+    the loss can exploit. `nn.SyncBatchNorm` does that on accelerators and behaves as plain BN in
+    a single process; torch cannot synchronise BN on CPU tensors (gloo), so there the statistics
+    stay per process instead of failing the run.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Normalise ``input [B, C]``; synchronised across ranks unless the tensor is on the CPU."""
+        if input.device.type == "cpu":
+            return nn.BatchNorm1d.forward(self, input)
+        return super().forward(input)
+
+
+class ProjectionMLP(nn.Sequential):
+    """SLIP's SimCLR projection head: Linear-BN-ReLU, Linear-BN-ReLU, Linear.
+
+    SLIP uses a hidden width of 4096 and an output of 256 on ViT-B; mugbench's defaults are
+    smaller to suit the toy encoder, and a preset can set the published widths.
+    """
+
+    def __init__(self, in_dim: int, mlp_dim: int, out_dim: int):
+        super().__init__(
+            nn.Linear(in_dim, mlp_dim), HeadBatchNorm(mlp_dim), nn.ReLU(inplace=True),
+            nn.Linear(mlp_dim, mlp_dim), HeadBatchNorm(mlp_dim), nn.ReLU(inplace=True),
+            nn.Linear(mlp_dim, out_dim),
+        )
+
+
+def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1, *,
+                 rank: int | None = None, world_size: int | None = None) -> torch.Tensor:
+    """NT-Xent (normalised temperature-scaled cross-entropy) of two batches of paired embeddings.
+
+    ``z_a[i]`` and ``z_b[i]`` are two views of image i. Every one of the 2N embeddings is an
+    anchor whose positive is its partner and whose negatives are the other 2N - 2 embeddings:
+    ``-log(exp(s(i, i')/t) / sum_{k != i} exp(s(i, k)/t))`` with cosine similarity s, averaged
+    over the anchors.
+
+    Under ``torch.distributed`` (``rank``/``world_size`` default to the process group's) the
+    embeddings of every rank are gathered *with* gradient, so the negatives are the global batch,
+    while the anchors stay local: this rank's rows sit at offset ``rank * N`` of the gathered
+    matrix, which gives the positive's column and the self-similarity to exclude. DDP's gradient
+    average over ranks then equals the gradient of the loss averaged over the global batch.
+    All ranks must pass the same N.
+    """
+    if rank is None or world_size is None:
+        rank, world_size = rank_and_world()
+    # Similarities in float32 even under bf16 autocast: at t = 0.1 the logits span [-10, 10] and
+    # bf16's 8-bit mantissa would blur differences between close negatives.
+    with torch.autocast(device_type=z_a.device.type, enabled=False):
+        q_a = F.normalize(z_a.float(), dim=-1)
+        q_b = F.normalize(z_b.float(), dim=-1)
+        if world_size > 1:
+            k_a = torch.cat(dist_nn.all_gather(q_a), dim=0)
+            k_b = torch.cat(dist_nn.all_gather(q_b), dim=0)
+        else:
+            k_a, k_b = q_a, q_b
+        n = q_a.shape[0]
+        targets = torch.arange(n, device=q_a.device) + rank * n
+        is_self = F.one_hot(targets, k_a.shape[0]).bool()
+        # Each anchor scores [the other view of every image | its own view of every other image];
+        # the positive is in the first block at the anchor's global index.
+        logits_a = torch.cat([q_a @ k_b.T, (q_a @ k_a.T).masked_fill(is_self, float("-inf"))], dim=1)
+        logits_b = torch.cat([q_b @ k_a.T, (q_b @ k_b.T).masked_fill(is_self, float("-inf"))], dim=1)
+        return (F.cross_entropy(logits_a / temperature, targets) + F.cross_entropy(logits_b / temperature, targets)) / 2
+
+
+def simclr_loss(encoder: nn.Module, head: nn.Module, view_a: torch.Tensor, view_b: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """SimCLR's objective on two views: class tokens of the shared ViT -> ``head`` -> NT-Xent.
+
+    Both views go through the encoder in one call (the ViT has no batch statistics, so this is
+    the same as two calls), but through the head one view at a time, as in SLIP, so that each
+    BatchNorm sees a batch of one view.
+    """
+    feats = pooled_features(encoder, torch.cat([view_a, view_b]), "token")
+    f_a, f_b = feats.chunk(2)
+    return nt_xent_loss(head(f_a), head(f_b), temperature)
+
+
+def two_views(batch: dict, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views ``first`` and ``first + 1`` of a multi-view batch, with a clear error if absent."""
+    views = batch.get("image_views")
+    if views is None or len(views) < first + 2:
+        raise KeyError(f"this method needs batch['image_views'] with at least {first + 2} views "
+                       f"(the loader adds it when a method declares several views)")
+    return views[first], views[first + 1]
+
+
+@register_method("simclr")
+class SimCLR(Method):
+    """Two SimCLR-augmented views per image; class token -> 3-layer MLP -> NT-Xent."""
+
+    @dataclass
+    class Options:
+        """Temperature 0.1 (SLIP's SimCLR for ViTs); head widths sized for the toy encoder.
+
+        SLIP's ViT-B head is ``mlp_dim=4096, out_dim=256``; the defaults (512, 128) keep the head
+        a few times wider than the 96-wide toy ViT, with SimCLR's 128-d output.
+        """
+
+        temperature: float = 0.1
+        mlp_dim: int = 512
+        out_dim: int = 128
+
+        def __post_init__(self):
+            check_range("simclr", "temperature", self.temperature, 1e-3, 10.0)
+            check_range("simclr", "mlp_dim", self.mlp_dim, 1, 65536)
+            check_range("simclr", "out_dim", self.out_dim, 1, 65536)
+
+    views = (SIMCLR_VIEW, SIMCLR_VIEW)
+    needs_text = False
+
+    def __init__(self, encoder, text, options):
+        super().__init__(encoder, text, options)
+        self.image_mlp = ProjectionMLP(encoder.embed_dim, options.mlp_dim, options.out_dim)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """NT-Xent between the batch's two views."""
+        loss = simclr_loss(self.encoder, self.image_mlp, *two_views(batch), self.options.temperature)
+        return {"loss": loss, "ssl": loss}

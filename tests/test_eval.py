@@ -1,0 +1,62 @@
+"""The frozen-feature protocols on features whose answer is known."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mugbench.eval.knn import evaluate_knn, knn_predict, standardize
+from mugbench.eval.linear import evaluate_linear
+
+
+def _clusters(n_per_class: int, num_classes: int, dim: int, noise: float, seed: int):
+    """Gaussian blobs around random unit centres: (features, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(num_classes, dim, generator=g), dim=1)
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    return centres[labels] + noise * torch.randn(len(labels), dim, generator=g), labels
+
+
+def test_knn_votes_match_a_hand_computed_example():
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    query = torch.tensor([[0.6, 0.8]])
+    scores = knn_predict(train, labels, query, num_classes=2, k=3, temperature=0.5)
+    # Cosine similarities of the query: 0.6, 0.96, 0.8, -0.6; the 3 nearest are rows 1, 2, 0.
+    expected = [math.exp(0.96 / 0.5) + math.exp(0.6 / 0.5), math.exp(0.8 / 0.5)]
+    assert scores[0].tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_knn_separates_clusters_and_reports_top5_beyond_ten_classes():
+    train, train_y = _clusters(30, 12, 16, 0.2, seed=0)
+    val, val_y = _clusters(10, 12, 16, 0.2, seed=0)
+    metrics = evaluate_knn(train, train_y, val[::1], val_y, 12)
+    assert metrics["top1"] > 95.0 and metrics["top5"] >= metrics["top1"]
+    assert "top5" not in evaluate_knn(train[:80], train_y[:80], val[:20], val_y[:20], 8)
+
+
+def test_standardizing_stops_large_nuisance_dimensions_dominating():
+    train, train_y = _clusters(40, 4, 8, 0.3, seed=1)
+    val, val_y = _clusters(20, 4, 8, 0.3, seed=1)
+    # Two large dimensions unrelated to the class decide every raw cosine similarity.
+    g = torch.Generator().manual_seed(2)
+    big = lambda n: 50.0 + 10.0 * torch.randn(n, 2, generator=g)  # noqa: E731
+    train, val = torch.cat([train, big(len(train))], 1), torch.cat([val, big(len(val))], 1)
+    raw = evaluate_knn(train, train_y, val, val_y, 4)["top1"]
+    std = evaluate_knn(train, train_y, val, val_y, 4, standardize_features=True)["top1"]
+    assert std > 90.0 and std > raw + 20.0
+    train_z, val_z = standardize(train, val)
+    assert train_z.mean(0).abs().max() < 1e-4 and (train_z.std(0) - 1).abs().max() < 1e-4
+    assert val_z.shape == val.shape
+
+
+def test_linear_probe_learns_separable_features_and_is_seeded():
+    train, train_y = _clusters(50, 5, 12, 0.3, seed=3)
+    val, val_y = _clusters(20, 5, 12, 0.3, seed=3)
+    a = evaluate_linear(train, train_y, val, val_y, 5, epochs=20, lr=0.1, batch_size=64, weight_decay=0.0, seed=0)
+    b = evaluate_linear(train, train_y, val, val_y, 5, epochs=20, lr=0.1, batch_size=64, weight_decay=0.0, seed=0)
+    assert a["top1"] > 95.0 and a == b
+    shuffled = evaluate_linear(train, train_y[torch.randperm(len(train_y))], val, val_y, 5, epochs=20, lr=0.1,
+                               batch_size=64, weight_decay=0.0, seed=0)
+    assert shuffled["top1"] < 60.0  # labels unrelated to features: no better than chance-ish
