@@ -60,3 +60,31 @@ def test_linear_probe_learns_separable_features_and_is_seeded():
     shuffled = evaluate_linear(train, train_y[torch.randperm(len(train_y))], val, val_y, 5, epochs=20, lr=0.1,
                                batch_size=64, weight_decay=0.0, seed=0)
     assert shuffled["top1"] < 60.0  # labels unrelated to features: no better than chance-ish
+
+
+class _PerfectOrFlat:
+    """Stands in for a method's ``reconstruct``: returns the input itself or its flat patches."""
+
+    patch_size = 4
+
+    def __init__(self, perfect: bool):
+        self.perfect = perfect
+
+    def reconstruct(self, x):
+        mask = torch.zeros(x.shape[0], 1, *x.shape[2:])
+        mask[..., :4, :] = 1  # the top row of patches is "removed"
+        flat = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
+        return {"reconstruction": x if self.perfect else flat.expand_as(x), "pixel_mask": mask}
+
+
+def test_reconstruction_error_counts_removed_patches_and_has_a_flat_patch_baseline():
+    from mugbench.eval.reconstruction import reconstruction_error
+    x = torch.randn(3, 3, 8, 8)
+    perfect = reconstruction_error(_PerfectOrFlat(True), x, seed=0)
+    flat = reconstruction_error(_PerfectOrFlat(False), x, seed=0)
+    assert perfect["masked_mse"] == 0.0 and perfect["flat_patch_mse"] > 0.5
+    assert flat["masked_mse"] == pytest.approx(flat["flat_patch_mse"], rel=1e-6)
+    # By hand: mean squared deviation from each top-row patch's joint mean.
+    patches = x[:, :, :4, :].unfold(3, 4, 4)  # [B, C, 4, 2, 4]
+    dev = patches - patches.mean(dim=(1, 2, 4), keepdim=True)
+    assert flat["flat_patch_mse"] == pytest.approx(float(dev.pow(2).mean()), rel=1e-5)
