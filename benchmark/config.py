@@ -101,7 +101,8 @@ class TrainConfig:
 class EvalConfig:
     """The uniform evaluation harness's protocols and their options."""
 
-    protocols: list = field(default_factory=lambda: ["knn", "linear", "captioning", "reconstruction"])
+    protocols: list = field(default_factory=lambda: ["knn", "linear", "zeroshot", "retrieval", "captioning",
+                                                     "reconstruction"])
     datasets: list = field(default_factory=lambda: ["toy-cls", "toy-caps"])
     pool: str = "token"  # class token, as in MAE's linear probe
     batch_size: int = 256
@@ -112,6 +113,7 @@ class EvalConfig:
     linear_lr: float = 0.1
     linear_batch_size: int = 256
     linear_weight_decay: float = 0.0
+    zeroshot_images: int = 0  # 0 = every validation image; likelihood scoring costs classes x prompts per image
     caption_beam: int = 1  # greedy decoding
     caption_max_len: int = 24
     figure_images: int = 8

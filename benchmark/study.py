@@ -145,6 +145,7 @@ class EvalSets:
                 urls = [str(root / s) for s in manifest["splits"][split]["shards"]]
                 splits[role] = load_split_tensors(urls, transform)
             splits["num_classes"] = len(manifest["classes"])
+            splits["classes"], splits["name"] = list(manifest["classes"]), dataset
             self._loaded[dataset] = splits
         return self._loaded[dataset]
 
@@ -157,7 +158,7 @@ def evaluate(encoder: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, de
     out = []
     protocols = [p for p in cfg.eval.protocols if p in FEATURE_PROTOCOLS]
     for dataset in cfg.eval.datasets:
-        if not protocols or TOY_EVAL_SETS[dataset][0] is None:
+        if not protocols or _kind(dataset) != "classification":
             continue
         data = eval_sets.get(dataset)
         t0 = time.perf_counter()
@@ -180,18 +181,24 @@ def evaluate_capabilities(method: Method, cfg: StudyConfig, eval_sets: EvalSets,
     ``(protocol, dataset, metrics, protocol_options, seconds, examples)`` tuples.
     """
     out = []
-    for protocol in cfg.eval.protocols:
-        if protocol not in CAPABILITY_PROTOCOLS or not callable(getattr(method, CAPABILITY_PROTOCOLS[protocol][0], None)):
+    for name in cfg.eval.protocols:
+        protocol = CAPABILITY_PROTOCOLS.get(name)
+        if protocol is None or not protocol.applies_to(method):
             continue
         for dataset in cfg.eval.datasets:
-            if TOY_EVAL_SETS[dataset][0] is not None:
+            if _kind(dataset) != protocol.kind:
                 continue
             t0 = time.perf_counter()
-            metrics, options, examples = CAPABILITY_PROTOCOLS[protocol][1](
+            metrics, options, examples = protocol.fn(
                 method, eval_sets.get(dataset), cfg.eval, cfg.seed, tokenizer=tokenizer, device=device,
-                artifact=artifact_stem(protocol, dataset))
-            out.append((protocol, dataset, metrics, options, time.perf_counter() - t0, examples))
+                artifact=artifact_stem(name, dataset))
+            out.append((name, dataset, metrics, options, time.perf_counter() - t0, examples))
     return out
+
+
+def _kind(dataset: str) -> str:
+    """``classification`` for sets with a labelled train split, ``captions`` otherwise."""
+    return "classification" if TOY_EVAL_SETS[dataset][0] is not None else "captions"
 
 
 def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_dir: Path, cache_dir: Path,

@@ -70,14 +70,18 @@ class CaptioningMixin:
         return [tokenizer.decode(row) for row in ids]
 
     def score_text(self, images: torch.Tensor, text: torch.Tensor, mask_ratio: Optional[float] = None) -> torch.Tensor:
-        """Mean per-token log-likelihood ``[B]`` of caption ``text[i]`` (tokenizer ids) given image ``i``.
+        """Mean per-token log-likelihood of each caption in ``text`` (tokenizer ids) given its image.
 
-        To score several texts against one image, repeat the image. With a masked latent
-        (``mask_ratio`` > 0) the score depends on the random mask: seed torch for repeatable scores.
+        ``text`` holds K captions per image (``K = len(text) / len(images)``, rows ``i*K .. i*K+K-1``
+        belong to image ``i``), so scoring many texts encodes each image once; returns ``[B*K]``.
+        With a masked latent (``mask_ratio`` > 0) the score depends on the random mask, shared by
+        an image's K captions: seed torch for repeatable scores.
         """
         t = self.text_spec
+        if len(text) % len(images):
+            raise ValueError(f"{len(text)} captions do not split evenly over {len(images)} images")
         with evaluating(self), torch.no_grad():
-            memory = self.caption_memory(images, mask_ratio)
+            memory = self.caption_memory(images, mask_ratio).repeat_interleave(len(text) // len(images), 0)
             return caption_log_likelihood(self.caption_decoder, memory, text.to(memory.device), t.pad_id, t.eot_id)
 
 

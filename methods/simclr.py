@@ -21,7 +21,7 @@ from mugbench.models.vit import pooled_features
 from mugbench.registry import register_method
 from mugbench.train.distributed import rank_and_world
 
-__all__ = ["SIMCLR_VIEW", "HeadBatchNorm", "ProjectionMLP", "nt_xent_loss", "simclr_loss", "two_views", "SimCLR"]
+__all__ = ["SIMCLR_VIEW", "ProjectionMLP", "nt_xent_loss", "simclr_loss", "two_views", "SimCLR"]
 
 # SLIP's SimCLR augmentation: RandomResizedCrop(0.08-1), colour jitter (0.4, 0.4, 0.4, 0.1) with
 # p=0.8 -- strength 0.5 in ViewSpec's convention (brightness 0.8*s, hue 0.2*s), SLIP keeps it
@@ -29,25 +29,11 @@ __all__ = ["SIMCLR_VIEW", "HeadBatchNorm", "ProjectionMLP", "nt_xent_loss", "sim
 SIMCLR_VIEW = ViewSpec(scale=(0.08, 1.0), color_jitter=0.5, grayscale=0.2, blur=0.5)
 
 
-class HeadBatchNorm(nn.SyncBatchNorm):
-    """BatchNorm of a projection head, with statistics over the global batch where possible.
-
-    SimCLR ("Global BN", Sec. 2.2 of the paper) aggregates BN statistics over all devices: with per-device
-    statistics the two views of a positive pair are normalised together, which leaks a shortcut
-    the loss can exploit. `nn.SyncBatchNorm` does that on accelerators and behaves as plain BN in
-    a single process; torch cannot synchronise BN on CPU tensors (gloo), so there the statistics
-    stay per process instead of failing the run.
-    """
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """Normalise ``input [B, C]``; synchronised across ranks unless the tensor is on the CPU."""
-        if input.device.type == "cpu":
-            return nn.BatchNorm1d.forward(self, input)
-        return super().forward(input)
-
-
 class ProjectionMLP(nn.Sequential):
     """SLIP's SimCLR projection head: Linear-BN-ReLU, Linear-BN-ReLU, Linear.
+
+    Under multi-GPU DDP the trainer turns the BatchNorms into SyncBatchNorm, SimCLR's "global BN"
+    (per-device statistics would leak which views belong together).
 
     SLIP uses a hidden width of 4096 and an output of 256 on ViT-B; mugbench's defaults are
     smaller to suit the toy encoder, and a preset can set the published widths.
@@ -55,8 +41,8 @@ class ProjectionMLP(nn.Sequential):
 
     def __init__(self, in_dim: int, mlp_dim: int, out_dim: int):
         super().__init__(
-            nn.Linear(in_dim, mlp_dim), HeadBatchNorm(mlp_dim), nn.ReLU(inplace=True),
-            nn.Linear(mlp_dim, mlp_dim), HeadBatchNorm(mlp_dim), nn.ReLU(inplace=True),
+            nn.Linear(in_dim, mlp_dim), nn.BatchNorm1d(mlp_dim), nn.ReLU(inplace=True),
+            nn.Linear(mlp_dim, mlp_dim), nn.BatchNorm1d(mlp_dim), nn.ReLU(inplace=True),
             nn.Linear(mlp_dim, out_dim),
         )
 

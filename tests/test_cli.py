@@ -35,14 +35,19 @@ def test_run_writes_one_record_per_method_and_protocol(smoke_run):
     # Feature protocols for every method; capability protocols only where the method has one.
     expected = {(m, p) for m in ("simclr", "mae", "clip", "mug") for p in ("knn", "linear")}
     expected |= {("mae", "reconstruction"), ("mug", "reconstruction"), ("mug", "captioning")}
+    expected |= {("clip", "zeroshot"), ("mug", "zeroshot"), ("clip", "retrieval")}
     assert sorted((r["method"], r["protocol"]) for r in records) == sorted(expected)
     for r in records:
         assert r["preset"] == "smoke" and r["pretrain_data"] == "toy" and r["steps"] == 8
         assert r["timings"]["images_per_s"] > 0 and r["versions"]["torch"]
-        if r["protocol"] in ("knn", "linear"):
+        if r["protocol"] in ("knn", "linear", "zeroshot"):
             assert r["dataset"] == "toy-cls" and 0 <= r["metrics"]["top1"] <= 100
         else:
             assert r["dataset"] == "toy-caps"
+    modes = {r["method"]: r["protocol_options"]["mode"] for r in records if r["protocol"] == "zeroshot"}
+    assert modes == {"clip": "embedding", "mug": "likelihood"}
+    retrieval = next(r for r in records if r["protocol"] == "retrieval")["metrics"]
+    assert set(retrieval) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     caps = next(r for r in records if r["protocol"] == "captioning")
     assert set(caps["metrics"]) >= {"shape_named", "colour_named", "shape_or_colour_named"}
     assert len(caps["examples"]) == 8 and all(e["generated"] and e["reference"] for e in caps["examples"])

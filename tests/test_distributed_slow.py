@@ -17,7 +17,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("*.json")]
-    assert sorted(r["method"] for r in records) == ["clip", "mae", "mug"]  # rank 0 writes, once
+    assert sorted(r["method"] for r in records) == ["clip", "mae", "mug", "simclr"]  # rank 0 writes, once
     for r in records:
         # the global batch of 32 is split 16 + 16 over the ranks: same 8 steps as one process
         assert r["steps"] == 8 and r["metrics"]["top1"] >= 0

@@ -88,3 +88,38 @@ def test_reconstruction_error_counts_removed_patches_and_has_a_flat_patch_baseli
     patches = x[:, :, :4, :].unfold(3, 4, 4)  # [B, C, 4, 2, 4]
     dev = patches - patches.mean(dim=(1, 2, 4), keepdim=True)
     assert flat["flat_patch_mse"] == pytest.approx(float(dev.pow(2).mean()), rel=1e-5)
+
+
+def test_recall_of_identical_embeddings_is_perfect_and_matches_a_loop_on_noisy_ones():
+    from mugbench.eval.retrieval import recall_at_k
+    images = torch.eye(4)
+    owner = torch.tensor([0, 0, 1, 2, 3, 3])
+    assert all(v == 100.0 for v in recall_at_k(images, images[owner], owner).values())
+    g = torch.Generator().manual_seed(0)
+    owner = torch.tensor([0, 0, 1, 2, 2, 3, 4, 4, 4])
+    images = torch.randn(5, 6, generator=g)
+    texts = images[owner] + 1.2 * torch.randn(9, 6, generator=g)  # captions near their image, noisily
+    r = recall_at_k(images, texts, owner, ks=(1, 3))
+    cos = lambda a, b: float(a @ b) / float(a.norm() * b.norm())  # noqa: E731
+    for k in (1, 3):
+        i2t = sum(any(owner[j] == i for j in sorted(range(9), key=lambda j: -cos(images[i], texts[j]))[:k])
+                  for i in range(5))
+        t2i = sum(int(owner[j]) in sorted(range(5), key=lambda i: -cos(images[i], texts[j]))[:k] for j in range(9))
+        assert r[f"i2t_r{k}"] == pytest.approx(100.0 * i2t / 5) and r[f"t2i_r{k}"] == pytest.approx(100.0 * t2i / 9)
+    assert 0 < r["i2t_r1"] < 100  # the noisy case is not trivially all-or-nothing
+
+
+def test_zeroshot_likelihood_scores_are_per_pair_caption_scores(smoke_cfg, spec, toy_samples, tokenizer):
+    from mugbench.data.transforms import build_eval_transform
+    from mugbench.eval.zeroshot import accuracy, likelihood_scores
+    from mugbench.study import build_method
+    method = build_method("cap", smoke_cfg, spec)
+    images = torch.stack([build_eval_transform(smoke_cfg.encoder.img_size)(s.image) for s in toy_samples[:3]])
+    classes, templates = ["circle", "star"], ("a {}.", "there is a {}.")
+    scores = likelihood_scores(method, images, classes, templates, tokenizer, seed=0, batch_size=2)
+    assert scores.shape == (3, 2)
+    for i in range(3):
+        for c, name in enumerate(classes):
+            one = method.score_text(images[i:i + 1].repeat(2, 1, 1, 1), tokenizer([t.format(name) for t in templates]))
+            assert float(scores[i, c]) == pytest.approx(float(one.mean()), abs=1e-5)
+    assert accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))["top1"] == 50.0

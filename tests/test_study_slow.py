@@ -31,7 +31,10 @@ def test_default_study_separates_from_chance(tmp_path):
         if r["protocol"] in floor:
             assert r["metrics"]["top1"] > floor[r["protocol"]], (r["method"], r["protocol"], r["metrics"])
     by_protocol = {(r["method"], r["protocol"]): r for r in records}
-    assert {p for m, p in by_protocol if m == "mug"} == {"knn", "linear", "captioning", "reconstruction"}
+    assert {p for m, p in by_protocol if m == "mug"} == {"knn", "linear", "zeroshot", "captioning", "reconstruction"}
+    assert {p for m, p in by_protocol if m == "clip"} == {"knn", "linear", "zeroshot", "retrieval"}
+    # Chance is about 5 % (an image has 5 of the 1,000 captions; 10 are retrieved); measured 72.5 %.
+    assert by_protocol["clip", "retrieval"]["metrics"]["i2t_r10"] > 25.0
     # MUG's captions name the main object's shape or colour for most validation scenes.
     assert by_protocol["mug", "captioning"]["metrics"]["shape_or_colour_named"] > CAPTION_FLOOR
     for name in ("mae", "mug"):  # reconstructions beat filling each removed patch with its true mean

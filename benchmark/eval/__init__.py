@@ -3,17 +3,21 @@
 Feature protocols see only the frozen encoder: ``fn(features, data, eval_cfg, seed) ->
 (metrics, protocol_options)`` where ``features`` holds ``train`` / ``val`` feature tensors of
 one encoder on one classification set. Capability protocols need what only some methods can
-do (caption, reconstruct): ``fn(method, data, eval_cfg, seed, *, tokenizer, device, artifact)
--> (metrics, protocol_options, examples)``; ``artifact`` is a path stem for figures.
+do (embed text, caption, reconstruct): ``fn(method, data, eval_cfg, seed, *, tokenizer, device,
+artifact) -> (metrics, protocol_options, examples)``; ``artifact`` is a path stem for figures.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .captioning import caption_images, naming_rates
 from .knn import evaluate_knn
 from .linear import evaluate_linear
 from .reconstruction import reconstruction_error, save_reconstruction_grid
+from .retrieval import embed_pairs, recall_at_k
+from .zeroshot import accuracy, embedding_scores, likelihood_scores, prompts_for
 
 
 def knn_protocol(feats, data, cfg, seed):
@@ -53,8 +57,48 @@ def reconstruction_protocol(method, data, cfg, seed, *, tokenizer, device, artif
     return metrics, {"mask_ratio": method.options.mask_ratio, "figure": grid.name}, []
 
 
+def zeroshot_protocol(method, data, cfg, seed, *, tokenizer, device, artifact: Path):
+    """Zero-shot top-1 on the validation images: prompt embeddings where the method has a text
+    tower, else caption likelihood of the prompts."""
+    templates, val = prompts_for(data["name"]), data["val"]
+    n = cfg.zeroshot_images or len(val["image"])
+    images, labels = val["image"][:n], val["label"][:n]
+    if callable(getattr(method, "encode_text", None)):
+        mode = "embedding"
+        scores = embedding_scores(method, images, data["classes"], templates, tokenizer, device=device)
+    else:
+        mode = "likelihood"
+        scores = likelihood_scores(method, images, data["classes"], templates, tokenizer, seed=seed, device=device)
+    return accuracy(scores, labels), {"mode": mode, "prompts": list(templates), "images": len(images)}, []
+
+
+def retrieval_protocol(method, data, cfg, seed, *, tokenizer, device, artifact: Path):
+    """Image<->text Recall@1/5/10 over the validation images and all their captions."""
+    val = data["val"]
+    image_emb, text_emb, owner = embed_pairs(method, val["image"], val["captions"], tokenizer, device=device)
+    return recall_at_k(image_emb, text_emb, owner), {"images": len(image_emb), "texts": len(text_emb)}, []
+
+
+@dataclass(frozen=True)
+class CapabilityProtocol:
+    """A protocol for methods with any of the capabilities ``needs``, run on sets of ``kind``
+    (``classification``: labelled images; ``captions``: images with reference captions)."""
+
+    fn: Callable
+    needs: tuple[str, ...]
+    kind: str
+
+    def applies_to(self, method) -> bool:
+        """Whether ``method`` has one of the needed capabilities."""
+        return any(callable(getattr(method, c, None)) for c in self.needs)
+
+
 FEATURE_PROTOCOLS = {"knn": knn_protocol, "linear": linear_protocol}
-# name -> (the capability a method needs, protocol); methods without it are skipped.
-CAPABILITY_PROTOCOLS = {"captioning": ("caption", captioning_protocol),
-                        "reconstruction": ("reconstruct", reconstruction_protocol)}
+# Methods without the capability are skipped: no record, not a zero.
+CAPABILITY_PROTOCOLS = {
+    "zeroshot": CapabilityProtocol(zeroshot_protocol, ("encode_text", "score_text"), "classification"),
+    "retrieval": CapabilityProtocol(retrieval_protocol, ("encode_text",), "captions"),
+    "captioning": CapabilityProtocol(captioning_protocol, ("caption",), "captions"),
+    "reconstruction": CapabilityProtocol(reconstruction_protocol, ("reconstruct",), "captions"),
+}
 PROTOCOLS = (*FEATURE_PROTOCOLS, *CAPABILITY_PROTOCOLS)

@@ -100,6 +100,11 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     device = info.device
     method.to(device)
+    if info.world_size > 1 and device.type == "cuda":
+        # Batch statistics of projection heads over the global batch (SimCLR's "global BN": per-device
+        # statistics leak which views belong together). torch synchronises BatchNorm only on GPUs;
+        # the modules are swapped in place, keeping their parameters, so the method object stays.
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     optimizer = build_optimizer(method, cfg)
     scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
     model = method

@@ -1,0 +1,65 @@
+"""Zero-shot classification from text: no labelled training images.
+
+Methods with a text tower compare image embeddings with the mean embedding of a class's prompts
+(CLIP's prompt ensembling, Radford et al., 2021). Captioners score each class's prompts under the
+caption decoder and pick the class whose prompts are most likely (generative zero-shot, as in
+CapPa, Tschannen et al., 2023).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.text import evaluating
+
+# Prompts per evaluation set; "{}" is the class name. Toy's follow the openers of its captions.
+PROMPTS = {
+    "toy-cls": ("a {}.", "a picture of a {}.", "an image of a {}.", "there is a {}.", "a drawing of a {}."),
+}
+
+
+def prompts_for(dataset: str) -> tuple[str, ...]:
+    """The prompt templates of an evaluation set (a plain "a photo of a {}." elsewhere)."""
+    return PROMPTS.get(dataset, ("a photo of a {}.",))
+
+
+@torch.no_grad()
+def embedding_scores(method, images: torch.Tensor, classes: list[str], templates, tokenizer, *,
+                     batch_size: int = 256, device="cpu") -> torch.Tensor:
+    """Cosine similarity ``[N, C]`` of each image with each class's ensembled prompt embedding."""
+    with evaluating(method):
+        weights = []
+        for name in classes:
+            z = method.encode_text(tokenizer([t.format(name) for t in templates]).to(device))
+            weights.append(F.normalize(z.mean(0), dim=-1))
+        weights = torch.stack(weights)
+        feats = torch.cat([method.encode_image(images[i:i + batch_size].to(device))
+                           for i in range(0, len(images), batch_size)])
+    return feats.float().cpu() @ weights.float().cpu().T
+
+
+@torch.no_grad()
+def likelihood_scores(method, images: torch.Tensor, classes: list[str], templates, tokenizer, *,
+                      seed: int, batch_size: int = 100, device="cpu") -> torch.Tensor:
+    """Mean log-likelihood ``[N, C]`` of each class's prompts given each image (averaged over
+    prompts). A method that captions from a randomly masked latent draws its masks from ``seed``."""
+    prompts = tokenizer([t.format(name) for name in classes for t in templates]).to(device)
+    n_prompts = len(templates)
+    rows = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(device)
+            b = len(x)
+            # Every (image, prompt) pair in one call; the method encodes each image once.
+            scores = method.score_text(x, prompts.repeat(b, 1))
+            rows.append(scores.view(b, len(classes), n_prompts).mean(-1).cpu())
+    return torch.cat(rows)
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 (and, with more than 10 classes, top-5) accuracy in percent."""
+    out = {"top1": 100.0 * (scores.argmax(1) == labels).float().mean().item()}
+    if scores.shape[1] > 10:
+        out["top5"] = 100.0 * (scores.topk(5, 1).indices == labels[:, None]).any(1).float().mean().item()
+    return out
