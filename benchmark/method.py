@@ -6,10 +6,11 @@ the declared ``views`` and ``needs_text``, and optional capabilities found by na
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -109,6 +110,18 @@ class Method(nn.Module):
     def build(cls, encoder: nn.Module, text: TextSpec, options: dict[str, Any] | None = None) -> "Method":
         """Build the method around ``encoder`` after validating ``options``."""
         return cls(encoder, text, cls.parse_options(options))
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for the block and restore every sub-module's own mode after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def check_range(method: str, name: str, value: float, low: float, high: float) -> None:

@@ -216,14 +216,15 @@ def _safe_name(name: str) -> str:
 
 def record_path(results_dir: str | os.PathLike, record: ResultRecord) -> Path:
     """Where ``record`` lives: ``<results_dir>/<pretrain_data>/<preset>/<method>/<protocol>-<dataset>-seed<seed>.json``."""
-    filename = f"{_safe_name(record.protocol)}-{_safe_name(record.dataset)}-seed{int(record.seed)}.json"
-    return (
-        Path(results_dir)
-        / _safe_name(record.pretrain_data)
-        / _safe_name(record.preset)
-        / _safe_name(record.method)
-        / filename
-    )
+    return record_location(results_dir, record.pretrain_data, record.preset, record.method, record.protocol,
+                           record.dataset, record.seed)
+
+
+def record_location(results_dir: str | os.PathLike, pretrain_data: str, preset: str, method: str, protocol: str,
+                    dataset: str, seed: int) -> Path:
+    """`record_path` from the identifying fields alone (figures are saved beside their record)."""
+    filename = f"{_safe_name(protocol)}-{_safe_name(dataset)}-seed{int(seed)}.json"
+    return Path(results_dir) / _safe_name(pretrain_data) / _safe_name(preset) / _safe_name(method) / filename
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -24,7 +24,7 @@ from .eval.features import extract_features
 from .method import Method, TextSpec
 from .models.vit import build_encoder
 from .registry import get_method
-from .results import ResultRecord, record_path, write_record
+from .results import ResultRecord, record_location, write_record
 from .train.checkpoint import export_encoder
 from .train.distributed import DistInfo, init_distributed
 from .train.loop import train
@@ -245,9 +245,7 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
         export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
         log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
         def artifact_stem(protocol, dataset, name=name):
-            probe = ResultRecord(method=name, protocol=protocol, dataset=dataset, pretrain_data=data.name,
-                                 preset=cfg.preset, seed=cfg.seed, metrics={})
-            return record_path(results_dir, probe).with_suffix("")
+            return record_location(results_dir, data.name, cfg.preset, name, protocol, dataset, cfg.seed).with_suffix("")
 
         results = [r + ([],) for r in evaluate(method.encoder, cfg, eval_sets, info.device)]
         results += evaluate_capabilities(method, cfg, eval_sets, tokenizer, info.device, artifact_stem)

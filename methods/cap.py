@@ -14,9 +14,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from mugbench.data.transforms import ViewSpec
-from mugbench.method import Method, check_range
-from mugbench.models.text import (CaptionDecoder, caption_log_likelihood, caption_loss, evaluating,
-                                  generate_captions)
+from mugbench.method import Method, check_range, evaluating
+from mugbench.models.text import CaptionDecoder, caption_log_likelihood, caption_loss, generate_captions
 from mugbench.models.vit import masked_encode
 from mugbench.registry import register_method
 

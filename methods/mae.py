@@ -7,9 +7,8 @@ from typing import Optional
 import torch
 
 from mugbench.data.transforms import ViewSpec
-from mugbench.method import Method, check_range
+from mugbench.method import Method, check_range, evaluating
 from mugbench.models.mae_decoder import MaskedDecoder, masked_patch_loss
-from mugbench.models.text import evaluating
 from mugbench.models.vit import masked_encode, patchify, unpatchify
 from mugbench.registry import register_method
 

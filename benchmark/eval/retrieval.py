@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.text import evaluating
+from ..method import evaluating
 
 
 def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,

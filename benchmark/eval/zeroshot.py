@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.text import evaluating
+from ..method import evaluating
 
 # Prompts per evaluation set; "{}" is the class name. Toy's follow the openers of its captions.
 PROMPTS = {

@@ -8,15 +8,14 @@ that returns next-token logits ``[B, L, vocab]`` (position ``i`` predicts token 
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import MultimodalTransformer, TextTransformer
 from torch import nn
 
-from ..method import TextSpec
+from ..method import TextSpec, evaluating
 
 
 def build_text_encoder(text: TextSpec) -> TextTransformer:
@@ -132,18 +131,6 @@ def caption_log_likelihood(decoder: nn.Module, image_tokens: torch.Tensor, text:
     picked = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     valid = (labels != pad_id).to(picked.dtype)
     return (picked * valid).sum(1) / valid.sum(1).clamp(min=1)
-
-
-@contextlib.contextmanager
-def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode for the block and restore every sub-module's own mode after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 @torch.no_grad()
