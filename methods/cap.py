@@ -31,6 +31,13 @@ def encode_tokens(encoder, images: torch.Tensor, mask_ratio: float) -> torch.Ten
     return masked_encode(encoder, images, mask_ratio)[0]
 
 
+def caption_decoder_for(encoder, text, options) -> CaptionDecoder:
+    """A caption decoder over ``encoder``'s tokens sized by the options ``cap_width``, ``cap_layers``
+    and ``cap_heads`` (``None`` = the study's text-tower size), as cap and mug declare them."""
+    return CaptionDecoder(text, encoder.embed_dim, width=options.cap_width or text.width,
+                          layers=options.cap_layers or text.layers, heads=options.cap_heads or text.heads)
+
+
 class CaptioningMixin:
     """``caption`` and ``score_text`` for a method with a caption decoder.
 
@@ -108,12 +115,7 @@ class CAP(CaptioningMixin, Method):
 
     def __init__(self, encoder, text, options):
         super().__init__(encoder, text, options)
-        self.caption_decoder = CaptionDecoder(
-            text, encoder.embed_dim,
-            width=options.cap_width or text.width,
-            layers=options.cap_layers or text.layers,
-            heads=options.cap_heads or text.heads,
-        )
+        self.caption_decoder = caption_decoder_for(encoder, text, options)
 
     def caption_memory(self, images: torch.Tensor, mask_ratio: Optional[float] = None) -> torch.Tensor:
         """Encoder tokens the decoder attends to (``mask_ratio`` default: the training option)."""

@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 
 from mugbench.method import check_range
-from mugbench.methods.cap import CaptioningMixin, encode_tokens
+from mugbench.methods.cap import CaptioningMixin, caption_decoder_for, encode_tokens
 from mugbench.methods.mae import MAE
-from mugbench.models.text import CaptionDecoder, caption_loss
+from mugbench.models.text import caption_loss
 from mugbench.models.vit import masked_encode
 from mugbench.registry import register_method
 
@@ -49,12 +49,7 @@ class MUG(CaptioningMixin, MAE):
 
     def __init__(self, encoder, text, options):
         super().__init__(encoder, text, options)
-        self.caption_decoder = CaptionDecoder(
-            text, encoder.embed_dim,
-            width=options.cap_width or text.width,
-            layers=options.cap_layers or text.layers,
-            heads=options.cap_heads or text.heads,
-        )
+        self.caption_decoder = caption_decoder_for(encoder, text, options)
 
     def caption_memory(self, images: torch.Tensor, mask_ratio: Optional[float] = None) -> torch.Tensor:
         """Encoder tokens the caption decoder attends to. By default the latent it was trained on:
