@@ -21,7 +21,7 @@ from mugbench.models.vit import pooled_features
 from mugbench.registry import register_method
 from mugbench.train.distributed import rank_and_world
 
-__all__ = ["SIMCLR_VIEW", "ProjectionMLP", "nt_xent_loss", "simclr_loss", "two_views", "SimCLR"]
+__all__ = ["SIMCLR_VIEW", "ProjectionMLP", "check_simclr_options", "nt_xent_loss", "simclr_loss", "two_views", "SimCLR"]
 
 # SLIP's SimCLR augmentation: RandomResizedCrop(0.08-1), colour jitter (0.4, 0.4, 0.4, 0.1) with
 # p=0.8 -- strength 0.5 in ViewSpec's convention (brightness 0.8*s, hue 0.2*s), SLIP keeps it
@@ -98,6 +98,14 @@ def simclr_loss(encoder: nn.Module, head: nn.Module, view_a: torch.Tensor, view_
     return nt_xent_loss(head(f_a), head(f_b), temperature)
 
 
+def check_simclr_options(method: str, options) -> None:
+    """Range checks of the SimCLR branch's options (``temperature``, ``mlp_dim``, ``out_dim``),
+    shared by every method that carries it; errors name ``method``."""
+    check_range(method, "temperature", options.temperature, 1e-3, 10.0)
+    check_range(method, "mlp_dim", options.mlp_dim, 1, 65536)
+    check_range(method, "out_dim", options.out_dim, 1, 65536)
+
+
 def two_views(batch: dict, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Views ``first`` and ``first + 1`` of a multi-view batch, with a clear error if absent."""
     views = batch.get("image_views")
@@ -124,9 +132,7 @@ class SimCLR(Method):
         out_dim: int = 128
 
         def __post_init__(self):
-            check_range("simclr", "temperature", self.temperature, 1e-3, 10.0)
-            check_range("simclr", "mlp_dim", self.mlp_dim, 1, 65536)
-            check_range("simclr", "out_dim", self.out_dim, 1, 65536)
+            check_simclr_options("simclr", self)
 
     views = (SIMCLR_VIEW, SIMCLR_VIEW)
     needs_text = False

@@ -9,7 +9,7 @@ import torch
 
 from mugbench.method import check_range
 from mugbench.methods.clip import CLIP
-from mugbench.methods.simclr import SIMCLR_VIEW, ProjectionMLP, simclr_loss, two_views
+from mugbench.methods.simclr import SIMCLR_VIEW, ProjectionMLP, check_simclr_options, simclr_loss, two_views
 from mugbench.registry import register_method
 
 
@@ -38,9 +38,7 @@ class SLIP(CLIP):
         def __post_init__(self):
             check_range("slip", "init_temperature", self.init_temperature, 1e-3, 1.0)
             check_range("slip", "ssl_scale", self.ssl_scale, 0.0, 100.0)
-            check_range("slip", "temperature", self.temperature, 1e-3, 10.0)
-            check_range("slip", "mlp_dim", self.mlp_dim, 1, 65536)
-            check_range("slip", "out_dim", self.out_dim, 1, 65536)
+            check_simclr_options("slip", self)
 
     # View 0 (batch["image"]) is CLIP's view, so CLIP and SLIP see the same caption-paired crops;
     # views 1 and 2 are SimCLR's pair, as in SLIP's data loader (image, caption, aug1, aug2).
