@@ -1,4 +1,4 @@
-"""The `mugbench` command line: run, report, methods, data, eval.
+"""The `mugbench` command line: run, report, methods, data, eval, export.
 
 Heavy imports (torch, timm, open_clip) happen inside the commands, after cheap checks, so
 that a wrong name or a missing data set is reported within seconds.
@@ -6,7 +6,6 @@ that a wrong name or a missing data set is reported within seconds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -14,8 +13,9 @@ from pathlib import Path
 DEFAULT_METHODS = "simclr,mae,clip,mug"  # the paper's four paradigms
 
 
-def _add_study_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="toy", help="smoke | toy | paper | path to a study YAML (default: toy)")
+def _add_study_args(p: argparse.ArgumentParser, preset_default: str | None = "toy",
+                    preset_help: str = "default: toy") -> None:
+    p.add_argument("--preset", default=preset_default, help=f"smoke | toy | paper | path to a study YAML ({preset_help})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a study setting, e.g. --set train.epochs=2 --set methods.mae.mask_ratio=0.6")
     p.add_argument("--cache-dir", type=Path, default=None, help="generated data (default: $MUGBENCH_CACHE or ~/.cache/mugbench)")
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", type=Path, default=Path("runs"), help="checkpoints and logs (default: ./runs)")
     run.add_argument("--results", type=Path, default=Path("results"), help="result records (default: ./results)")
     run.add_argument("--reports", type=Path, default=Path("reports"), help="tables and plots (default: ./reports)")
+    run.add_argument("--evals", default=None, metavar="P1,P2", help="protocols, e.g. knn,linear "
+                     "(shorthand for --set eval.protocols=[...]; default: the preset's)")
     _add_study_args(run)
 
     rep = sub.add_parser("report", help="rebuild reports/ from results/ alone and print the table")
@@ -50,10 +52,31 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("urls", help="shard pattern, e.g. 'cc3m/{00000..00331}.tar', or a named set")
     check.add_argument("--data-root", type=Path, default=None)
 
-    ev = sub.add_parser("eval", help="run the evaluation harness on an exported encoder")
-    ev.add_argument("--checkpoint", type=Path, required=True, help="encoder.safetensors written by `mugbench run`")
-    _add_study_args(ev)
+    ev = sub.add_parser("eval", help="run the evaluation harness on a run's encoder or any timm ViT; record the results")
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", type=Path, help="a run directory, its checkpoint.pt or encoder.safetensors, "
+                       "or a folder written by `mugbench export`")
+    which.add_argument("--timm-model", metavar="NAME", help="any timm ViT, e.g. vit_small_patch16_224 (never downloaded)")
+    ev.add_argument("--weights", type=Path, default=None, help="with --timm-model: a .safetensors or .pth state dict "
+                    "(default: random init)")
+    ev.add_argument("--model-args", default=None, metavar="JSON", help="with --timm-model: timm.create_model "
+                    "arguments, e.g. '{\"img_size\": 32, \"patch_size\": 8}'")
+    ev.add_argument("--evals", default=None, metavar="P1,P2", help="protocols, e.g. knn,linear (default: the study's)")
+    ev.add_argument("--datasets", default=None, metavar="D1,D2", help="evaluation sets, e.g. toy-cls (default: the study's)")
+    ev.add_argument("--results", type=Path, default=Path("results"), help="result records (default: ./results)")
+    _add_study_args(ev, preset_default=None, preset_help="default: the run's own study, else toy")
+
+    exp = sub.add_parser("export", help="write a run's encoder as a timm Hugging Face folder (config.json + model.safetensors)")
+    exp.add_argument("source", type=Path, help="a run directory, its checkpoint.pt or encoder.safetensors")
+    exp.add_argument("out_dir", type=Path, help="folder to write; load it with timm.create_model('local-dir:OUT_DIR', pretrained=True)")
     return parser
+
+
+def _list_override(key: str, value: str | None) -> list[str]:
+    """``--evals knn,linear`` -> ``["eval.protocols=[knn, linear]"]`` (nothing when not given)."""
+    if value is None:
+        return []
+    return [f"{key}=[{', '.join(v.strip() for v in value.split(',') if v.strip())}]"]
 
 
 def _cmd_run(args) -> int:
@@ -61,6 +84,7 @@ def _cmd_run(args) -> int:
     from .data.catalog import default_cache_dir, default_data_root, resolve_pretrain_urls
 
     overrides = list(args.overrides) + ([f"data.name={args.data}"] if args.data else [])
+    overrides += _list_override("eval.protocols", args.evals)
     cfg = load_config(args.preset, overrides)
     data_root = args.data_root or default_data_root()
     if cfg.data.name != "toy":  # fail fast, before the heavy imports
@@ -132,24 +156,41 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .config import load_config
-    from .data.catalog import default_cache_dir
-    from .study import EvalSets, check_evaluation, evaluate
-    from .train.checkpoint import load_encoder
+    from .sources import EncoderSourceError, load_source, load_timm_source
 
-    if not args.checkpoint.is_file():
-        raise FileNotFoundError(f"No encoder file at {args.checkpoint}: pass the encoder.safetensors of a run directory.")
-    cfg = load_config(args.preset, args.overrides)
-    check_evaluation(cfg)
-    encoder = load_encoder(args.checkpoint)
-    # Evaluate at the resolution the encoder was trained at, whatever the preset says.
-    cfg.encoder = dataclasses.replace(cfg.encoder, img_size=encoder.patch_embed.img_size[0])
-    for protocol, dataset, metrics, _, seconds in evaluate(encoder, cfg, EvalSets(cfg, args.cache_dir or default_cache_dir()), "cpu"):
-        print(f"{protocol:8s} {dataset:10s} " + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items()) + f"  ({seconds:.1f}s)")
+    if args.timm_model is None and (args.weights or args.model_args):
+        raise EncoderSourceError("--weights and --model-args describe a --timm-model; a --checkpoint knows its own.")
+    overrides = list(args.overrides) + _list_override("eval.protocols", args.evals)
+    overrides += _list_override("eval.datasets", args.datasets)
+    if args.checkpoint is not None:
+        source = load_source(args.checkpoint)
+    else:
+        source = load_timm_source(args.timm_model, args.weights, args.model_args)
+    from .data.catalog import default_cache_dir, default_data_root
+    from .encoder_eval import eval_config, evaluate_source
+
+    cfg = eval_config(source, args.preset, overrides)
+    records = evaluate_source(source, cfg, results_dir=args.results, cache_dir=args.cache_dir or default_cache_dir(),
+                              data_root=args.data_root or default_data_root(), overrides=overrides)
+    print(f"written: {len(records)} record(s) under {args.results} (`mugbench report` puts them in the table)")
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "report": _cmd_report, "methods": _cmd_methods, "data": _cmd_data, "eval": _cmd_eval}
+def _cmd_export(args) -> int:
+    from .sources import load_source
+
+    source = load_source(args.source)
+    from .export import export_timm
+
+    out = export_timm(source, args.out_dir)
+    files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
+    print(f"exported the {source.method or source.timm_name} encoder ({source.timm_name}, {source.img_size} px) "
+          f"to {out}: {files}\nload it with: timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "report": _cmd_report, "methods": _cmd_methods, "data": _cmd_data, "eval": _cmd_eval,
+            "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

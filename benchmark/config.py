@@ -101,9 +101,9 @@ class TrainConfig:
 class EvalConfig:
     """The uniform evaluation harness's protocols and their options."""
 
-    protocols: list = field(default_factory=lambda: ["knn", "linear", "zeroshot", "retrieval", "captioning",
-                                                     "reconstruction"])
-    datasets: list = field(default_factory=lambda: ["toy-cls", "toy-caps"])
+    protocols: list = field(default_factory=lambda: ["knn", "linear", "finetune", "segmentation", "zeroshot",
+                                                     "retrieval", "captioning", "reconstruction"])
+    datasets: list = field(default_factory=lambda: ["toy-cls", "toy-caps", "toy-seg"])
     pool: str = "token"  # class token, as in MAE's linear probe
     batch_size: int = 256
     knn_k: int = 20
@@ -113,6 +113,32 @@ class EvalConfig:
     linear_lr: float = 0.1
     linear_batch_size: int = 256
     linear_weight_decay: float = 0.0
+    linear_solver: str = "sgd"  # sgd (momentum, the fast path) | lars (MAE's paper protocol)
+    linear_lrs: list = field(default_factory=list)  # base-lr grid trained in one pass; empty = [linear_lr]
+    linear_warmup_epochs: int = 0  # MAE's probe: 10 of 90 epochs
+    # End-to-end fine-tuning (MAE's ViT-B recipe, He et al. 2022, Table 9); built from timm's utilities.
+    finetune_epochs: int = 100
+    finetune_batch_size: int = 1024
+    finetune_blr: float = 5.0e-4  # lr = blr * batch / 256
+    finetune_layer_decay: float = 0.65
+    finetune_weight_decay: float = 0.05
+    finetune_drop_path: float = 0.1
+    finetune_warmup_epochs: int = 5
+    finetune_mixup: float = 0.8
+    finetune_cutmix: float = 1.0
+    finetune_label_smoothing: float = 0.1
+    finetune_randaug: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; null = none
+    finetune_reprob: float = 0.25
+    # Semantic segmentation: UperNet on four ViT blocks (BEiT / MAE's ADE20K setting, mmseg defaults).
+    seg_iters: int = 160000
+    seg_batch_size: int = 16
+    seg_crop: int = 512
+    seg_lr: float = 1.0e-4
+    seg_weight_decay: float = 0.05
+    seg_layer_decay: float = 0.65
+    seg_warmup_iters: int = 1500
+    seg_channels: int = 512  # UPerHead width
+    seg_aux_weight: float = 0.4  # auxiliary FCNHead loss weight
     zeroshot_images: int = 0  # 0 = every validation image; likelihood scoring costs classes x prompts per image
     caption_beam: int = 1  # greedy decoding
     caption_max_len: int = 24

@@ -11,6 +11,8 @@ _USER_ERRORS = {
     "mugbench.registry": "UnknownMethodError",
     "mugbench.method": "MethodOptionError",
     "mugbench.train.loop": "NonFiniteLossError",
+    "mugbench.sources": "EncoderSourceError",
+    "mugbench.export": "ExportError",
 }
 
 

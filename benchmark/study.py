@@ -4,9 +4,11 @@ This is the only place that wires the pieces together; methods never import it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +21,33 @@ from .data.pipeline import load_split_tensors, make_loader
 from .data.tokenizer import TextTokenizer, corpus_vocab
 from .data.toy import prepare_toy, toy_cache_dir
 from .data.transforms import build_eval_transform, build_view_transform
-from .eval import CAPABILITY_PROTOCOLS, FEATURE_PROTOCOLS, PROTOCOLS
+from .eval import CAPABILITY_PROTOCOLS, ENCODER_PROTOCOLS, FEATURE_PROTOCOLS, PROTOCOLS
 from .eval.features import extract_features
 from .method import Method, TextSpec
 from .models.vit import build_encoder
 from .registry import get_method
 from .results import ResultRecord, record_location, write_record
+from .sources import write_run_info
 from .train.checkpoint import export_encoder
 from .train.distributed import DistInfo, init_distributed
 from .train.loop import train
 
-# Evaluation sets of the embedded world: (train split or None, val split). Classification sets
-# (with a train split) serve the feature protocols; image-caption sets the capability protocols.
-TOY_EVAL_SETS = {"toy-cls": ("cls-train", "cls-val"), "toy-caps": (None, "caps-val")}
+@dataclass(frozen=True)
+class ToyEvalSet:
+    """An evaluation set of the embedded world: its splits and what kind of set it is
+    (``classification``: labelled images; ``captions``: images with reference captions;
+    ``segmentation``: images with per-pixel masks)."""
+
+    train: str | None
+    val: str
+    kind: str
+
+
+TOY_EVAL_SETS = {
+    "toy-cls": ToyEvalSet("cls-train", "cls-val", "classification"),
+    "toy-caps": ToyEvalSet(None, "caps-val", "captions"),
+    "toy-seg": ToyEvalSet("seg-train", "seg-val", "segmentation"),
+}
 
 
 @dataclass
@@ -134,26 +150,49 @@ class EvalSets:
         self.cfg, self.cache_dir, self._loaded = cfg, cache_dir, {}
 
     def get(self, dataset: str) -> dict:
-        """``{"train": {...}, "val": {...}, "num_classes": C}`` for a named evaluation set."""
+        """A named evaluation set, loaded on first use.
+
+        Classification and caption sets: ``{"train": {...}, "val": {...}}`` tensors from
+        `load_split_tensors` (no ``train`` for caption sets), ``train_urls`` / ``train_count`` (the
+        labelled shards, for protocols that augment), ``num_classes``, ``classes``, ``name``.
+        Segmentation sets: the mmseg folder layout of `segmentation_data`.
+        """
         if dataset not in self._loaded:
             root, manifest = prepare_toy_world(self.cfg, self.cache_dir)
+            spec = TOY_EVAL_SETS[dataset]
+            if spec.kind == "segmentation":
+                self._loaded[dataset] = segmentation_data(dataset, root, manifest, self.cache_dir)
+                return self._loaded[dataset]
             transform = build_eval_transform(self.cfg.encoder.img_size)
             splits = {}
-            for role, split in zip(("train", "val"), TOY_EVAL_SETS[dataset]):
+            for role, split in (("train", spec.train), ("val", spec.val)):
                 if split is None:
                     continue
                 urls = [str(root / s) for s in manifest["splits"][split]["shards"]]
                 splits[role] = load_split_tensors(urls, transform)
+                splits[f"{role}_urls"], splits[f"{role}_count"] = urls, manifest["splits"][split]["count"]
             splits["num_classes"] = len(manifest["classes"])
             splits["classes"], splits["name"] = list(manifest["classes"]), dataset
             self._loaded[dataset] = splits
         return self._loaded[dataset]
 
 
-def evaluate(encoder: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, device) -> list[tuple[str, str, dict, dict, float]]:
-    """Run every configured feature protocol on every configured classification set.
+def segmentation_data(dataset: str, toy_root: Path, manifest: dict, cache_dir: Path) -> dict:
+    """The toy world's segmentation splits written once in mmseg's folder layout."""
+    from .data.toy_seg import prepare_toy_seg
 
-    Returns ``(protocol, dataset, metrics, protocol_options, seconds)`` tuples.
+    root = prepare_toy_seg(toy_root, manifest, cache_dir / "seg" / toy_root.name)
+    return {"name": dataset, "root": root, "classes": ["background", *manifest["classes"]],
+            "reduce_zero_label": False, "ignore_index": 255, "dataset_type": "toy"}
+
+
+def evaluate(encoder: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, device,
+             workdir: Path | None = None) -> list[tuple[str, str, dict, dict, float]]:
+    """Run every configured feature and encoder protocol on every set of the matching kind.
+
+    Feature protocols share one pass of frozen features per set; encoder protocols train copies
+    of ``encoder`` and keep their checkpoints and logs under ``workdir`` (a temporary folder when
+    None). Returns ``(protocol, dataset, metrics, protocol_options, seconds)`` tuples.
     """
     out = []
     protocols = [p for p in cfg.eval.protocols if p in FEATURE_PROTOCOLS]
@@ -170,6 +209,18 @@ def evaluate(encoder: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, de
             metrics, options = FEATURE_PROTOCOLS[protocol](feats, data, cfg.eval, cfg.seed)
             out.append((protocol, dataset, metrics, dict(options, pool=cfg.eval.pool),
                         time.perf_counter() - t1 + feat_s))
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mugbench-eval-")))
+        for name in cfg.eval.protocols:
+            protocol = ENCODER_PROTOCOLS.get(name)
+            for dataset in cfg.eval.datasets if protocol else ():
+                if _kind(dataset) != protocol.kind:
+                    continue
+                t0 = time.perf_counter()
+                metrics, options = protocol.fn(encoder, eval_sets.get(dataset), cfg.eval, cfg.seed, device=device,
+                                               workdir=Path(workdir) / f"{name}-{dataset}")
+                out.append((name, dataset, metrics, options, time.perf_counter() - t0))
     return out
 
 
@@ -197,8 +248,8 @@ def evaluate_capabilities(method: Method, cfg: StudyConfig, eval_sets: EvalSets,
 
 
 def _kind(dataset: str) -> str:
-    """``classification`` for sets with a labelled train split, ``captions`` otherwise."""
-    return "classification" if TOY_EVAL_SETS[dataset][0] is not None else "captions"
+    """What kind of evaluation set ``dataset`` is: classification, captions or segmentation."""
+    return TOY_EVAL_SETS[dataset].kind
 
 
 def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_dir: Path, cache_dir: Path,
@@ -243,11 +294,12 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
         if not info.is_main:
             continue
         export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
+        write_run_info(run_dir, name, cfg, summary=summary, tokenizer=tokenizer)  # makes checkpoint.pt self-describing
         log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
         def artifact_stem(protocol, dataset, name=name):
             return record_location(results_dir, data.name, cfg.preset, name, protocol, dataset, cfg.seed).with_suffix("")
 
-        results = [r + ([],) for r in evaluate(method.encoder, cfg, eval_sets, info.device)]
+        results = [r + ([],) for r in evaluate(method.encoder, cfg, eval_sets, info.device, run_dir / "eval")]
         results += evaluate_capabilities(method, cfg, eval_sets, tokenizer, info.device, artifact_stem)
         for protocol, dataset, metrics, options, seconds, examples in results:
             record = ResultRecord(

@@ -33,23 +33,29 @@ def test_run_writes_one_record_per_method_and_protocol(smoke_run):
     files = sorted((root / "results").rglob("*.json"))
     records = [json.loads(f.read_text()) for f in files]
     # Feature protocols for every method; capability protocols only where the method has one.
-    expected = {(m, p) for m in ("simclr", "mae", "clip", "mug") for p in ("knn", "linear")}
+    expected = {(m, p) for m in ("simclr", "mae", "clip", "mug") for p in ("knn", "linear", "finetune", "segmentation")}
     expected |= {("mae", "reconstruction"), ("mug", "reconstruction"), ("mug", "captioning")}
     expected |= {("clip", "zeroshot"), ("mug", "zeroshot"), ("clip", "retrieval")}
     assert sorted((r["method"], r["protocol"]) for r in records) == sorted(expected)
     for r in records:
         assert r["preset"] == "smoke" and r["pretrain_data"] == "toy" and r["steps"] == 8
         assert r["timings"]["images_per_s"] > 0 and r["versions"]["torch"]
-        if r["protocol"] in ("knn", "linear", "zeroshot"):
+        if r["protocol"] in ("knn", "linear", "finetune", "zeroshot"):
             assert r["dataset"] == "toy-cls" and 0 <= r["metrics"]["top1"] <= 100
+        elif r["protocol"] == "segmentation":
+            assert r["dataset"] == "toy-seg" and 0 <= r["metrics"]["background_mIoU"] <= r["metrics"]["mIoU"] + 1e-6
         else:
             assert r["dataset"] == "toy-caps"
+    linear = next(r for r in records if r["protocol"] == "linear")["protocol_options"]
+    assert set(linear["grid_top1"]) == {"0.1", "0.3"} and linear["best_lr"] in (0.1, 0.3)
+    finetune = next(r for r in records if r["protocol"] == "finetune")
+    assert finetune["metrics"]["top1_last"] <= finetune["metrics"]["top1"]
     modes = {r["method"]: r["protocol_options"]["mode"] for r in records if r["protocol"] == "zeroshot"}
     assert modes == {"clip": "embedding", "mug": "likelihood"}
     retrieval = next(r for r in records if r["protocol"] == "retrieval")["metrics"]
     assert set(retrieval) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     caps = next(r for r in records if r["protocol"] == "captioning")
-    assert set(caps["metrics"]) >= {"shape_named", "colour_named", "shape_or_colour_named"}
+    assert set(caps["metrics"]) >= {"bleu4", "cider", "shape_named", "colour_named", "shape_or_colour_named"}
     assert len(caps["examples"]) == 8 and all(e["generated"] and e["reference"] for e in caps["examples"])
     for r in records:
         if r["protocol"] == "reconstruction":
@@ -121,10 +127,12 @@ def test_methods_lists_needs_and_capabilities(tmp_path):
 def test_eval_of_an_exported_encoder_reproduces_the_record(smoke_run):
     root = smoke_run[0]
     encoder = next((root / "runs").rglob("mae-seed0-*/encoder.safetensors"))
-    proc = mugbench("eval", "--checkpoint", str(encoder), "--preset", "smoke", cwd=root, cache=root / "cache")
+    proc = mugbench("eval", "--checkpoint", str(encoder), "--preset", "smoke", "--results", "eval-results",
+                    cwd=root, cache=root / "cache")
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(next((root / "results").rglob("mae/knn-toy-cls-seed0.json")).read_text())
-    assert f"top1={record['metrics']['top1']:.2f}" in proc.stdout
+    again = json.loads(next((root / "eval-results").rglob("mae/knn-toy-cls-seed0.json")).read_text())
+    assert again["metrics"] == record["metrics"] and f"top1={record['metrics']['top1']:.2f}" in proc.stdout
 
 
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path):

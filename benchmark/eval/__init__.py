@@ -5,6 +5,8 @@ Feature protocols see only the frozen encoder: ``fn(features, data, eval_cfg, se
 one encoder on one classification set. Capability protocols need what only some methods can
 do (embed text, caption, reconstruct): ``fn(method, data, eval_cfg, seed, *, tokenizer, device,
 artifact) -> (metrics, protocol_options, examples)``; ``artifact`` is a path stem for figures.
+Encoder protocols train a copy of the encoder end to end (fine-tuning, segmentation):
+``fn(encoder, data, eval_cfg, seed, *, device, workdir) -> (metrics, protocol_options)``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .captioning import caption_images, naming_rates
+from .captioning import caption_images, caption_scores, naming_rates
 from .knn import evaluate_knn
 from .linear import evaluate_linear
 from .reconstruction import reconstruction_error, save_reconstruction_grid
@@ -28,13 +30,15 @@ def knn_protocol(feats, data, cfg, seed):
 
 
 def linear_protocol(feats, data, cfg, seed):
-    """BatchNorm(affine=False) + linear head on cached frozen features."""
-    opts = {"epochs": cfg.linear_epochs, "lr": cfg.linear_lr, "batch_size": cfg.linear_batch_size,
-            "weight_decay": cfg.linear_weight_decay, "solver": "sgd-momentum-cosine"}
-    metrics = evaluate_linear(feats["train"], data["train"]["label"], feats["val"], data["val"]["label"],
-                              data["num_classes"], epochs=cfg.linear_epochs, lr=cfg.linear_lr,
-                              batch_size=cfg.linear_batch_size, weight_decay=cfg.linear_weight_decay, seed=seed)
-    return metrics, opts
+    """BatchNorm(affine=False) + linear head on cached frozen features, over a grid of rates."""
+    opts = {"epochs": cfg.linear_epochs, "lrs": list(cfg.linear_lrs or [cfg.linear_lr]),
+            "batch_size": cfg.linear_batch_size, "weight_decay": cfg.linear_weight_decay,
+            "warmup_epochs": cfg.linear_warmup_epochs, "solver": cfg.linear_solver, "schedule": "warmup-cosine"}
+    metrics, grid = evaluate_linear(feats["train"], data["train"]["label"], feats["val"], data["val"]["label"],
+                                    data["num_classes"], epochs=cfg.linear_epochs, lrs=opts["lrs"],
+                                    batch_size=cfg.linear_batch_size, weight_decay=cfg.linear_weight_decay,
+                                    warmup_epochs=cfg.linear_warmup_epochs, solver=cfg.linear_solver, seed=seed)
+    return metrics, dict(opts, **grid)
 
 
 def captioning_protocol(method, data, cfg, seed, *, tokenizer, device, artifact: Path):
@@ -45,7 +49,10 @@ def captioning_protocol(method, data, cfg, seed, *, tokenizer, device, artifact:
                               max_len=cfg.caption_max_len, seed=seed, device=device)
     examples = [{"key": k, "generated": c, "reference": r[0] if r else ""}
                 for k, c, r in list(zip(val["key"], captions, val["captions"]))[:8]]
-    return naming_rates(captions, val["objects"]), opts, examples
+    metrics = caption_scores(captions, val["captions"])
+    if all(val["objects"]):  # generated scenes know their objects: check the words too
+        metrics.update(naming_rates(captions, val["objects"]))
+    return metrics, opts, examples
 
 
 def reconstruction_protocol(method, data, cfg, seed, *, tokenizer, device, artifact: Path):
@@ -79,6 +86,28 @@ def retrieval_protocol(method, data, cfg, seed, *, tokenizer, device, artifact: 
     return recall_at_k(image_emb, text_emb, owner), {"images": len(image_emb), "texts": len(text_emb)}, []
 
 
+def finetune_protocol(encoder, data, cfg, seed, *, device, workdir):
+    """End-to-end fine-tuning with MAE's recipe from timm's utilities (best and last top-1)."""
+    from .finetune import finetune_protocol as run
+
+    return run(encoder, data, cfg, seed, device=device, workdir=workdir)
+
+
+def segmentation_protocol(encoder, data, cfg, seed, *, device, workdir):
+    """UperNet from mmsegmentation on four ViT blocks; mIoU by mmseg's IoUMetric."""
+    from .segmentation import segmentation_protocol as run  # mmseg is a heavy import: only when used
+
+    return run(encoder, data, cfg, seed, device=device, workdir=workdir)
+
+
+@dataclass(frozen=True)
+class EncoderProtocol:
+    """A protocol that trains a copy of the encoder on sets of ``kind``."""
+
+    fn: Callable
+    kind: str
+
+
 @dataclass(frozen=True)
 class CapabilityProtocol:
     """A protocol for methods with any of the capabilities ``needs``, run on sets of ``kind``
@@ -94,6 +123,10 @@ class CapabilityProtocol:
 
 
 FEATURE_PROTOCOLS = {"knn": knn_protocol, "linear": linear_protocol}
+ENCODER_PROTOCOLS = {
+    "finetune": EncoderProtocol(finetune_protocol, "classification"),
+    "segmentation": EncoderProtocol(segmentation_protocol, "segmentation"),
+}
 # Methods without the capability are skipped: no record, not a zero.
 CAPABILITY_PROTOCOLS = {
     "zeroshot": CapabilityProtocol(zeroshot_protocol, ("encode_text", "score_text"), "classification"),
@@ -101,4 +134,4 @@ CAPABILITY_PROTOCOLS = {
     "captioning": CapabilityProtocol(captioning_protocol, ("caption",), "captions"),
     "reconstruction": CapabilityProtocol(reconstruction_protocol, ("reconstruct",), "captions"),
 }
-PROTOCOLS = (*FEATURE_PROTOCOLS, *CAPABILITY_PROTOCOLS)
+PROTOCOLS = (*FEATURE_PROTOCOLS, *ENCODER_PROTOCOLS, *CAPABILITY_PROTOCOLS)

@@ -2,7 +2,8 @@
 
 The toy world knows every image's main object, so a caption can be checked word by word: it
 names the right shape when it contains one of that shape's words, the right colour when it
-contains the colour's word. BLEU/CIDEr against reference captions is the real-data metric.
+contains the colour's word. BLEU-4 and CIDEr-D against the reference captions (the COCO
+caption scorers of ``pycocoevalcap``, pure Python) are the metrics that carry to real data.
 """
 from __future__ import annotations
 
@@ -17,6 +18,33 @@ def _names(caption: str, words) -> bool:
     """Whether ``caption`` contains any of ``words`` as whole words (case-insensitive)."""
     text = caption.lower()
     return any(re.search(rf"\b{re.escape(w)}\b", text) for w in words)
+
+
+def caption_tokens_for_scoring(caption: str) -> str:
+    """Lower-case words, punctuation dropped: what the COCO scorers expect after their (Java) PTB
+    tokenizer, which is not used here. The same function is applied to candidates and references."""
+    return " ".join(re.findall(r"[a-z0-9]+", caption.lower()))
+
+
+def caption_scores(captions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Corpus BLEU-4 and CIDEr-D of ``captions[i]`` against ``references[i]``, times 100.
+
+    Uses pycocoevalcap's ``Bleu`` (closest-reference-length brevity penalty) and ``Cider``
+    (CIDEr-D: document frequencies from the references, length penalty, clipping), the
+    implementations the COCO caption leaderboard uses.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if len(captions) != len(references):
+        raise ValueError(f"{len(captions)} captions but {len(references)} reference lists")
+    refs = {i: [caption_tokens_for_scoring(r) for r in rs] for i, rs in enumerate(references) if rs}
+    if not refs:
+        raise ValueError("no image has a reference caption: BLEU and CIDEr need references")
+    cands = {i: [caption_tokens_for_scoring(captions[i])] for i in refs}
+    bleu, _ = Bleu(4).compute_score(refs, cands, verbose=0)
+    cider, _ = Cider().compute_score(refs, cands)
+    return {"bleu4": 100.0 * float(bleu[3]), "cider": 100.0 * float(cider)}
 
 
 def naming_rates(captions: list[str], objects: list[list[dict]]) -> dict[str, float]:

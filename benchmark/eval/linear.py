@@ -1,8 +1,11 @@
-"""Linear probe on cached frozen features.
+"""Linear probe on cached frozen features, optionally over a grid of learning rates in one pass.
 
-MAE's protocol puts a BatchNorm without affine parameters before the linear head (He et al.,
-2022, "Linear probing"); here features are cached once, so the probe trains in seconds with
-SGD + momentum and a cosine schedule (the fast path; LARS at large batch is the paper scale).
+MAE's protocol (He et al., 2022, "Linear probing"): class token, a BatchNorm without affine
+parameters before the linear head, LARS, linear warmup then cosine decay, weight decay 0.
+Features are cached once, so the probe trains in seconds. Two solvers share one loop:
+``sgd`` (momentum; the fast path for small sets) and ``lars`` (timm's LARS, the paper scale).
+A grid of base learning rates trains one head per rate on the same batches, so every rate
+sees the same data order and the whole grid costs little more than one rate.
 """
 from __future__ import annotations
 
@@ -10,38 +13,75 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.optim import Lars
 from torch import nn
+
+SOLVERS = ("sgd", "lars")
+
+
+def _heads(dim: int, num_classes: int, count: int, seed: int) -> nn.ModuleList:
+    heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(count))
+    for head in heads:  # the same start for every rate: a grid entry equals a run at that rate alone
+        nn.init.trunc_normal_(head.weight, std=0.01, generator=torch.Generator().manual_seed(seed))  # MAE's init
+        nn.init.zeros_(head.bias)
+    return heads
+
+
+def _optimizer(heads: nn.ModuleList, peaks: list[float], solver: str, weight_decay: float):
+    if solver == "sgd":
+        groups = [{"params": list(h.parameters()), "lr": lr} for h, lr in zip(heads, peaks)]
+        return torch.optim.SGD(groups, lr=peaks[0], momentum=0.9, weight_decay=weight_decay)
+    if solver == "lars":
+        # MAE's LARS adapts only matrices; biases get plain momentum SGD without weight decay.
+        groups = []
+        for head, lr in zip(heads, peaks):
+            groups.append({"params": [head.weight], "lr": lr, "weight_decay": weight_decay, "always_adapt": True})
+            groups.append({"params": [head.bias], "lr": lr, "weight_decay": 0.0, "always_adapt": False})
+        # timm's LARS skips the trust ratio of groups whose decay is 0 unless always_adapt is set.
+        return Lars(groups, lr=peaks[0], momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown linear-probe solver {solver!r}: use one of {', '.join(SOLVERS)}")
 
 
 def evaluate_linear(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                     val_labels: torch.Tensor, num_classes: int, *, epochs: int = 100, lr: float = 0.1,
-                    batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0) -> dict[str, float]:
-    """Train BatchNorm(affine=False) + Linear on ``train_feats`` and return val top-1 in percent."""
-    gen = torch.Generator().manual_seed(seed)
+                    lrs: list[float] | None = None, batch_size: int = 256, weight_decay: float = 0.0,
+                    warmup_epochs: int = 0, solver: str = "sgd", seed: int = 0) -> tuple[dict[str, float], dict]:
+    """Train BatchNorm(affine=False) + Linear heads on ``train_feats``; score val top-1 in percent.
+
+    ``lrs`` is a grid of base learning rates (peak = base x batch / 256, MAE's rule); without it
+    the grid is ``[lr]``. Returns ``({"top1": best}, {"best_lr": ..., "grid_top1": {lr: top1}})``.
+    """
+    grid = [float(x) for x in (lrs or [lr])]
+    gen = torch.Generator().manual_seed(seed + 1)  # batch order
     dim = train_feats.shape[1]
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)
-    nn.init.zeros_(head[1].bias)
-    peak = lr * batch_size / 256
-    opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=0.9, weight_decay=weight_decay)
+    norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)  # parameter-free: one shared by every head
+    heads = _heads(dim, num_classes, len(grid), seed)
+    peaks = [base * batch_size / 256 for base in grid]
+    opt = _optimizer(heads, peaks, solver, weight_decay)
     steps_per_epoch = math.ceil(len(train_feats) / batch_size)
-    total = epochs * steps_per_epoch
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     step = 0
-    head.train()
+    norm.train()
     for _ in range(epochs):
         order = torch.randperm(len(train_feats), generator=gen)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
+            scale = (step + 1) / warmup if step < warmup else \
+                0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
             for group in opt.param_groups:
-                group["lr"] = 0.5 * peak * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(head(train_feats[idx]), train_labels[idx])
+                group["lr"] = group.setdefault("peak_lr", group["lr"]) * scale
+            x = norm(train_feats[idx])
+            # Summed losses: each head's gradient is its own cross-entropy's.
+            loss = sum(F.cross_entropy(head(x), train_labels[idx]) for head in heads)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-    head.eval()
+    norm.eval()
     with torch.no_grad():
-        pred = head(val_feats).argmax(1)
-    return {"top1": 100.0 * (pred == val_labels).float().mean().item()}
+        x = norm(val_feats)
+        top1 = [100.0 * (head(x).argmax(1) == val_labels).float().mean().item() for head in heads]
+    best = max(range(len(grid)), key=lambda i: top1[i])
+    return {"top1": top1[best]}, {"best_lr": grid[best], "grid_top1": {str(b): t for b, t in zip(grid, top1)}}

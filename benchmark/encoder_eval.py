@@ -1,0 +1,145 @@
+"""`mugbench eval`: the evaluation harness on an encoder that was not trained in this process.
+
+The encoder is an `EncoderSource` (a run's checkpoint or export, an exported timm folder, or any
+timm ViT). Its results are written as ordinary result records, so they sit in the same report as
+the methods `mugbench run` trained; where the encoder came from is kept in ``protocol_options``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .config import StudyConfig, apply_override, from_dict, load_config
+from .results import ResultRecord, record_location, write_record
+from .sources import EncoderSource, encoder_record_fields
+
+EXTERNAL_DATA = "external"  # pretrain_data of encoders whose pre-training mugbench does not know
+
+
+def eval_config(source: EncoderSource, preset: str | None, overrides: list[str]) -> StudyConfig:
+    """The study to evaluate with: ``preset`` if given, else the run's own study, else ``toy``.
+
+    The resolution is always the encoder's own, and a run's seed is kept so that its records
+    land beside the ones `mugbench run` wrote for it.
+    """
+    from .study import check_evaluation
+
+    run_cfg = (source.run or {}).get("config")
+    if preset is None and isinstance(run_cfg, dict):
+        raw = copy.deepcopy(run_cfg)
+        for override in overrides:
+            apply_override(raw, override)
+        cfg = from_dict(raw)
+    else:
+        cfg = load_config(preset or "toy", overrides)
+    if isinstance(run_cfg, dict) and not any(o.strip().startswith("seed=") for o in overrides):
+        cfg.seed = int(run_cfg.get("seed", cfg.seed))
+    cfg.encoder = dataclasses.replace(cfg.encoder, img_size=source.img_size)
+    check_evaluation(cfg)
+    return cfg
+
+
+def record_identity(source: EncoderSource) -> tuple[str, str]:
+    """``(method, pretrain_data)`` of the records: the run's for mugbench encoders, else
+    ``timm:<name>`` (or the file's name) pre-trained on ``external`` data."""
+    run = source.run or {}
+    data = (run.get("config") or {}).get("data", {}).get("name") or run.get("pretrain_data") or EXTERNAL_DATA
+    if source.method:
+        return source.method, data
+    if source.kind in ("timm", "timm-folder"):
+        return f"timm:{source.timm_name}", data
+    return Path(source.origin).stem, data
+
+
+def rebuild_method(source: EncoderSource, cache_dir: Path, data_root: Path | None, device="cpu"):
+    """The whole pre-training method with the checkpoint's weights on ``device``, and its tokenizer.
+
+    ``(None, None)`` when the source holds only an encoder. The tokenizer comes from the
+    vocabulary kept in run.json; older runs rebuild it from their pre-training captions.
+    """
+    if source.method_state is None or not (source.run or {}).get("config") or not source.method:
+        return None, None
+    from .data.tokenizer import TextTokenizer
+    from .study import build_method, build_tokenizer, resolve_data, text_spec
+
+    train_cfg = from_dict(copy.deepcopy(source.run["config"]))
+    if "vocab" in source.run:
+        tokenizer = TextTokenizer(train_cfg.text.context_length, source.run["vocab"])
+    else:
+        tokenizer = build_tokenizer(train_cfg, resolve_data(train_cfg, data_root, cache_dir))
+    method = build_method(source.method, train_cfg, text_spec(train_cfg, tokenizer))
+    method.load_state_dict(source.method_state)
+    return method.to(device).eval(), tokenizer  # capability protocols expect the method on their device
+
+
+def evaluate_source(source: EncoderSource, cfg: StudyConfig, *, results_dir: Path, cache_dir: Path,
+                    data_root: Path | None = None, overrides: list[str] = (), device=None,
+                    log=print) -> list[ResultRecord]:
+    """Run ``cfg``'s protocols on ``source``; write and return one record per (protocol, dataset)."""
+    from .eval import CAPABILITY_PROTOCOLS
+    from .study import EvalSets, evaluate, evaluate_capabilities
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name, pretrain_data = record_identity(source)
+    _note_normalisation(source, log)
+    eval_sets = EvalSets(cfg, cache_dir)
+    results = [r + ([],) for r in evaluate(source.encoder, cfg, eval_sets, device)]
+    capability = [p for p in cfg.eval.protocols if p in CAPABILITY_PROTOCOLS]
+    method, tokenizer = rebuild_method(source, cache_dir, data_root, device) if capability else (None, None)
+    if method is not None:
+        def artifact_stem(protocol, dataset):
+            return record_location(results_dir, pretrain_data, cfg.preset, name, protocol, dataset,
+                                   cfg.seed).with_suffix("")
+
+        results += evaluate_capabilities(method, cfg, eval_sets, tokenizer, device, artifact_stem)
+    elif capability:
+        why = ("its run directory has no run.json to rebuild the method from" if source.method_state is not None
+               else "capability protocols need the whole pre-training method: pass a run directory or its checkpoint.pt")
+        log(f"[{name}] skipped {', '.join(capability)} ({why})")
+    run = source.run or {}
+    steps = source.steps if source.steps is not None else run.get("steps", 0)
+    epochs = run.get("epochs") or 0.0
+    if epochs and run.get("steps") and source.steps is not None:  # an earlier checkpoint of the run
+        epochs = epochs * source.steps / run["steps"]
+    records = []
+    for protocol, dataset, metrics, options, seconds, examples in results:
+        record = ResultRecord(
+            method=name, protocol=protocol, dataset=dataset, pretrain_data=pretrain_data, preset=cfg.preset,
+            seed=cfg.seed, metrics=metrics, method_options=_method_options(source, method),
+            protocol_options=dict(options, encoder_source=source.describe()), encoder=encoder_record_fields(source),
+            epochs=float(epochs), steps=int(steps or 0), timings={"eval_s": seconds}, overrides=list(overrides),
+            examples=examples)
+        write_record(record, results_dir)
+        records.append(record)
+        log(f"{protocol:8s} {dataset:10s} " + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items())
+            + f"  ({seconds:.1f}s)")
+    return records
+
+
+def _method_options(source: EncoderSource, method) -> dict:
+    """The method's options as `mugbench run` records them; what the run config says otherwise."""
+    if method is not None:
+        return dataclasses.asdict(method.options)
+    options = ((source.run or {}).get("config") or {}).get("methods", {}).get(source.method or "", {})
+    try:
+        from .registry import get_method
+
+        return dataclasses.asdict(get_method(source.method).parse_options(options))
+    except Exception:  # a plugin not installed here must not stop the evaluation of its encoder
+        return dict(options or {})
+
+
+def _note_normalisation(source: EncoderSource, log) -> None:
+    """Say so when the encoder expects other normalisation than the harness's ImageNet mean/std."""
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    if source.kind not in ("timm", "timm-folder") or (source.kind == "timm" and source.weights is None):
+        return
+    cfg = getattr(source.encoder, "pretrained_cfg", {}) or {}
+    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    if any(abs(a - b) > 1e-3 for a, b in zip((*mean, *std), (*IMAGENET_MEAN, *IMAGENET_STD))):
+        log(f"note: timm's config for {source.timm_name} normalises with mean={tuple(mean)}, std={tuple(std)}; "
+            f"the harness feeds ImageNet-normalised images, which may cost this encoder some accuracy")

@@ -1,0 +1,519 @@
+"""Semantic segmentation: UperNet on four blocks of the ViT, fine-tuned end to end, scored by mIoU.
+
+The setting of BEiT (Bao et al., 2022) and MAE (He et al., 2022) on ADE20K, built from
+mmsegmentation 1.x parts: the encoder's block outputs are rescaled to strides 4/8/16/32
+(`ViTPyramid`), decoded by ``UPerHead`` plus an auxiliary ``FCNHead`` inside ``EncoderDecoder``,
+trained with mmengine's ``Runner`` (AdamW, layer-wise lr decay, linear warmup then poly decay)
+on mmseg's datasets and transforms, and scored with mmseg's ``IoUMetric``. Numbers not taken
+from the study's `EvalConfig` are those of mmseg's ``mae-base_upernet_8xb2-amp-160k_ade20k``
+config and its ADE20K dataset defaults, cited where used.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from .mmseg_compat import ensure_mmseg_importable, trusted_checkpoint_loading
+
+# Per dataset type: mmseg dataset class, folders under ``root`` and file suffixes.
+DATASET_LAYOUTS = {
+    "toy": {"type": "BaseSegDataset", "train": ("img_dir/train", "ann_dir/train"),
+            "val": ("img_dir/val", "ann_dir/val"), "img_suffix": ".png", "seg_map_suffix": ".png"},
+    # mmseg's ADEChallengeData2016 layout (configs/_base_/datasets/ade20k.py).
+    "ade20k": {"type": "ADE20KDataset", "train": ("images/training", "annotations/training"),
+               "val": ("images/validation", "annotations/validation"), "img_suffix": ".jpg",
+               "seg_map_suffix": ".png"},
+}
+_RESULT_FILE, _RUN_FILE = "result.json", "run.json"
+
+
+# --------------------------------------------------------------------------- the model
+
+def block_indices(depth: int) -> list[int]:
+    """The four blocks (0-based) whose outputs feed the pyramid.
+
+    BEiT and MAE take blocks 4, 6, 8, 12 of 12 (1-based; 8, 12, 16, 24 of 24), i.e. blocks
+    ``round(d/3), round(d/2), round(2d/3), d``; the same rule gives every block for depth 4 and
+    repeats blocks for depth < 4 (depth 2: blocks 1, 1, 1, 2), so four levels always exist.
+    """
+    picks = [math.floor(depth * f + 0.5) for f in (1 / 3, 1 / 2, 2 / 3)] + [depth]
+    return [max(1, p) - 1 for p in picks]
+
+
+def _rescale(dim: int, factor: float) -> nn.Module:
+    """Resample a [B, dim, h, w] map by ``factor`` (a power of two), as BEiT's fpn1-4.
+
+    Up by 2^k: k stride-2 2x2 transposed convolutions with BatchNorm + GELU between them (BEiT
+    uses SyncBN; one process here); 1: identity; down by 2^k: a 2^k max-pool.
+    """
+    k = round(math.log2(factor))
+    if 2.0 ** k != factor:
+        raise ValueError(f"patch size / target stride must be a power of two, got {factor}")
+    if k == 0:
+        return nn.Identity()
+    if k < 0:
+        return nn.MaxPool2d(kernel_size=2 ** -k, stride=2 ** -k)
+    layers: list[nn.Module] = []
+    for i in range(k):
+        if i:
+            layers += [nn.BatchNorm2d(dim), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+class ViTPyramid(nn.Module):
+    """mmseg backbone: four block outputs of a timm ViT rescaled to strides 4, 8, 16, 32.
+
+    For 16 px patches this is BEiT / MAE's neck (two deconvs, one deconv, identity, max-pool);
+    other patch sizes scale by ``patch_size / stride`` the same way (8 px: one deconv, identity,
+    pool 2, pool 4; 4 px: identity, pools 2, 4, 8). Block outputs are taken before the final
+    norm, prefix tokens dropped, as in BEiT's backbone.
+    """
+
+    strides = (4, 8, 16, 32)
+
+    def __init__(self, encoder: nn.Module, indices: list[int]):
+        super().__init__()
+        self.encoder, self.indices = encoder, list(indices)
+        patch = encoder.patch_embed.patch_size[0]
+        dim = encoder.embed_dim
+        self.rescales = nn.ModuleList(_rescale(dim, patch / s) for s in self.strides)
+
+    def init_weights(self) -> None:
+        """Keep the encoder's weights: mmengine calls ``init_weights`` on every child that has
+        one, and timm's ViT would re-initialise itself. The rescaling layers keep PyTorch's init."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[B, 3, H, W] -> four [B, D, H/s, W/s] maps, s = 4, 8, 16, 32."""
+        unique = sorted(set(self.indices))
+        outs = self.encoder.forward_intermediates(x, indices=unique, intermediates_only=True)
+        by_block = dict(zip(unique, outs))
+        return tuple(r(by_block[i]) for r, i in zip(self.rescales, self.indices))
+
+
+def _prepare_encoder(encoder: nn.Module, crop: int, indices: list[int]) -> nn.Module:
+    """A deep copy of ``encoder`` at input size ``crop``, without layers UperNet does not use.
+
+    timm's ``set_input_size`` resamples the position embedding (as MAE's fine-tuning does). The
+    embedding is the study's fixed sin-cos table (`build_encoder`) and stays frozen; it is frozen
+    explicitly because an encoder reloaded from an export gets it back as a trainable Parameter.
+    """
+    enc = copy.deepcopy(encoder)
+    if tuple(enc.patch_embed.img_size) != (crop, crop):
+        enc.set_input_size(img_size=(crop, crop))
+    if enc.pos_embed is not None:
+        enc.pos_embed.requires_grad_(False)
+    # Blocks after the last one read, the final norm and the head get no gradient: drop them.
+    enc.prune_intermediate_layers(sorted(set(indices)), prune_norm=True, prune_head=True)
+    return enc
+
+
+def _layer_id(name: str, num_blocks: int) -> int:
+    """Depth of a parameter for layer-wise lr decay (BEiT's rule): embeddings 0, block i i+1,
+    everything else (pyramid, heads) num_blocks + 1."""
+    prefix = "backbone.encoder."
+    if not name.startswith(prefix):
+        return num_blocks + 1
+    rest = name[len(prefix):]
+    if rest.startswith("blocks."):
+        return int(rest.split(".")[1]) + 1
+    return 0
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float,
+                 num_blocks: int) -> list[dict]:
+    """AdamW groups: lr scaled by ``layer_decay ** (num_blocks + 1 - layer_id)``; no weight
+    decay on biases, norms (1-D) and token/position embeddings (BEiT / mmseg's
+    ``LayerDecayOptimizerConstructor``). Frozen parameters (the sin-cos table) are left out."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim == 1 or name.endswith((".bias", "cls_token", "pos_embed", "reg_token"))
+        lid = _layer_id(name, num_blocks)
+        group = groups.setdefault((lid, no_decay), {
+            "params": [], "lr": lr * layer_decay ** (num_blocks + 1 - lid),
+            "weight_decay": 0.0 if no_decay else weight_decay})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _model_cfg(backbone: dict, num_classes: int, embed_dim: int, crop: int, cfg, ignore_index: int) -> dict:
+    """mmseg's ``EncoderDecoder`` with UPerHead + FCNHead, as mmseg's ``upernet_mae`` base config
+    (pool scales 1-2-3-6, dropout 0.1, aux head on the stride-16 level, half the width)."""
+    from mmengine.config import ConfigDict  # mmseg reads test_cfg by attribute
+
+    norm = dict(type="BN", requires_grad=True)  # SyncBN in mmseg's configs; a single process here
+
+    def ce(weight):
+        return dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=weight)
+
+    return dict(
+        type="EncoderDecoder",
+        data_preprocessor=dict(
+            type="SegDataPreProcessor", mean=[255 * m for m in IMAGENET_DEFAULT_MEAN],
+            std=[255 * s for s in IMAGENET_DEFAULT_STD], bgr_to_rgb=True, pad_val=0, seg_pad_val=255,
+            size=(crop, crop)),
+        backbone=backbone,
+        decode_head=dict(type="UPerHead", in_channels=[embed_dim] * 4, in_index=[0, 1, 2, 3],
+                         pool_scales=(1, 2, 3, 6), channels=cfg.seg_channels, dropout_ratio=0.1,
+                         num_classes=num_classes, norm_cfg=norm, align_corners=False,
+                         ignore_index=ignore_index, loss_decode=ce(1.0)),
+        auxiliary_head=dict(type="FCNHead", in_channels=embed_dim, in_index=2,
+                            channels=max(1, cfg.seg_channels // 2), num_convs=1, concat_input=False,
+                            dropout_ratio=0.1, num_classes=num_classes, norm_cfg=norm,
+                            align_corners=False, ignore_index=ignore_index,
+                            loss_decode=ce(cfg.seg_aux_weight)),
+        train_cfg=dict(),
+        # Sliding windows of the crop size with a 2/3 stride (MAE's ADE20K: 512 crop, 341 stride).
+        test_cfg=ConfigDict(mode="slide", crop_size=(crop, crop), stride=(max(1, 2 * crop // 3),) * 2),
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+def _pipelines(crop: int, reduce_zero_label: bool, photometric: bool) -> tuple[list, list]:
+    """mmseg's ADE20K train and test pipelines at crop ``crop``: resize towards (4c, c) (2048 x
+    512 for 512 crops), random scale 0.5-2, crop with at most 75 % of one class, flip, colour jitter."""
+    scale = (4 * crop, crop)
+    annotations = dict(type="LoadAnnotations", reduce_zero_label=reduce_zero_label)
+    train = [dict(type="LoadImageFromFile"), annotations,
+             dict(type="RandomResize", scale=scale, ratio_range=(0.5, 2.0), keep_ratio=True),
+             dict(type="RandomCrop", crop_size=(crop, crop), cat_max_ratio=0.75),
+             dict(type="RandomFlip", prob=0.5)]
+    if photometric:
+        train.append(dict(type="PhotoMetricDistortion"))
+    train.append(dict(type="PackSegInputs"))
+    # Labels are loaded after the resize: predictions are scored at the original resolution.
+    test = [dict(type="LoadImageFromFile"), dict(type="Resize", scale=scale, keep_ratio=True),
+            annotations, dict(type="PackSegInputs")]
+    return train, test
+
+
+def _dataset_cfg(data: dict, split: str, pipeline: list) -> dict:
+    """An mmseg dataset config for ``split`` (train | val) of ``data``."""
+    layout = DATASET_LAYOUTS[data.get("dataset_type", "toy")]
+    img_path, seg_path = layout[split]
+    cfg = dict(type=layout["type"], data_root=str(data["root"]),
+               data_prefix=dict(img_path=img_path, seg_map_path=seg_path),
+               img_suffix=layout["img_suffix"], seg_map_suffix=layout["seg_map_suffix"],
+               reduce_zero_label=bool(data.get("reduce_zero_label", False)),
+               ignore_index=int(data.get("ignore_index", 255)), pipeline=pipeline)
+    if layout["type"] == "BaseSegDataset":
+        cfg["metainfo"] = dict(classes=tuple(data["classes"]))
+    return cfg
+
+
+class _ResumableInfiniteSampler(torch.utils.data.Sampler):
+    """Endless shuffled indices, one fresh permutation per pass seeded by (seed, pass).
+
+    Unlike mmengine's ``InfiniteSampler`` it can start at any position without replaying the
+    data, so a resumed run skips what it already trained on at no cost (mmengine's loop loads
+    and augments every skipped batch: hours at ADE20K scale). Single process only.
+    """
+
+    def __init__(self, dataset, seed: int | None = 0, shuffle: bool = True):
+        self.size, self.seed, self.shuffle, self.start = len(dataset), int(seed or 0), shuffle, 0
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start, self.size)
+        while True:
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(self.seed + epoch)
+                order = torch.randperm(self.size, generator=gen).tolist()
+            else:
+                order = list(range(self.size))
+            yield from order[offset:]
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _resumable_loop_cls():
+    """mmengine's ``IterBasedTrainLoop`` whose resume jumps the sampler instead of replaying."""
+    from mmengine.runner.loops import IterBasedTrainLoop, _InfiniteDataloaderIterator
+
+    class _Skip:
+        """Answers the loop's replay of ``_iter`` batches without loading any, then defers to ``inner``."""
+
+        def __init__(self, skip: int, inner):
+            self.skip, self.inner = skip, inner
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if self.skip:
+                self.skip -= 1
+                return None
+            return next(self.inner)
+
+    class ResumableIterLoop(IterBasedTrainLoop):
+        """Iteration-based loop; on resume the data order continues where the run stopped."""
+
+        def run(self):
+            if self._iter > 0:
+                self.dataloader.sampler.start = self._iter * self.dataloader.batch_size
+                # The old iterator may already have prefetched from position 0: start afresh.
+                self.dataloader_iterator = _Skip(self._iter, _InfiniteDataloaderIterator(self.dataloader))
+            return super().run()
+
+    return ResumableIterLoop
+
+
+# --------------------------------------------------------------------------- scoring
+
+def _constant_prediction_scores(dataset, classes, ignore_index: int) -> dict[str, float]:
+    """``IoUMetric`` of predicting label 0 everywhere (background for the toy world) on the
+    mmseg ``dataset``'s label maps: the floor any trained model must beat."""
+    from mmseg.datasets.transforms import LoadAnnotations
+    from mmseg.evaluation import IoUMetric
+
+    load = LoadAnnotations()  # the dataset's own reduce_zero_label travels with each sample
+    metric = IoUMetric(ignore_index=ignore_index)
+    metric.dataset_meta = dict(classes=tuple(classes))
+    for i in range(len(dataset)):
+        gt = torch.from_numpy(load(dataset.get_data_info(i))["gt_seg_map"].astype(np.int64))
+        metric.process({}, [{"pred_sem_seg": {"data": torch.zeros_like(gt)}, "gt_sem_seg": {"data": gt}}])
+    return {k: float(v) for k, v in metric.compute_metrics(metric.results).items()}
+
+
+# --------------------------------------------------------------------------- the protocol
+
+def _fingerprint(encoder: nn.Module) -> str:
+    """SHA-256 of the encoder's weights, so a work_dir is never resumed with another encoder."""
+    h = hashlib.sha256()
+    for name, t in encoder.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _isolated_globals(device: torch.device):
+    """Restore what mmengine's Runner changes process-wide: RNG states (it seeds python, numpy
+    and torch), cuDNN flags, mmengine's default scope."""
+    from mmengine.registry import DefaultScope
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), DefaultScope.overwrite_default_scope("mmseg"):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+
+
+def _quiet_runner_cls():
+    """mmengine's ``Runner`` whose logger writes everything to work_dir but only errors to stdout.
+
+    Its own logger would print INFO lines (the environment report, every logged iteration).
+    """
+    from mmengine.runner import Runner
+
+    class QuietRunner(Runner):
+        """A Runner with a quiet console."""
+
+        def build_logger(self, *args, **kwargs):
+            """The usual logger, its console handler raised to ERROR."""
+            logger = super().build_logger(*args, **kwargs)
+            for handler in logger.handlers:
+                if not isinstance(handler, logging.FileHandler):
+                    handler.setLevel(logging.ERROR)
+            return logger
+
+    return QuietRunner
+
+
+def _import_mmseg() -> None:
+    """Import mmseg (through the mmcv-lite stand-in if needed) and register its modules."""
+    ensure_mmseg_importable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mmcv-lite / mmengine import-time notices
+        from mmseg.utils import register_all_modules
+
+        register_all_modules(init_default_scope=False)
+
+
+def _build_runner(encoder: nn.Module, data: dict, cfg, seed: int, *, device: torch.device, workdir: Path,
+                  name: str, classes: list, indices: list[int], photometric: bool):
+    """mmengine's Runner for UperNet on a copy of ``encoder``, resuming from ``workdir``."""
+    from mmengine.optim import AmpOptimWrapper, OptimWrapper
+    from mmseg.registry import MODELS
+
+    crop, ignore_index = int(cfg.seg_crop), int(data.get("ignore_index", 255))
+    enc = _prepare_encoder(encoder, crop, indices)
+    backbone = dict(type=ViTPyramid, encoder=enc, indices=indices)
+    model = MODELS.build(_model_cfg(backbone, len(classes), enc.embed_dim, crop, cfg, ignore_index))
+    groups = param_groups(model, cfg.seg_lr, cfg.seg_weight_decay, cfg.seg_layer_decay, len(enc.blocks))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.seg_lr, betas=(0.9, 0.999), weight_decay=cfg.seg_weight_decay)
+    # bf16 autocast on CUDA (the study's "auto" precision; MAE's config uses fp16 AMP), fp32 on CPU.
+    optim = (AmpOptimWrapper(optimizer=optimizer, dtype="bfloat16") if device.type == "cuda"
+             else OptimWrapper(optimizer=optimizer))
+    iters, warmup = int(cfg.seg_iters), min(int(cfg.seg_warmup_iters), int(cfg.seg_iters))
+    # MAE's ADE20K schedule: linear warmup from 1e-6 x lr, then poly (power 1) decay to 0.
+    schedule = []
+    if warmup:
+        schedule.append(dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup))
+    if warmup < iters:
+        schedule.append(dict(type="PolyLR", power=1.0, eta_min=0.0, begin=warmup, end=iters, by_epoch=False))
+    train_pipe, test_pipe = _pipelines(crop, bool(data.get("reduce_zero_label", False)), photometric)
+    workers = int(data.get("num_workers", 0))
+    loader = dict(num_workers=workers, persistent_workers=workers > 0)
+    is_ade = data.get("dataset_type", "toy") == "ade20k"
+    val_batch = int(data.get("val_batch_size", 1 if is_ade else cfg.batch_size))
+    runner = _quiet_runner_cls()(
+        model=model, work_dir=str(workdir), experiment_name=name, default_scope="mmseg",
+        train_dataloader=dict(loader, batch_size=cfg.seg_batch_size, dataset=_dataset_cfg(data, "train", train_pipe),
+                              sampler=dict(type=_ResumableInfiniteSampler, shuffle=True)),
+        val_dataloader=dict(loader, batch_size=val_batch, dataset=_dataset_cfg(data, "val", test_pipe),
+                            sampler=dict(type="DefaultSampler", shuffle=False)),
+        # Validation only once, after training, so that a resumed run scores the same way.
+        train_cfg=dict(type=_resumable_loop_cls(), max_iters=iters, val_interval=iters + 1, val_begin=iters + 1),
+        val_cfg=dict(type="ValLoop"),
+        val_evaluator=dict(type="IoUMetric", iou_metrics=["mIoU"], ignore_index=ignore_index),
+        optim_wrapper=optim, param_scheduler=schedule,
+        default_hooks=dict(
+            timer=dict(type="IterTimerHook"),
+            logger=dict(type="LoggerHook", interval=min(50, max(1, iters // 10)), log_metric_by_epoch=False),
+            param_scheduler=dict(type="ParamSchedulerHook"),
+            # Ten checkpoints per run (mmseg: every 16k of 160k iterations); only the last is kept.
+            checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=max(1, iters // 10),
+                            max_keep_ckpts=1, save_last=True),
+        ),
+        log_processor=dict(by_epoch=False),
+        resume=True,  # from work_dir's last checkpoint, if there is one
+        env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="nccl"),
+                     mp_cfg=dict(mp_start_method=multiprocessing.get_start_method(), opencv_num_threads=0)),
+        randomness=dict(seed=seed),
+        log_level="INFO",
+    )
+    runner.model.to(device)  # the Runner moved it to its own choice of device
+    return runner
+
+
+def segmentation_protocol(encoder: nn.Module, data: dict, cfg, seed: int, *, device, workdir: Path):
+    """Fine-tune ``encoder`` (a copy) with UperNet on ``data`` and return ``(metrics, options)``.
+
+    ``data``: ``name`` (e.g. ``toy-seg``), ``root`` (mmseg folder layout, see
+    `DATASET_LAYOUTS`), ``classes`` (label names by index; toy: ``["background", *shapes]``;
+    ade20k uses mmseg's ``ADE20KDataset`` classes instead), ``reduce_zero_label`` (toy False,
+    ade20k True), ``ignore_index`` (255), ``dataset_type`` (``toy`` | ``ade20k``);
+    optional ``photometric`` (colour jitter, default True), ``num_workers`` (default 0) and
+    ``val_batch_size`` (default ``cfg.batch_size`` for toy, 1 for ade20k, whose images differ in size).
+    ``cfg`` is the study's `EvalConfig` (``seg_*`` fields). ``workdir`` keeps mmengine's logs
+    and checkpoints: a rerun resumes from the last checkpoint, and after a finished run
+    returns the stored result; a run made there with other settings or another encoder is
+    discarded and training starts afresh.
+
+    Metrics (percent, ``IoUMetric``): ``mIoU``, ``aAcc``, ``mAcc`` on the validation split and
+    ``background_mIoU``, the mIoU of predicting label 0 everywhere.
+    """
+    device = torch.device(device)
+    workdir = Path(workdir).resolve()
+    crop, indices = int(cfg.seg_crop), block_indices(len(encoder.blocks))
+    if int(cfg.seg_iters) < 1:
+        raise ValueError(f"eval.seg_iters must be at least 1, got {cfg.seg_iters}")
+    dataset_type = data.get("dataset_type", "toy")
+    if dataset_type not in DATASET_LAYOUTS:
+        raise ValueError(f"unknown segmentation dataset_type {dataset_type!r}: use {', '.join(DATASET_LAYOUTS)}")
+    _import_mmseg()
+    if dataset_type == "ade20k":
+        from mmseg.datasets import ADE20KDataset
+
+        classes = list(ADE20KDataset.METAINFO["classes"])
+    else:
+        classes = list(data["classes"])
+    options = {
+        "head": "UPerHead+FCNHead", "iters": cfg.seg_iters, "batch_size": cfg.seg_batch_size, "crop": crop,
+        "lr": cfg.seg_lr, "weight_decay": cfg.seg_weight_decay, "layer_decay": cfg.seg_layer_decay,
+        "warmup_iters": cfg.seg_warmup_iters, "channels": cfg.seg_channels, "aux_weight": cfg.seg_aux_weight,
+        "blocks": indices, "strides": list(ViTPyramid.strides), "schedule": "linear-warmup+poly1",
+        "optimizer": "adamw(0.9,0.999)", "test_mode": "slide",
+        "photometric": bool(data.get("photometric", True)),
+        "precision": "bf16" if device.type == "cuda" else "fp32",
+    }
+    signature = {"options": options, "seed": int(seed), "dataset": data.get("name"), "classes": classes,
+                 "encoder_sha256": _fingerprint(encoder)}
+    ignore_index = int(data.get("ignore_index", 255))
+    done = _read_json(workdir / _RESULT_FILE)
+    if done is not None and done.get("signature") == signature:
+        return done["metrics"], done["options"]
+    previous = _read_json(workdir / _RUN_FILE)
+    if previous is not None and previous != signature:
+        _discard_run(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(workdir / _RUN_FILE, signature)
+
+    # Unique per call: mmengine keeps loggers, visualizers and scopes in global tables by name.
+    name = f"segmentation_{os.getpid()}_{time.time_ns()}"
+    runner = None
+    try:
+        with _isolated_globals(device), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(seed)  # the pyramid's and heads' init
+            runner = _build_runner(encoder, data, cfg, seed, device=device, workdir=workdir, name=name,
+                                   classes=classes, indices=indices, photometric=options["photometric"])
+            # Both resume from work_dir's last checkpoint when there is one (``val`` too, if
+            # ``train`` started from scratch): checkpoints this protocol wrote itself.
+            # mmengine prints some notices (checkpoint found / loaded) with print(): into the log.
+            printed = io.StringIO()
+            with trusted_checkpoint_loading(), contextlib.redirect_stdout(printed):
+                runner.train()
+                scores = runner.val()
+            if printed.getvalue().strip():
+                runner.logger.info(printed.getvalue().strip())
+            floor = _constant_prediction_scores(runner.val_dataloader.dataset, classes, ignore_index)
+    finally:
+        if runner is not None:  # release the log file: a study runs this once per method
+            for handler in list(runner.logger.handlers):
+                if isinstance(handler, logging.FileHandler):
+                    handler.close()
+                    runner.logger.removeHandler(handler)
+    metrics = {k: float(scores[k]) for k in ("mIoU", "aAcc", "mAcc")}
+    metrics["background_mIoU"] = floor["mIoU"]
+    _write_json(workdir / _RESULT_FILE, {"signature": signature, "metrics": metrics, "options": options})
+    return metrics, options
+
+
+def _discard_run(workdir: Path) -> None:
+    """Forget a run made with other settings or another encoder (the study keys its work_dirs by
+    pre-training settings only): its checkpoints and result go, its logs stay."""
+    for path in [*workdir.glob("iter_*.pth"), workdir / "last_checkpoint", workdir / _RESULT_FILE,
+                 workdir / _RUN_FILE]:
+        path.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None if absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,182 @@
+"""`mugbench export` (timm hub folders), `mugbench eval` of runs and timm models, `run --evals`."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from mugbench.cli import main
+from mugbench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mugbench.models.vit import build_encoder
+from mugbench.train.checkpoint import export_encoder, load_encoder
+
+TINY_ARGS = '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}'  # the smoke ViT
+
+
+@pytest.fixture(autouse=True)
+def no_hub(monkeypatch):
+    """Everything here must work offline: any attempt to reach the Hugging Face hub fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to download from the Hugging Face hub")
+
+    monkeypatch.setattr("timm.models._hub.hf_hub_download", refuse, raising=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real `mugbench run --evals knn` of mae on the smoke preset for two optimiser steps (~10 s)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    argv = ["run", "--preset", "smoke", "--methods", "mae", "--set", "train.epochs=0.25", "--evals", "knn",
+            "--workdir", str(root / "runs"), "--results", str(root / "results"), "--reports", str(root / "reports"),
+            "--cache-dir", str(root / "cache")]
+    assert main(argv) == 0
+    return root, next((root / "runs").glob("toy/smoke/mae-seed0-*"))
+
+
+def _features(model, seed=0):
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval().forward_features(images)
+
+
+def _records(results):
+    return [json.loads(p.read_text()) for p in sorted(results.rglob("*.json"))]
+
+
+def test_export_of_an_encoder_file_rebuilds_the_same_vit_in_timm(smoke_cfg, tmp_path):
+    encoder = build_encoder(smoke_cfg.encoder, seed=3)
+    with torch.no_grad():  # weights unlike any fresh init, so a re-init could not pass by accident
+        for p in encoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    file = export_encoder(tmp_path / "encoder.safetensors", encoder, smoke_cfg.encoder)
+    out = tmp_path / "hub"
+    assert main(["export", str(file), str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert torch.equal(_features(model), _features(encoder))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_args"]["embed_dim"] == 32 and config["model_args"]["depth"] == 2
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 32, 32] and cfg["num_classes"] == 0 == config["num_classes"]
+    assert cfg["mean"] == pytest.approx(list(IMAGENET_MEAN)) and cfg["std"] == pytest.approx(list(IMAGENET_STD))
+    assert "license" not in cfg and "augreg" not in cfg.get("tag", "")  # not timm's released weights
+    assert timm.data.resolve_data_config({}, model=model)["input_size"] == (3, 32, 32)
+
+
+def test_run_evals_shorthand_and_run_json(tiny_run):
+    root, run_dir = tiny_run
+    assert {r["protocol"] for r in _records(root / "results")} == {"knn"}
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["method"] == "mae" and info["config"]["preset"] == "smoke" and info["steps"] == 2
+    assert info["encoder"]["timm_kwargs"]["img_size"] == 32 and isinstance(info["vocab"], list)
+
+
+@pytest.mark.parametrize("what", ["checkpoint.pt", "run-dir"])
+def test_export_of_a_run_checkpoint(tiny_run, tmp_path, what):
+    root, run_dir = tiny_run
+    out = tmp_path / "hub"
+    assert main(["export", str(run_dir / "checkpoint.pt" if what == "checkpoint.pt" else run_dir), str(out)]) == 0
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert torch.equal(_features(model), _features(load_encoder(run_dir / "encoder.safetensors")))
+    config = json.loads((out / "config.json").read_text())
+    assert config["mugbench"]["method"] == "mae" and config["mugbench"]["pretrain_data"] == "toy"
+    card = (out / "README.md").read_text()
+    assert "`mae`" in card and "| preset | smoke |" in card and f"local-dir:{out}" in card
+
+
+def test_eval_of_a_run_reproduces_its_record_and_adds_capabilities(tiny_run, tmp_path):
+    root, run_dir = tiny_run
+    results = tmp_path / "results"
+    argv = ["eval", "--checkpoint", str(run_dir), "--evals", "knn,reconstruction", "--results", str(results),
+            "--cache-dir", str(root / "cache")]
+    assert main(argv) == 0
+    (trained,) = _records(root / "results")
+    records = {r["protocol"]: r for r in _records(results)}
+    assert set(records) == {"knn", "reconstruction"}
+    assert records["knn"]["metrics"] == trained["metrics"]  # same encoder, same study: same number
+    for r in records.values():
+        assert (r["method"], r["pretrain_data"], r["preset"], r["steps"]) == ("mae", "toy", "smoke", 2)
+        assert r["protocol_options"]["encoder_source"]["kind"] == "run"
+    assert records["reconstruction"]["metrics"]["masked_mse"] > 0
+
+
+def test_eval_of_an_exported_folder_keeps_the_runs_identity(tiny_run, tmp_path):
+    root, run_dir = tiny_run
+    assert main(["export", str(run_dir), str(tmp_path / "hub")]) == 0
+    argv = ["eval", "--checkpoint", str(tmp_path / "hub"), "--evals", "knn", "--results", str(tmp_path / "res"),
+            "--cache-dir", str(root / "cache")]
+    assert main(argv) == 0
+    (record,) = _records(tmp_path / "res")
+    (trained,) = _records(root / "results")
+    assert (record["method"], record["pretrain_data"], record["metrics"]) == ("mae", "toy", trained["metrics"])
+    assert record["protocol_options"]["encoder_source"]["kind"] == "timm-folder"
+
+
+def test_eval_of_a_timm_model_writes_an_external_record(tiny_run, tmp_path):
+    root, _ = tiny_run
+    argv = ["eval", "--timm-model", "vit_tiny_patch16_224", "--model-args", TINY_ARGS, "--evals", "knn",
+            "--preset", "smoke", "--results", str(tmp_path / "res"), "--cache-dir", str(root / "cache")]
+    assert main(argv) == 0
+    (record,) = _records(tmp_path / "res")
+    assert (record["method"], record["pretrain_data"], record["protocol"]) == ("timm:vit_tiny_patch16_224", "external", "knn")
+    assert math.isfinite(record["metrics"]["top1"]) and 0 <= record["metrics"]["top1"] <= 100
+    source = record["protocol_options"]["encoder_source"]
+    assert source["kind"] == "timm" and source["weights"] == "random init" and source["model_args"]["embed_dim"] == 32
+    assert record["encoder"]["embed_dim"] == 32 and record["encoder"]["img_size"] == 32
+
+
+def test_eval_of_timm_weights_matches_the_run(tiny_run, tmp_path):
+    """The run's encoder.safetensors is a plain timm state dict: --weights gives the run's number."""
+    root, run_dir = tiny_run
+    argv = ["eval", "--timm-model", "vit_tiny_patch16_224", "--model-args", TINY_ARGS, "--weights",
+            str(run_dir / "encoder.safetensors"), "--evals", "knn", "--preset", "smoke", "--results",
+            str(tmp_path / "res"), "--cache-dir", str(root / "cache")]
+    assert main(argv) == 0
+    (record,) = _records(tmp_path / "res")
+    (trained,) = _records(root / "results")
+    assert record["metrics"] == trained["metrics"]
+
+
+def _bad_sources(tmp_path, run_dir):
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"this is not a checkpoint")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    lonely = tmp_path / "lonely" / "checkpoint.pt"  # a checkpoint with nothing that names its ViT
+    lonely.parent.mkdir()
+    shutil.copy(run_dir / "checkpoint.pt", lonely)
+    return {"missing": (tmp_path / "nope.pt", "nope.pt"),
+            "foreign": (foreign, "is not a mugbench checkpoint"),
+            "plain-safetensors": (plain, "not a mugbench encoder"),
+            "no-architecture": (lonely, "which ViT"),
+            "empty-dir": (tmp_path, "without checkpoint.pt")}
+
+
+@pytest.mark.parametrize("command", ["export", "eval"])
+def test_bad_sources_are_one_paragraph_and_exit_2(tiny_run, tmp_path, capsys, command):
+    (tmp_path / "in").mkdir()
+    for name, (path, needle) in _bad_sources(tmp_path / "in", tiny_run[1]).items():
+        argv = ["export", str(path), str(tmp_path / "out")] if command == "export" else ["eval", "--checkpoint", str(path)]
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and err.count("\n") == 1, (name, err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--timm-model", "vit_tiny_patch16_22"], "did you mean vit_tiny_patch16_224"),
+    (["--timm-model", "resnet18"], "not a ViT"),
+    (["--timm-model", "vit_tiny_patch16_224", "--model-args", "{img_size: 32"], "JSON object"),
+    (["--timm-model", "vit_tiny_patch16_224", "--weights", "nope.safetensors"], "nope.safetensors"),
+])
+def test_bad_timm_models_are_clear_errors(args, needle, capsys, tmp_path):
+    assert main(["eval", *args, "--results", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "res").exists()

@@ -1,0 +1,263 @@
+"""The segmentation protocol: mmseg compatibility, toy masks in mmseg's layout, UperNet training, resume."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from mugbench.config import load_config
+from mugbench.data.toy import prepare_toy
+from mugbench.data.toy_seg import prepare_toy_seg
+from mugbench.eval import mmseg_compat
+from mugbench.eval.segmentation import (ViTPyramid, _prepare_encoder, block_indices, param_groups,
+                                        segmentation_protocol)
+from mugbench.models.vit import build_encoder
+
+CLASSES = ["background", "circle", "square", "triangle", "star", "cross", "diamond", "heart", "ring"]
+
+
+@pytest.fixture(scope="module")
+def toy_seg(tmp_path_factory):
+    """The smoke toy world's segmentation splits (64 / 32 images) in mmseg's layout."""
+    root = tmp_path_factory.mktemp("toy")
+    manifest = prepare_toy(root, {"seg-train": 64, "seg-val": 32}, seed=0, shard_size=64, workers=1)
+    out = prepare_toy_seg(root, manifest, tmp_path_factory.mktemp("seg") / "toy")
+    return root, manifest, out
+
+
+@pytest.fixture(scope="module")
+def binary_seg(toy_seg, tmp_path_factory):
+    """The same images labelled object / background.
+
+    Telling the eight shapes apart takes a random-init encoder hundreds of iterations (see
+    the toy preset); finding objects takes a few dozen, which is what a smoke test can afford.
+    """
+    out = tmp_path_factory.mktemp("binary") / "toy"
+    shutil.copytree(toy_seg[2], out)
+    for path in (out / "ann_dir").rglob("*.png"):
+        mask = np.asarray(Image.open(path))
+        Image.fromarray((mask > 0).astype(np.uint8)).save(path)
+    return out
+
+
+def _data(root, classes) -> dict:
+    return {"name": "toy-seg", "root": root, "classes": list(classes), "reduce_zero_label": False,
+            "ignore_index": 255, "dataset_type": "toy"}
+
+
+def _eval_cfg(**changes):
+    return dataclasses.replace(load_config("smoke").eval, **changes)
+
+
+def _encoder():
+    return build_encoder(load_config("smoke").encoder, seed=0)
+
+
+# --------------------------------------------------------------------------- compatibility
+
+def test_point_sample_is_bilinear():
+    img = torch.tensor([[[[1.0, 2.0, 3.0], [5.0, 7.0, 11.0]]]])  # [1, 1, H=2, W=3]
+    # (x, y) in [0, 1]; with align_corners=False pixel centres sit at (i + 0.5) / size.
+    points = torch.tensor([[[0.5, 0.5], [1 / 3, 0.25], [5 / 6, 0.75]]])
+    out = mmseg_compat.point_sample(img, points)
+    expected = [(2 + 7) / 2,  # column 1, halfway between the rows
+                (1 + 2) / 2,  # row 0, halfway between columns 0 and 1
+                11.0]  # the centre of pixel (row 1, column 2)
+    assert out.shape == (1, 1, 3)
+    assert torch.allclose(out[0, 0], torch.tensor(expected))
+    grid = mmseg_compat.point_sample(img, points.view(1, 3, 1, 2))
+    assert grid.shape == (1, 1, 3, 1) and torch.allclose(grid.flatten(), out.flatten())
+
+
+@pytest.mark.filterwarnings("ignore:Fail to import ``MultiScaleDeformableAttention``")
+def test_mmseg_imports_with_or_without_compiled_ops():
+    shimmed = mmseg_compat.ensure_mmseg_importable()
+    assert shimmed == (not mmseg_compat.has_compiled_mmcv_ops())
+    import mmcv.ops
+    import mmseg.models  # noqa: F401  (failed on mmcv-lite without the stand-in)
+
+    if shimmed:
+        assert mmcv.ops.point_sample is mmseg_compat.point_sample
+        with pytest.raises(ModuleNotFoundError):
+            from mmcv.ops import CrissCrossAttention  # noqa: F401
+    assert mmseg_compat.ensure_mmseg_importable() == shimmed  # idempotent
+
+
+class _Pickled:
+    """A non-tensor object, as mmengine stores in checkpoints."""
+
+
+def test_trusted_checkpoint_loading_is_scoped(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state": _Pickled()}, path)
+    before = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    with mmseg_compat.trusted_checkpoint_loading():
+        assert isinstance(torch.load(path)["state"], _Pickled)
+    assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") == before
+    if before is None:
+        with pytest.raises(Exception):
+            torch.load(path)  # torch >= 2.6: weights_only by default
+
+
+# --------------------------------------------------------------------------- data
+
+def test_prepare_toy_seg_layout_and_cache(toy_seg, tmp_path):
+    root, manifest, out = toy_seg
+    for sub, count in (("train", 64), ("val", 32)):
+        images = sorted((out / "img_dir" / sub).iterdir())
+        masks = sorted((out / "ann_dir" / sub).iterdir())
+        assert len(images) == len(masks) == count
+        assert [p.name for p in images] == [p.name for p in masks]
+    # Masks are the generator's bytes: same pixels as in the shard.
+    with tarfile.open(root / manifest["splits"]["seg-val"]["shards"][0]) as tar:
+        key = "seg_val_00000003"
+        shard_mask = np.asarray(Image.open(tar.extractfile(f"{key}.seg.png")))
+    mask = np.asarray(Image.open(out / "ann_dir" / "val" / f"{key}.png"))
+    assert np.array_equal(mask, shard_mask) and mask.max() <= len(manifest["classes"])
+    # Cached: a second call rewrites nothing.
+    stamp = (out / ".done").stat().st_mtime_ns
+    assert prepare_toy_seg(root, manifest, out) == out
+    assert (out / ".done").stat().st_mtime_ns == stamp
+    # Deterministic: an independent copy is byte-identical.
+    again = prepare_toy_seg(root, manifest, tmp_path / "again")
+    for path in (out / "ann_dir").rglob("*.png"):
+        assert (again / path.relative_to(out)).read_bytes() == path.read_bytes()
+
+
+def test_prepare_toy_seg_needs_seg_splits(toy_seg, tmp_path):
+    root, manifest, _ = toy_seg
+    with pytest.raises(ValueError, match="seg-train"):
+        prepare_toy_seg(root, dict(manifest, splits={}), tmp_path / "x")
+
+
+# --------------------------------------------------------------------------- model
+
+def test_block_indices_follow_beit():
+    assert block_indices(12) == [3, 5, 7, 11]
+    assert block_indices(24) == [7, 11, 15, 23]
+    assert block_indices(4) == [0, 1, 2, 3]
+    assert block_indices(2) == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("img,patch", [(64, 16), (32, 8), (32, 4)])
+def test_pyramid_strides(img, patch):
+    spec = dataclasses.replace(load_config("smoke").encoder, img_size=img, patch_size=patch, depth=4)
+    enc = build_encoder(spec, seed=0)
+    feats = ViTPyramid(enc, block_indices(4))(torch.randn(2, 3, img, img))
+    assert [f.shape[-1] for f in feats] == [img // s for s in (4, 8, 16, 32)]
+    assert all(f.shape[:2] == (2, spec.embed_dim) for f in feats)
+
+
+def test_prepare_encoder_copies_and_keeps_pos_embed_frozen():
+    enc = _encoder()
+    enc.pos_embed.requires_grad_(True)  # as after reloading an exported encoder
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    copy = _prepare_encoder(enc, 48, block_indices(len(enc.blocks)))
+    assert copy.pos_embed.shape[1] == 1 + (48 // 8) ** 2 and not copy.pos_embed.requires_grad
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+    assert enc.pos_embed.shape[1] == 1 + 16 and enc.pos_embed.requires_grad
+    assert [f.shape[-1] for f in ViTPyramid(copy, [0, 0, 0, 1])(torch.randn(1, 3, 48, 48))] == [12, 6, 3, 1]
+
+
+def test_layer_decay_groups():
+    enc = _encoder()
+    model = nn.Module()
+    model.backbone = ViTPyramid(enc, block_indices(2))
+    model.decode_head = nn.Conv2d(32, 9, 1)
+    groups = param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5, num_blocks=2)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert id(enc.pos_embed) not in lr_of  # frozen sin-cos table
+    assert lr_of[id(enc.cls_token)] == (0.5 ** 3, 0.0)
+    assert lr_of[id(enc.patch_embed.proj.weight)] == (0.5 ** 3, 0.05)
+    assert lr_of[id(enc.blocks[1].mlp.fc1.weight)] == (0.5, 0.05)
+    assert lr_of[id(enc.blocks[0].norm1.weight)] == (0.25, 0.0)
+    assert lr_of[id(model.decode_head.weight)] == (1.0, 0.05)
+
+
+# --------------------------------------------------------------------------- the protocol
+
+def test_protocol_beats_background(binary_seg, tmp_path, capfd):
+    enc = _encoder()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    cfg = _eval_cfg()
+    metrics, options = segmentation_protocol(enc, _data(binary_seg, ["background", "object"]), cfg, 0,
+                                             device="cpu", workdir=tmp_path / "work")
+    assert set(metrics) == {"mIoU", "aAcc", "mAcc", "background_mIoU"}
+    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    assert metrics["mIoU"] > metrics["background_mIoU"] + 10, metrics
+    assert options["iters"] == cfg.seg_iters and options["blocks"] == [0, 0, 0, 1]
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # caller's encoder untouched
+    assert capfd.readouterr().out == ""  # mmengine's logs go to the work_dir
+    assert list((tmp_path / "work").glob("*/*.log"))
+
+
+class _Killed(Exception):
+    """Stands in for a kill in the middle of training."""
+
+
+def test_protocol_resumes_after_interruption(toy_seg, tmp_path, monkeypatch):
+    from mmengine.runner.loops import IterBasedTrainLoop
+
+    run_iter, trained = IterBasedTrainLoop.run_iter, []
+
+    def run_until_killed(self, data_batch):
+        if kill_at is not None and self._iter == kill_at:
+            raise _Killed
+        assert data_batch is not None  # resumed runs skip data without loading it
+        trained.append(self._iter)
+        run_iter(self, data_batch)
+
+    monkeypatch.setattr(IterBasedTrainLoop, "run_iter", run_until_killed)
+    data, cfg, work = _data(toy_seg[2], CLASSES), _eval_cfg(seg_iters=20), tmp_path / "work"
+    kill_at = 12  # checkpoints every 2 iterations (a tenth of the run)
+    with pytest.raises(_Killed):
+        segmentation_protocol(_encoder(), data, cfg, 0, device="cpu", workdir=work)
+    assert trained == list(range(12)) and (work / "iter_12.pth").exists()
+
+    kill_at, trained[:] = None, []
+    metrics, _ = segmentation_protocol(_encoder(), data, cfg, 0, device="cpu", workdir=work)
+    assert trained == list(range(12, 20))  # resumed, not retrained from 0
+    assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_20.pth"]
+    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    # The floor is IoUMetric's mIoU of an all-background prediction: the background pixel
+    # fraction over the number of classes present in the validation masks.
+    masks = np.stack([np.asarray(Image.open(p)) for p in sorted((toy_seg[2] / "ann_dir" / "val").iterdir())])
+    floor = 100 * (masks == 0).mean() / len(np.unique(masks))
+    assert metrics["background_mIoU"] == pytest.approx(floor, abs=0.01)
+
+    # A finished run is not trained again: the stored result comes back.
+    trained[:] = []
+    again, _ = segmentation_protocol(_encoder(), data, cfg, 0, device="cpu", workdir=work)
+    assert trained == [] and again == metrics
+
+    # Other settings (or another encoder) never resume this work_dir's run: it starts afresh.
+    segmentation_protocol(_encoder(), data, _eval_cfg(seg_iters=6), 0, device="cpu", workdir=work)
+    assert trained == list(range(6))
+
+
+def test_protocol_on_ade20k_layout(tmp_path):
+    """mmseg's ADE20K dataset class and folders, reduce_zero_label, images larger than the crop
+    (sliding-window inference): a few iterations on made-up images."""
+    rng = np.random.default_rng(0)
+    for split, count in (("training", 4), ("validation", 2)):
+        (tmp_path / "ade" / "images" / split).mkdir(parents=True)
+        (tmp_path / "ade" / "annotations" / split).mkdir(parents=True)
+        for i in range(count):
+            image = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "ade" / "images" / split / f"ADE_{i}.jpg")
+            label = rng.integers(0, 4, (40, 56), dtype=np.uint8)  # 0 = "other", ignored
+            Image.fromarray(label).save(tmp_path / "ade" / "annotations" / split / f"ADE_{i}.png")
+    data = {"name": "ade20k", "root": tmp_path / "ade", "classes": [], "reduce_zero_label": True,
+            "ignore_index": 255, "dataset_type": "ade20k"}
+    metrics, _ = segmentation_protocol(_encoder(), data, _eval_cfg(seg_iters=4, seg_batch_size=2), 0,
+                                       device="cpu", workdir=tmp_path / "work")
+    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    # Label 1 becomes class 0 after reduce_zero_label; the floor predicts class 0 on three classes.
+    assert metrics["background_mIoU"] == pytest.approx(100 / 3 / 3, abs=3)
