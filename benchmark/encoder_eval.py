@@ -85,7 +85,7 @@ def evaluate_source(source: EncoderSource, cfg: StudyConfig, *, results_dir: Pat
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name, pretrain_data = record_identity(source)
     _note_normalisation(source, log)
-    eval_sets = EvalSets(cfg, cache_dir)
+    eval_sets = EvalSets(cfg, cache_dir, data_root)
     results = [r + ([],) for r in evaluate(source.encoder, cfg, eval_sets, device)]
     capability = [p for p in cfg.eval.protocols if p in CAPABILITY_PROTOCOLS]
     method, tokenizer = rebuild_method(source, cache_dir, data_root, device) if capability else (None, None)

@@ -48,6 +48,8 @@ TOY_EVAL_SETS = {
     "toy-caps": ToyEvalSet(None, "caps-val", "captions"),
     "toy-seg": ToyEvalSet("seg-train", "seg-val", "segmentation"),
 }
+# Real evaluation sets found under the data root (`catalog.EVAL_SETS`), by kind.
+REAL_EVAL_SETS = {"ade20k": "segmentation"}
 
 
 @dataclass
@@ -137,7 +139,7 @@ def _safe(text: str) -> str:
 def check_evaluation(cfg: StudyConfig) -> None:
     """Reject unknown protocols and evaluation sets before any training starts."""
     for kind, names, known in (("protocol", cfg.eval.protocols, PROTOCOLS),
-                               ("evaluation dataset", cfg.eval.datasets, TOY_EVAL_SETS)):
+                               ("evaluation dataset", cfg.eval.datasets, {**TOY_EVAL_SETS, **REAL_EVAL_SETS})):
         for name in names:
             if name not in known:
                 raise ConfigError(f"Unknown {kind} {name!r} in eval settings. Available: {', '.join(known)}.")
@@ -146,8 +148,8 @@ def check_evaluation(cfg: StudyConfig) -> None:
 class EvalSets:
     """Evaluation splits as tensors at the study's resolution, loaded once per process."""
 
-    def __init__(self, cfg: StudyConfig, cache_dir: Path):
-        self.cfg, self.cache_dir, self._loaded = cfg, cache_dir, {}
+    def __init__(self, cfg: StudyConfig, cache_dir: Path, data_root: Path | None = None):
+        self.cfg, self.cache_dir, self.data_root, self._loaded = cfg, cache_dir, data_root, {}
 
     def get(self, dataset: str) -> dict:
         """A named evaluation set, loaded on first use.
@@ -155,8 +157,13 @@ class EvalSets:
         Classification and caption sets: ``{"train": {...}, "val": {...}}`` tensors from
         `load_split_tensors` (no ``train`` for caption sets), ``train_urls`` / ``train_count`` (the
         labelled shards, for protocols that augment), ``num_classes``, ``classes``, ``name``.
-        Segmentation sets: the mmseg folder layout of `segmentation_data`.
+        Segmentation sets: the mmseg folder layout of `segmentation_data`; ``ade20k`` is found under
+        the data root.
         """
+        if dataset == "ade20k" and dataset not in self._loaded:
+            self._loaded[dataset] = {"name": dataset, "root": catalog.resolve_eval_root(dataset, self.data_root),
+                                     "classes": [], "reduce_zero_label": True, "ignore_index": 255,
+                                     "dataset_type": "ade20k"}
         if dataset not in self._loaded:
             root, manifest = prepare_toy_world(self.cfg, self.cache_dir)
             spec = TOY_EVAL_SETS[dataset]
@@ -249,13 +256,16 @@ def evaluate_capabilities(method: Method, cfg: StudyConfig, eval_sets: EvalSets,
 
 def _kind(dataset: str) -> str:
     """What kind of evaluation set ``dataset`` is: classification, captions or segmentation."""
-    return TOY_EVAL_SETS[dataset].kind
+    return REAL_EVAL_SETS[dataset] if dataset in REAL_EVAL_SETS else TOY_EVAL_SETS[dataset].kind
 
 
 def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_dir: Path, cache_dir: Path,
               data_root: Path | None = None, overrides: list[str] = (), log=print) -> list[ResultRecord]:
     """Pre-train and evaluate each method like-for-like; write and return the result records."""
     check_evaluation(cfg)
+    for dataset in cfg.eval.datasets:  # a missing evaluation set fails now, not after hours of training
+        if dataset in REAL_EVAL_SETS:
+            catalog.resolve_eval_root(dataset, data_root)
     info: DistInfo = init_distributed(cfg.train.device)
     if not info.is_main:
         log = lambda *args, **kwargs: None  # noqa: E731  (one voice per job)
@@ -267,7 +277,7 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
         if info.world_size > 1:
             torch.distributed.barrier()
     spec = text_spec(cfg, tokenizer)
-    eval_sets = EvalSets(cfg, cache_dir)
+    eval_sets = EvalSets(cfg, cache_dir, data_root)
     world = info.world_size * cfg.train.accum_steps
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by world size x accum_steps = {world}")

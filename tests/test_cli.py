@@ -102,6 +102,15 @@ def test_missing_cc3m_fails_fast_with_instructions(tmp_path):
     assert elapsed < 5.0, f"took {elapsed:.1f}s"
 
 
+def test_missing_ade20k_fails_before_training_with_instructions(tmp_path):
+    proc = mugbench("run", "--preset", "smoke", "--methods", "mae", "--evals", "segmentation",
+                    "--set", "eval.datasets=[ade20k]", "--data-root", str(tmp_path / "data"),
+                    cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "ADEChallengeData2016" in proc.stderr and str(tmp_path / "data") in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing half-written
+
+
 @pytest.mark.parametrize("args,needle", [
     (["run", "--methods", "mae,nope"], "Registered methods"),
     (["run", "--set", "train.epoch=2"], "train.epoch"),

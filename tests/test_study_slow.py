@@ -11,6 +11,8 @@ import pytest
 
 CHANCE = 100.0 / 8  # eight shape classes in toy-cls
 CAPTION_FLOOR = 50.0  # percent of toy-caps scenes
+# UperNet at the toy budget (500 iterations): measured 15-17 mIoU against 9.4 for all-background.
+SEG_MARGIN = 3.0
 
 
 @pytest.mark.slow
@@ -18,7 +20,7 @@ def test_default_study_separates_from_chance(tmp_path):
     env = dict(os.environ, MUGBENCH_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "mugbench.cli", "run"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=3600)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("*.json")]
@@ -31,8 +33,13 @@ def test_default_study_separates_from_chance(tmp_path):
         if r["protocol"] in floor:
             assert r["metrics"]["top1"] > floor[r["protocol"]], (r["method"], r["protocol"], r["metrics"])
     by_protocol = {(r["method"], r["protocol"]): r for r in records}
-    assert {p for m, p in by_protocol if m == "mug"} == {"knn", "linear", "zeroshot", "captioning", "reconstruction"}
-    assert {p for m, p in by_protocol if m == "clip"} == {"knn", "linear", "zeroshot", "retrieval"}
+    every = {"knn", "linear", "finetune", "segmentation"}
+    assert {p for m, p in by_protocol if m == "mug"} == every | {"zeroshot", "captioning", "reconstruction"}
+    assert {p for m, p in by_protocol if m == "clip"} == every | {"zeroshot", "retrieval"}
+    for name in ("simclr", "mae", "clip", "mug"):
+        seg = by_protocol[name, "segmentation"]["metrics"]
+        assert seg["mIoU"] > seg["background_mIoU"] + SEG_MARGIN, (name, seg)
+        assert by_protocol[name, "finetune"]["metrics"]["top1"] > CHANCE, name
     # Chance is about 5 % (an image has 5 of the 1,000 captions; 10 are retrieved); measured 72.5 %.
     assert by_protocol["clip", "retrieval"]["metrics"]["i2t_r10"] > 25.0
     # MUG's captions name the main object's shape or colour for most validation scenes.

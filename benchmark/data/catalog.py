@@ -136,3 +136,33 @@ def resolve_pretrain_urls(data: str, data_root: Path | None) -> list[str]:
         f"Unknown pre-training data '{data}'. Named sets are: toy (embedded, generated on first use), "
         f"{', '.join(PRETRAIN_SETS)} (webdataset shards under --data-root / MUGBENCH_DATA). A shard "
         f"pattern is also accepted, e.g. --data '/path/to/shards/{{00000..00099}}.tar'.")
+
+
+# Evaluation sets that live under the data root: folder, and the files whose presence marks it complete.
+EVAL_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ade20k": ("ade20k/ADEChallengeData2016", ("images/training", "images/validation", "annotations/training",
+                                               "annotations/validation")),
+}
+_EVAL_HINTS = {
+    "ade20k": "Download ADEChallengeData2016.zip (the MIT Scene Parsing benchmark, 20,210 training and 2,000 "
+              "validation images with 150-class annotations, as mmsegmentation's dataset guide describes) and "
+              "unzip it so that DIR/ade20k/ADEChallengeData2016/images/{training,validation} and "
+              "annotations/{training,validation} exist.",
+}
+
+
+def resolve_eval_root(name: str, data_root: Path | None) -> Path:
+    """The folder of a named evaluation set under ``data_root``; a one-paragraph
+    ``DataNotFoundError`` saying where it looked and how to build it when it is missing."""
+    folder, required = EVAL_SETS[name]
+    if data_root is None:
+        raise DataNotFoundError(
+            f"Evaluation set '{name}' is looked up under a data root, and none is set: pass --data-root DIR or set "
+            f"MUGBENCH_DATA=DIR, with the set at DIR/{folder}. " + _EVAL_HINTS[name])
+    root = Path(data_root) / folder
+    missing = [r for r in required if not (root / r).is_dir()]
+    if missing:
+        raise DataNotFoundError(
+            f"Evaluation set '{name}' was not found: looked in {root} for {', '.join(missing)}. The data root "
+            f"comes from --data-root or MUGBENCH_DATA (now {data_root}). " + _EVAL_HINTS[name])
+    return root
