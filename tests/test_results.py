@@ -191,6 +191,14 @@ def test_lower_is_better_metrics_bold_the_minimum():
     assert "**0.02**" in text and "**0.05**" not in text
 
 
+def test_baseline_scores_beside_a_metric_are_never_bold():
+    records = [make_record(m, protocol="segmentation", mIoU=v, background_mIoU=9.4)
+               for m, v in (("mae", 15.3), ("mug", 17.3))]
+    rows = {line.split("|")[1].strip(): line for line in
+            render_markdown(summary_frame(records), []).splitlines() if line.startswith("| ")}
+    assert "**17.3**" in rows["mug"] and "**9.4**" not in rows["mug"] + rows["mae"]
+
+
 def test_report_from_results_dir_alone(tmp_path):
     results, reports = tmp_path / "results", tmp_path / "reports"
     for record in _study_records():

@@ -31,6 +31,9 @@ _PROTOCOL_ORDER = (
 # Metrics where smaller is better; matched as substrings of the metric name so that
 # e.g. "recon_mse" or "val_loss" are ranked the right way round.
 _LOWER_IS_BETTER = ("loss", "mse", "error", "perplexity", "ppl", "nll", "fid")
+# Reference scores a protocol reports beside its metric (what a trivial predictor gets): context,
+# not a result, so never ranked. Matched as prefixes of the metric name.
+_BASELINES = ("background_", "flat_patch_")
 
 _MISSING = "–"
 
@@ -151,10 +154,10 @@ def _best_rows(means: pd.Series, metric: str) -> set:
     """Rows holding the best mean in a column, compared at the displayed precision.
 
     Comparing displayed values means two cells that *read* the same are both bold.
-    A column with fewer than two values has no winner to show.
+    A column with fewer than two values, or of a baseline score, has no winner to show.
     """
     present = means.dropna()
-    if len(present) < 2:
+    if len(present) < 2 or metric.lower().startswith(_BASELINES):
         return set()
     shown = present.map(lambda v: float(_fmt(v)))
     best = shown.min() if _lower_is_better(metric) else shown.max()
