@@ -17,6 +17,7 @@ import torch
 
 from .config import ConfigError, StudyConfig
 from .data import catalog
+from .data.caption_sets import KARPATHY_FILES, load_karpathy_split
 from .data.pipeline import load_split_tensors, make_loader
 from .data.tokenizer import TextTokenizer, corpus_vocab
 from .data.toy import prepare_toy, toy_cache_dir
@@ -49,7 +50,7 @@ TOY_EVAL_SETS = {
     "toy-seg": ToyEvalSet("seg-train", "seg-val", "segmentation"),
 }
 # Real evaluation sets found under the data root (`catalog.EVAL_SETS`), by kind.
-REAL_EVAL_SETS = {"ade20k": "segmentation"}
+REAL_EVAL_SETS = {"ade20k": "segmentation", "coco-caps": "captions", "flickr30k": "captions"}
 
 
 @dataclass
@@ -157,13 +158,18 @@ class EvalSets:
         Classification and caption sets: ``{"train": {...}, "val": {...}}`` tensors from
         `load_split_tensors` (no ``train`` for caption sets), ``train_urls`` / ``train_count`` (the
         labelled shards, for protocols that augment), ``num_classes``, ``classes``, ``name``.
-        Segmentation sets: the mmseg folder layout of `segmentation_data`; ``ade20k`` is found under
-        the data root.
+        Segmentation sets: the mmseg folder layout of `segmentation_data`. ``ade20k``,
+        ``coco-caps`` and ``flickr30k`` are found under the data root (Karpathy's test split for
+        the caption sets).
         """
         if dataset == "ade20k" and dataset not in self._loaded:
             self._loaded[dataset] = {"name": dataset, "root": catalog.resolve_eval_root(dataset, self.data_root),
                                      "classes": [], "reduce_zero_label": True, "ignore_index": 255,
                                      "dataset_type": "ade20k"}
+        if dataset in KARPATHY_FILES and dataset not in self._loaded:
+            root = catalog.resolve_eval_root(dataset, self.data_root)
+            val = load_karpathy_split(root, KARPATHY_FILES[dataset], build_eval_transform(self.cfg.encoder.img_size))
+            self._loaded[dataset] = {"val": val, "name": dataset, "classes": [], "num_classes": 0}
         if dataset not in self._loaded:
             root, manifest = prepare_toy_world(self.cfg, self.cache_dir)
             spec = TOY_EVAL_SETS[dataset]

@@ -142,12 +142,19 @@ def resolve_pretrain_urls(data: str, data_root: Path | None) -> list[str]:
 EVAL_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ade20k": ("ade20k/ADEChallengeData2016", ("images/training", "images/validation", "annotations/training",
                                                "annotations/validation")),
+    "coco-caps": ("coco", ("dataset_coco.json",)),
+    "flickr30k": ("flickr30k", ("dataset_flickr30k.json", "flickr30k-images")),
 }
 _EVAL_HINTS = {
     "ade20k": "Download ADEChallengeData2016.zip (the MIT Scene Parsing benchmark, 20,210 training and 2,000 "
               "validation images with 150-class annotations, as mmsegmentation's dataset guide describes) and "
               "unzip it so that DIR/ade20k/ADEChallengeData2016/images/{training,validation} and "
               "annotations/{training,validation} exist.",
+    "coco-caps": "Put Karpathy's dataset_coco.json (the split file of 'Deep Visual-Semantic Alignments', 2015) in "
+                 "DIR/coco/ and the COCO 2014 images beside it as DIR/coco/val2014/*.jpg and DIR/coco/train2014/*.jpg; "
+                 "the 5,000-image test split is evaluated.",
+    "flickr30k": "Put Karpathy's dataset_flickr30k.json in DIR/flickr30k/ and the Flickr30k images in "
+                 "DIR/flickr30k/flickr30k-images/; the 1,000-image test split is evaluated.",
 }
 
 
@@ -160,7 +167,7 @@ def resolve_eval_root(name: str, data_root: Path | None) -> Path:
             f"Evaluation set '{name}' is looked up under a data root, and none is set: pass --data-root DIR or set "
             f"MUGBENCH_DATA=DIR, with the set at DIR/{folder}. " + _EVAL_HINTS[name])
     root = Path(data_root) / folder
-    missing = [r for r in required if not (root / r).is_dir()]
+    missing = [r for r in required if not (root / r).exists()]
     if missing:
         raise DataNotFoundError(
             f"Evaluation set '{name}' was not found: looked in {root} for {', '.join(missing)}. The data root "
