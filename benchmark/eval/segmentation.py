@@ -29,6 +29,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from ..results import atomic_write_text
 from .mmseg_compat import ensure_mmseg_importable, trusted_checkpoint_loading
 
 # Per dataset type: mmseg dataset class, folders under ``root`` and file suffixes.
@@ -514,6 +515,4 @@ def _read_json(path: Path) -> dict | None:
 
 def _write_json(path: Path, value: dict) -> None:
     """Write JSON atomically (temp file, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True))
