@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import random
 
 import torch
@@ -23,6 +22,7 @@ from timm.optim import create_optimizer_v2
 
 from ..data.pipeline import make_loader
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .linear import warmup_cosine
 
 
 def set_drop_path(model: torch.nn.Module, rate: float) -> None:
@@ -114,7 +114,7 @@ def _finetune(encoder: torch.nn.Module, data: dict, cfg, seed: int, *, device):
     lr = cfg.finetune_blr * batch / 256
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.finetune_weight_decay,
                                     layer_decay=cfg.finetune_layer_decay, betas=(0.9, 0.999))
-    mixup = None
+    mixup, soft_target_loss = None, SoftTargetCrossEntropy()
     if cfg.finetune_mixup > 0 or cfg.finetune_cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.finetune_mixup, cutmix_alpha=cfg.finetune_cutmix,
                       label_smoothing=cfg.finetune_label_smoothing, num_classes=data["num_classes"])
@@ -128,15 +128,13 @@ def _finetune(encoder: torch.nn.Module, data: dict, cfg, seed: int, *, device):
                              need_caption=False, need_label=True, shuffle=True, seed=seed, epoch=epoch,
                              shuffle_buffer=data["train_count"])
         for b in loader:
-            # Per-step schedule (MAE's lr_sched): linear warmup, then half-cycle cosine.
-            scale = (step + 1) / warmup if step < warmup else \
-                0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            scale = warmup_cosine(step, total, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale * group.get("lr_scale", 1.0)
             images, labels = b["image"].to(device), b["label"].to(device)
             if mixup is not None:
                 images, targets = mixup(images, labels)
-                loss = SoftTargetCrossEntropy()(model(images), targets)
+                loss = soft_target_loss(model(images), targets)
             else:
                 loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.finetune_label_smoothing)
             optimizer.zero_grad(set_to_none=True)

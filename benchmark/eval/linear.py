@@ -19,6 +19,14 @@ from torch import nn
 SOLVERS = ("sgd", "lars")
 
 
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor at ``step`` of ``total``: linear warmup over ``warmup`` steps, then a
+    half-cycle cosine to 0 (MAE's per-step ``lr_sched``, shared by the probe and fine-tuning)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
 def _heads(dim: int, num_classes: int, count: int, seed: int) -> nn.ModuleList:
     heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(count))
     for head in heads:  # the same start for every rate: a grid entry equals a run at that rate alone
@@ -68,8 +76,7 @@ def evaluate_linear(train_feats: torch.Tensor, train_labels: torch.Tensor, val_f
             idx = order[i:i + batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
-            scale = (step + 1) / warmup if step < warmup else \
-                0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            scale = warmup_cosine(step, total, warmup)
             for group in opt.param_groups:
                 group["lr"] = group.setdefault("peak_lr", group["lr"]) * scale
             x = norm(train_feats[idx])

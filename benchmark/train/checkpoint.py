@@ -42,14 +42,8 @@ def export_encoder(path: Path, encoder: torch.nn.Module, spec: EncoderSpec) -> P
 
 
 def load_encoder(path: Path) -> torch.nn.Module:
-    """Rebuild a plain timm ViT from an exported encoder file."""
-    import timm
-    from safetensors import safe_open
+    """Rebuild a plain timm ViT (in eval mode) from an exported encoder file; the one loader is
+    `mugbench.sources.load_source`, which also checks the file and says what is wrong with it."""
+    from ..sources import load_source
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "timm_name" not in meta:
-        raise ValueError(f"{path} is not a mugbench encoder export (no timm_name in its metadata)")
-    model = timm.create_model(meta["timm_name"], pretrained=False, **json.loads(meta["timm_kwargs"]))
-    model.load_state_dict(load_file(str(path)))
-    return model
+    return load_source(Path(path)).encoder
