@@ -6,6 +6,7 @@ that a wrong name or a missing data set is reported within seconds.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -48,9 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     prep = dsub.add_parser("prepare", help="generate the embedded `toy` shards into the cache")
     prep.add_argument("name", choices=["toy"])
     _add_study_args(prep)
-    check = dsub.add_parser("check", help="read every sample of a shard set and count bad ones")
+    check = dsub.add_parser("check", help="read every sample of a shard set: bad samples by kind, caption and "
+                            "image-size statistics, a JSON summary")
     check.add_argument("urls", help="shard pattern, e.g. 'cc3m/{00000..00331}.tar', or a named set")
-    check.add_argument("--data-root", type=Path, default=None)
+    check.add_argument("--data-root", type=Path, default=None, help="root of named shard sets (default: $MUGBENCH_DATA)")
+    check.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="shards read in parallel (default: all cores)")
+    check.add_argument("--json", type=Path, default=Path("data-check.json"), help="summary file (default: ./data-check.json)")
+    check.add_argument("--fix-list", action="store_true", help="print the bad samples, one 'shard<TAB>key<TAB>kind' "
+                       "line each, on stdout (the summary then goes to stderr)")
+    check.add_argument("--images-only", action="store_true", help="captions are not required (image-only data)")
+    check.add_argument("--min-image-size", type=int, default=None, help="shorter side below which an image is "
+                       "tiny (default: the training default, data.min_image_size)")
+    check.add_argument("--max-bad-fraction", type=float, default=None, help="exit 1 above this bad fraction "
+                       "(default: the training default, data.max_bad_fraction)")
 
     ev = sub.add_parser("eval", help="run the evaluation harness on a run's encoder or any timm ViT; record the results")
     which = ev.add_mutually_exclusive_group(required=True)
@@ -144,15 +155,39 @@ def _cmd_data(args) -> int:
         print(f"toy world ready in {root}: {counts}")
         return 0
     if args.data_command == "check":
-        from .data.catalog import default_data_root, resolve_pretrain_urls
-        from .data.pipeline import check_shards
-
-        # The catalog tells named sets from shard patterns, and says clearly when shards are missing.
-        stats = check_shards(resolve_pretrain_urls(args.urls, args.data_root or default_data_root()))
-        print(f"shards: {stats['shards']}  good samples: {stats['samples']}  skipped: {stats['skipped'] or 'none'}")
-        return 1 if stats["skipped"] else 0
+        return _cmd_data_check(args)
     print("usage: mugbench data {prepare,check} ...", file=sys.stderr)
     return 2
+
+
+def _cmd_data_check(args) -> int:
+    from .config import DataConfig
+    from .data.catalog import default_data_root, resolve_pretrain_urls
+    from .results import atomic_write_text
+
+    defaults = DataConfig()
+    min_size = defaults.min_image_size if args.min_image_size is None else args.min_image_size
+    limit = defaults.max_bad_fraction if args.max_bad_fraction is None else args.max_bad_fraction
+    # The catalog tells named sets from shard patterns, and says clearly when shards are missing.
+    urls = resolve_pretrain_urls(args.urls, args.data_root or default_data_root())
+    from .data.check import check_shard_set, format_report
+    from .data.pipeline import DecodeOptions
+
+    report = check_shard_set(urls, workers=args.workers, need_caption=not args.images_only,
+                             decode=DecodeOptions(min_size=min_size))
+    report.update(data=args.urls, min_image_size=min_size, captions_required=not args.images_only)
+    atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+    out = sys.stderr if args.fix_list else sys.stdout
+    print(format_report(report), file=out)
+    print(f"summary written to {args.json}", file=out)
+    if args.fix_list:
+        for shard, key, kind in report["bad_keys"]:
+            print(f"{shard}\t{key}\t{kind}")
+    if report["bad_fraction"] > limit:
+        print(f"mugbench: bad fraction {report['bad_fraction']:.4f} is above {limit}: training on this set would "
+              f"stop (data.max_bad_fraction)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_eval(args) -> int:

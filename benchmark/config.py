@@ -57,8 +57,17 @@ class DataConfig:
     toy_sizes: dict = field(default_factory=lambda: {"pretrain": 6000, "cls-train": 2000, "cls-val": 1000,
                                                      "caps-val": 200})
     samples_per_epoch: Optional[int] = None  # needed for shard sets without a manifest
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per rank
+    pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (CUDA only)
+    prefetch_factor: int = 4  # batches each worker prepares ahead (with workers only)
     shuffle_buffer: int = 2000
+    # open_clip's multi-node recipe: each (rank, worker) draws shards with replacement and an epoch is
+    # samples_per_epoch samples; without it shards are split across ranks and workers, one pass each.
+    resampled: bool = False
+    min_image_size: int = 32  # shorter side in pixels; smaller images are skipped as tiny_image
+    repair_modes: bool = True  # CMYK/palette/alpha/grey -> RGB (counted); false skips them as wrong_mode
+    decode_draft: bool = True  # JPEG reduced-size decode down to what the smallest crop needs
+    max_bad_fraction: float = 0.2  # stop a run whose skipped fraction exceeds this (after 1,000 samples)
 
 
 @dataclass

@@ -3,20 +3,20 @@ from __future__ import annotations
 
 import sys
 
-# module -> exception class name. Looked up only in modules already imported, so reporting an
+# module -> exception class names. Looked up only in modules already imported, so reporting an
 # early error (a missing data set) never pays for importing torch.
 _USER_ERRORS = {
-    "mugbench.config": "ConfigError",
-    "mugbench.data.catalog": "DataNotFoundError",
-    "mugbench.registry": "UnknownMethodError",
-    "mugbench.method": "MethodOptionError",
-    "mugbench.train.loop": "NonFiniteLossError",
-    "mugbench.sources": "EncoderSourceError",
-    "mugbench.export": "ExportError",
+    "mugbench.config": ("ConfigError",),
+    "mugbench.data.catalog": ("DataNotFoundError", "BadDataError"),
+    "mugbench.registry": ("UnknownMethodError",),
+    "mugbench.method": ("MethodOptionError",),
+    "mugbench.train.loop": ("NonFiniteLossError",),
+    "mugbench.sources": ("EncoderSourceError",),
+    "mugbench.export": ("ExportError",),
 }
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types the CLI reports as a message rather than a traceback."""
-    found = [getattr(sys.modules[m], n) for m, n in _USER_ERRORS.items() if m in sys.modules]
+    found = [getattr(sys.modules[m], n) for m, names in _USER_ERRORS.items() if m in sys.modules for n in names]
     return (FileNotFoundError, *found)

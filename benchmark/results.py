@@ -86,6 +86,7 @@ class ResultRecord:
     steps: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     skipped_samples: dict[str, int] = field(default_factory=dict)
+    repaired_samples: dict[str, int] = field(default_factory=dict)  # images converted to RGB, kept
     overrides: list[str] = field(default_factory=list)
     examples: list[dict[str, Any]] = field(default_factory=list)  # e.g. generated captions beside references
     versions: dict[str, str | None] = field(default_factory=lambda: collect_versions())

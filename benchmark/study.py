@@ -18,7 +18,8 @@ import torch
 from .config import ConfigError, StudyConfig
 from .data import catalog
 from .data.caption_sets import KARPATHY_FILES, load_karpathy_split
-from .data.pipeline import load_split_tensors, make_loader
+from .data.decode import draft_size
+from .data.pipeline import DecodeOptions, load_split_tensors, make_loader
 from .data.tokenizer import TextTokenizer, corpus_vocab
 from .data.toy import prepare_toy, toy_cache_dir
 from .data.transforms import build_eval_transform, build_view_transform
@@ -50,7 +51,8 @@ TOY_EVAL_SETS = {
     "toy-seg": ToyEvalSet("seg-train", "seg-val", "segmentation"),
 }
 # Real evaluation sets found under the data root (`catalog.EVAL_SETS`), by kind.
-REAL_EVAL_SETS = {"ade20k": "segmentation", "coco-caps": "captions", "flickr30k": "captions"}
+REAL_EVAL_SETS = {"imagenet": "classification", "ade20k": "segmentation", "coco-caps": "captions",
+                  "flickr30k": "captions"}
 
 
 @dataclass
@@ -87,6 +89,13 @@ def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path) -> P
     return PretrainData(cfg.data.name, urls, cfg.data.samples_per_epoch, cache_dir / "vocab" / f"{key}.json")
 
 
+def decode_options(cfg: StudyConfig, min_crop_scales: list[float]) -> DecodeOptions:
+    """How the pre-training pipeline decodes images for views with these smallest crop scales."""
+    d = cfg.data
+    draft = draft_size(cfg.encoder.img_size, min_crop_scales) if d.decode_draft else None
+    return DecodeOptions(min_size=d.min_image_size, draft_to=draft, repair_modes=d.repair_modes)
+
+
 def build_tokenizer(cfg: StudyConfig, data: PretrainData) -> TextTokenizer:
     """The study's tokenizer: full BPE, or the BPE ids of the training captions (cached)."""
     if cfg.text.vocab == "full":
@@ -99,13 +108,14 @@ def build_tokenizer(cfg: StudyConfig, data: PretrainData) -> TextTokenizer:
 
 
 def _iter_captions(urls: list[str]):
+    """Every caption of every shard, whatever this process's rank: the vocabulary must be the
+    same on all ranks. Read with the training pipeline's own member grouping."""
     import webdataset as wds
 
-    # Every shard, whatever this process's rank: the vocabulary must be the same on all ranks.
-    everything = lambda shards: shards  # noqa: E731
-    only_captions = lambda name: name.endswith(".txt")  # noqa: E731  (skip decoding-free image bytes too)
-    for sample in wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue, nodesplitter=everything,
-                                 workersplitter=everything, select_files=only_captions):
+    from .data.pipeline import SkipCounter, TarSamples
+
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), TarSamples(SkipCounter().tar_handler, only=("txt",)))
+    for sample in samples:
         if "txt" in sample:
             yield sample["txt"].decode("utf-8", "replace")
 
@@ -158,14 +168,17 @@ class EvalSets:
         Classification and caption sets: ``{"train": {...}, "val": {...}}`` tensors from
         `load_split_tensors` (no ``train`` for caption sets), ``train_urls`` / ``train_count`` (the
         labelled shards, for protocols that augment), ``num_classes``, ``classes``, ``name``.
-        Segmentation sets: the mmseg folder layout of `segmentation_data`. ``ade20k``,
-        ``coco-caps`` and ``flickr30k`` are found under the data root (Karpathy's test split for
-        the caption sets).
+        ``imagenet`` (ImageFolder) gives lazy `FolderImages` for ``image`` and ``train_batches``
+        for protocols that augment. Segmentation sets: the mmseg folder layout of
+        `segmentation_data`. ``imagenet``, ``ade20k``, ``coco-caps`` and ``flickr30k`` are found
+        under the data root (Karpathy's test split for the caption sets).
         """
         if dataset == "ade20k" and dataset not in self._loaded:
             self._loaded[dataset] = {"name": dataset, "root": catalog.resolve_eval_root(dataset, self.data_root),
                                      "classes": [], "reduce_zero_label": True, "ignore_index": 255,
                                      "dataset_type": "ade20k"}
+        if dataset == "imagenet" and dataset not in self._loaded:
+            self._loaded[dataset] = self._image_folder(dataset)
         if dataset in KARPATHY_FILES and dataset not in self._loaded:
             root = catalog.resolve_eval_root(dataset, self.data_root)
             val = load_karpathy_split(root, KARPATHY_FILES[dataset], build_eval_transform(self.cfg.encoder.img_size))
@@ -188,6 +201,24 @@ class EvalSets:
             splits["classes"], splits["name"] = list(manifest["classes"]), dataset
             self._loaded[dataset] = splits
         return self._loaded[dataset]
+
+
+    def _image_folder(self, dataset: str) -> dict:
+        """An ImageFolder set (``train/`` and ``val/`` class folders), read lazily."""
+        from .data.image_folder import FolderTrainBatches, load_folder_split
+
+        root, size = catalog.resolve_eval_root(dataset, self.data_root), self.cfg.encoder.img_size
+        threads = max(2, self.cfg.data.num_workers)
+        splits = {role: load_folder_split(root / role, build_eval_transform(size), size, threads)
+                  for role in ("train", "val")}
+        if splits["train"]["classes"] != splits["val"]["classes"]:
+            raise catalog.DataNotFoundError(
+                f"Evaluation set '{dataset}' at {root}: train/ and val/ hold different class folders "
+                f"({len(splits['train']['classes'])} and {len(splits['val']['classes'])}); both need the same ones.")
+        train_samples = splits["train"]["image"].samples
+        return {**splits, "name": dataset, "classes": splits["train"]["classes"],
+                "num_classes": len(splits["train"]["classes"]), "train_count": len(train_samples),
+                "train_batches": FolderTrainBatches(train_samples, self.cfg.data.num_workers)}
 
 
 def segmentation_data(dataset: str, toy_root: Path, manifest: dict, cache_dir: Path) -> dict:
@@ -296,17 +327,22 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
         method = build_method(name, cfg, spec)
         transforms = [build_view_transform(v, cfg.encoder.img_size) for v in method.views]
         needs_text = method.needs_text
+        decode = decode_options(cfg, [v.scale[0] for v in method.views])
 
-        def batches(epoch: int, transforms=transforms, needs_text=needs_text):
+        def batches(epoch: int, transforms=transforms, needs_text=needs_text, decode=decode):
+            d = cfg.data
             return make_loader(data.urls, batch_size=per_rank, image_transforms=transforms,
                                tokenizer=tokenizer if needs_text else None, need_caption=needs_text,
-                               shuffle=True, seed=cfg.seed, epoch=epoch, num_workers=cfg.data.num_workers,
-                               shuffle_buffer=cfg.data.shuffle_buffer)
+                               shuffle=True, seed=cfg.seed, epoch=epoch, num_workers=d.num_workers,
+                               shuffle_buffer=d.shuffle_buffer, decode=decode, resampled=d.resampled,
+                               batches_per_epoch=steps_per_epoch * cfg.train.accum_steps,
+                               pin_memory=d.pin_memory and info.device.type == "cuda",
+                               prefetch_factor=d.prefetch_factor, tally_tail=True)
 
         run_dir = run_dir_for(workdir, cfg, name)
         log(f"[{name}] pre-training on {data.name} ({data.samples} samples, {cfg.train.epochs} epochs) in {run_dir}")
         summary = train(method, batches, cfg.train, steps_per_epoch=steps_per_epoch, workdir=run_dir, info=info,
-                        seed=cfg.seed, desc=name)
+                        seed=cfg.seed, desc=name, max_bad_fraction=cfg.data.max_bad_fraction)
         if not info.is_main:
             continue
         export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
@@ -324,7 +360,8 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
                 protocol_options=options, encoder=dataclasses.asdict(cfg.encoder), epochs=summary.epochs,
                 steps=summary.steps,
                 timings={"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": seconds},
-                skipped_samples=summary.skipped, overrides=list(overrides), examples=examples,
+                skipped_samples=summary.skipped, repaired_samples=summary.repaired, overrides=list(overrides),
+                examples=examples,
             )
             write_record(record, results_dir)
             records.append(record)

@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 from mugbench.data.catalog import PRETRAIN_SETS, DataNotFoundError, expand_urls, resolve_pretrain_urls
-from mugbench.data.pipeline import check_shards, load_split_tensors, make_loader
+from mugbench.data.check import check_shard_set
+from mugbench.data.pipeline import load_split_tensors, make_loader
 from mugbench.data.toy import SHAPE_WORDS, TOY_CLASSES, ToyWorld, prepare_toy, toy_cache_dir
 from mugbench.data.transforms import ViewSpec, apply_views, build_eval_transform, build_view_transform
 
@@ -65,7 +66,8 @@ def test_shards_are_real_tars_matching_manifest(toy):
         per_sample = 5 if split.startswith("seg") else 4
         assert set(keys.values()) == {per_sample}
         assert all(k.startswith(split.replace("-", "_") + "_") for k in keys)
-    assert check_shards(_urls(toy, "pretrain")) == {"samples": 120, "skipped": {}, "shards": 3}
+    report = check_shard_set(_urls(toy, "pretrain"))
+    assert (report["samples"], report["skipped"], report["shards"]) == (120, {}, 3)
     assert json.loads((root / "manifest.json").read_text())["splits"] == manifest["splits"]
 
 
@@ -238,7 +240,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
             if i == 3:
                 del sample["txt"]
             sink.write(sample)
-    report = check_shards(str(path))
+    report = check_shard_set(str(path))
     assert report["samples"] == 5 and report["shards"] == 1
     assert report["skipped"] == {"undecodable_image": 1, "empty_caption": 1, "missing_caption": 1}
     batches = list(make_loader(str(path), batch_size=2, image_transforms=[build_eval_transform(16)],
@@ -249,7 +251,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
         total.update(b["skipped"])
     assert total == Counter(report["skipped"])
     # without a caption requirement only the broken image is dropped
-    assert check_shards(str(path), need_caption=False)["samples"] == 7
+    assert check_shard_set(str(path), need_caption=False)["samples"] == 7
 
 
 def test_truncated_tar_is_counted(tmp_path):
@@ -259,7 +261,7 @@ def test_truncated_tar_is_counted(tmp_path):
             sink.write({"__key__": f"t{i}", "png": _png(), "txt": b"a blue circle"})
     data = full.read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
-    report = check_shards([str(tmp_path / "cut.tar"), str(full)])
+    report = check_shard_set([str(tmp_path / "cut.tar"), str(full)])
     assert report["skipped"].get("truncated_tar") == 1
     assert 10 < report["samples"] < 20
 

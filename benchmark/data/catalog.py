@@ -40,6 +40,10 @@ class DataNotFoundError(Exception):
     """A pre-training shard set could not be found; the message says how to build it."""
 
 
+class BadDataError(Exception):
+    """Too many samples of a shard set are unusable; the message gives the counts by kind."""
+
+
 def default_cache_dir() -> Path:
     """``$MUGBENCH_CACHE``, else the user cache folder (``~/.cache/mugbench`` on Linux)."""
     if os.environ.get("MUGBENCH_CACHE"):
@@ -140,12 +144,17 @@ def resolve_pretrain_urls(data: str, data_root: Path | None) -> list[str]:
 
 # Evaluation sets that live under the data root: folder, and the files whose presence marks it complete.
 EVAL_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "imagenet": ("imagenet", ("train", "val")),
     "ade20k": ("ade20k/ADEChallengeData2016", ("images/training", "images/validation", "annotations/training",
                                                "annotations/validation")),
     "coco-caps": ("coco", ("dataset_coco.json",)),
     "flickr30k": ("flickr30k", ("dataset_flickr30k.json", "flickr30k-images")),
 }
 _EVAL_HINTS = {
+    "imagenet": "Download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org and lay them out "
+                "as torchvision's ImageFolder expects, one folder per class: DIR/imagenet/train/n01440764/*.JPEG and "
+                "DIR/imagenet/val/n01440764/*.JPEG (the validation images sorted into class folders with the "
+                "devkit's ground truth, e.g. by the widely used valprep.sh script).",
     "ade20k": "Download ADEChallengeData2016.zip (the MIT Scene Parsing benchmark, 20,210 training and 2,000 "
               "validation images with 150-class annotations, as mmsegmentation's dataset guide describes) and "
               "unzip it so that DIR/ade20k/ADEChallengeData2016/images/{training,validation} and "

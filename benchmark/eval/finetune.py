@@ -99,7 +99,9 @@ def finetune_protocol(encoder: torch.nn.Module, data: dict, cfg, seed: int, *, d
     """Fine-tune a copy of ``encoder`` on ``data["train_urls"]`` (labelled shards) and score
     ``data["val"]`` tensors after every epoch; returns best and last top-1.
 
-    ``data``: ``{"train_urls": [...], "train_count": N, "val": {"image", "label"}, "num_classes": C}``.
+    ``data``: ``{"train_urls": [...], "train_count": N, "val": {"image", "label"}, "num_classes": C}``;
+    an ImageFolder set gives ``train_batches(epoch=, batch_size=, transform=, seed=)`` instead of
+    ``train_urls``.
     """
     with flushing_denormals():
         return _finetune(encoder, data, cfg, seed, device=device)
@@ -124,9 +126,12 @@ def _finetune(encoder: torch.nn.Module, data: dict, cfg, seed: int, *, device):
     history, step = [], 0
     for epoch in range(cfg.finetune_epochs):
         model.train()
-        loader = make_loader(data["train_urls"], batch_size=batch, image_transforms=[transform], tokenizer=None,
-                             need_caption=False, need_label=True, shuffle=True, seed=seed, epoch=epoch,
-                             shuffle_buffer=data["train_count"])
+        if "train_batches" in data:  # an ImageFolder set (ImageNet)
+            loader = data["train_batches"](epoch=epoch, batch_size=batch, transform=transform, seed=seed)
+        else:
+            loader = make_loader(data["train_urls"], batch_size=batch, image_transforms=[transform], tokenizer=None,
+                                 need_caption=False, need_label=True, shuffle=True, seed=seed, epoch=epoch,
+                                 shuffle_buffer=data["train_count"])
         for b in loader:
             scale = warmup_cosine(step, total, warmup)
             for group in optimizer.param_groups:

@@ -21,6 +21,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
+from ..data.catalog import BadDataError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo
 
@@ -39,6 +40,7 @@ class TrainSummary:
     images_per_s: float
     final_loss: float
     skipped: dict = field(default_factory=dict)
+    repaired: dict = field(default_factory=dict)
     resumed_from: int = 0
 
 
@@ -72,6 +74,26 @@ def _all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
     return bool(ok.item())
 
 
+def _tally(state: dict, batch: dict) -> None:
+    """Add a batch's skipped and repaired counts to the run's totals."""
+    for tally in ("skipped", "repaired"):
+        for kind, n in batch.pop(tally, {}).items():
+            state[tally][kind] = state[tally].get(kind, 0) + int(n)
+
+
+def _image_batches(batches: Iterable[dict], state: dict, resume_at: int) -> Iterator[dict]:
+    """Yield the batches that hold images; tally the image-less ones (a worker's last skip counts)
+    here, unless they came before ``resume_at`` real batches, which the checkpoint already counted.
+    Filtered before the ranks agree on having data, so every rank steps in lockstep."""
+    real = 0
+    for batch in batches:
+        if "image" in batch:
+            real += 1
+            yield batch
+        elif real >= resume_at:
+            _tally(state, batch)
+
+
 def _while_every_rank_has_data(batches: Iterable[dict], info: DistInfo) -> Iterator[dict]:
     """Yield batches while every rank still has one. Shards rarely hold equal sample counts, and
     a rank that ran dry would leave the others waiting forever in the gradient all-reduce."""
@@ -88,12 +110,35 @@ def _while_every_rank_has_data(batches: Iterable[dict], info: DistInfo) -> Itera
         yield batch
 
 
+# Samples read before the bad fraction is judged: the first shard alone may be unlucky.
+MIN_SAMPLES_FOR_BAD_FRACTION = 1000
+
+
+def _check_bad_fraction(state: dict, limit: float, info: DistInfo, desc: str, step: int) -> None:
+    """Raise `BadDataError` on every rank together when the skipped fraction exceeds ``limit``."""
+    bad = torch.tensor([float(sum(state["skipped"].values()))], device=info.device)
+    if info.world_size > 1:  # skips are counted per rank; the decision must be the same everywhere
+        dist.all_reduce(bad)
+    bad, good = int(bad.item()), state["images"]
+    if bad + good < MIN_SAMPLES_FOR_BAD_FRACTION or bad <= limit * (bad + good):
+        return
+    kinds = ", ".join(f"{k}={v}" for k, v in sorted(state["skipped"].items()))
+    raise BadDataError(
+        f"Training of {desc} stopped at step {step}: {bad} of the {bad + good} samples read so far were bad "
+        f"({100 * bad / (bad + good):.1f}%), more than data.max_bad_fraction={limit}. By kind (rank {info.rank}): "
+        f"{kinds}. List the bad keys with `mugbench data check DATA --fix-list`, rebuild the broken shards, or "
+        f"accept more with --set data.max_bad_fraction=X; rerunning resumes from the last checkpoint.")
+
+
 def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg: TrainConfig, *,
-          steps_per_epoch: int, workdir: Path, info: DistInfo, seed: int, desc: str = "train") -> TrainSummary:
+          steps_per_epoch: int, workdir: Path, info: DistInfo, seed: int, desc: str = "train",
+          max_bad_fraction: float = 1.0) -> TrainSummary:
     """Pre-train ``method`` on ``batches(epoch)`` for ``cfg.epochs`` epochs, resuming from ``workdir``.
 
     ``steps_per_epoch`` counts optimiser updates per epoch for the global batch. The run's
-    checkpoint is ``workdir/checkpoint.pt``; metrics go to ``workdir/metrics.jsonl``.
+    checkpoint is ``workdir/checkpoint.pt``; metrics go to ``workdir/metrics.jsonl``. Skipped
+    and repaired samples are summed from the batches; once more than ``max_bad_fraction`` of
+    the samples read are skipped, training stops with `BadDataError`.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = workdir / "checkpoint.pt", workdir / "metrics.jsonl"
@@ -112,7 +157,7 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
         model = torch.nn.parallel.DistributedDataParallel(
             method, device_ids=[info.local_rank] if device.type == "cuda" else None)
 
-    state = {"step": 0, "seconds": 0.0, "images": 0, "skipped": {}, "loss": float("nan")}
+    state = {"step": 0, "seconds": 0.0, "images": 0, "skipped": {}, "repaired": {}, "loss": float("nan")}
     torch.manual_seed(seed + 7919 * info.rank)  # masks and dropout: same per seed, distinct per rank
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
@@ -142,11 +187,11 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
             epoch, skip = divmod(step, steps_per_epoch)
             skip = skip * cfg.accum_steps
             micro = 0
-            for i, batch in enumerate(_while_every_rank_has_data(batches(epoch), info)):
+            epoch_batches = _image_batches(batches(epoch), state, skip)
+            for i, batch in enumerate(_while_every_rank_has_data(epoch_batches, info)):
                 if i < skip:  # resuming mid-epoch: the pipeline is deterministic, so skip what was seen
                     continue
-                for reason, n in batch.pop("skipped", {}).items():
-                    state["skipped"][reason] = state["skipped"].get(reason, 0) + int(n)
+                _tally(state, batch)
                 batch = _to_device(batch, device)
                 sync = (micro + 1) % cfg.accum_steps == 0
                 with (contextlib.nullcontext() if sync or info.world_size == 1 else model.no_sync()):
@@ -183,7 +228,9 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                     if log:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}",
+                                    bad=sum(state["skipped"].values()), fixed=sum(state["repaired"].values()))
+                    _check_bad_fraction(state, max_bad_fraction, info, desc, step)
                 bar.update(1)
                 if step % cfg.ckpt_every == 0 or step == total:
                     state["seconds"] += time.perf_counter() - window_t
@@ -207,4 +254,5 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
     seconds = state["seconds"]
     return TrainSummary(steps=step, epochs=step / steps_per_epoch, seconds=seconds,
                         images_per_s=state["images"] / max(seconds, 1e-9), final_loss=state["loss"],
-                        skipped=dict(state["skipped"]), resumed_from=resumed_from)
+                        skipped=dict(state["skipped"]), repaired=dict(state.get("repaired", {})),
+                        resumed_from=resumed_from)
