@@ -77,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--results", type=Path, default=Path("results"), help="result records (default: ./results)")
     _add_study_args(ev, preset_default=None, preset_help="default: the run's own study, else toy")
 
+    bench = sub.add_parser("bench", help="benchmarks: speed measured side by side in one run")
+    bsub = bench.add_subparsers(dest="bench_command")
+    inp = bsub.add_parser("input-pipeline", help="images/s of one loader worker decoding + augmenting JPEG shards, "
+                          "against plain PIL full decode")
+    inp.add_argument("--images", type=int, default=384, help="images timed per pipeline and size mix (default: 384)")
+    inp.add_argument("--repeats", type=int, default=3, help="round-robin repeats; the median is reported (default: 3)")
+    inp.add_argument("--image-size", type=int, default=224)
+    inp.add_argument("--workers", type=int, default=0, help="loader workers (default: 0 = one worker's throughput)")
+    inp.add_argument("--workdir", type=Path, default=None, help="where the generated shards go (default: the cache)")
+    inp.add_argument("--json", type=Path, default=None, help="also write the figures here")
+
     exp = sub.add_parser("export", help="write a run's encoder as a timm Hugging Face folder (config.json + model.safetensors)")
     exp.add_argument("source", type=Path, help="a run directory, its checkpoint.pt or encoder.safetensors")
     exp.add_argument("out_dir", type=Path, help="folder to write; load it with timm.create_model('local-dir:OUT_DIR', pretrained=True)")
@@ -224,8 +235,27 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    if args.bench_command != "input-pipeline":
+        print("usage: mugbench bench input-pipeline ...", file=sys.stderr)
+        return 2
+    from .bench.input_pipeline import format_table, run
+    from .data.catalog import default_cache_dir
+
+    workdir = args.workdir or default_cache_dir() / "bench" / "input-pipeline"
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = run(workdir, images=args.images, image_size=args.image_size, workers=args.workers,
+                  repeats=args.repeats)
+    print(format_table(results, args.image_size, args.workers))
+    if args.json:
+        from .results import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
+    return 0
+
+
 COMMANDS = {"run": _cmd_run, "report": _cmd_report, "methods": _cmd_methods, "data": _cmd_data, "eval": _cmd_eval,
-            "export": _cmd_export}
+            "export": _cmd_export, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,9 +65,12 @@ def default_data_root() -> Path | None:
 
 def _img2dataset_hint(name: str, folder: str) -> str:
     """How to build a named set with img2dataset."""
-    return (f"To build it, download the {name} URL/caption list (e.g. {name}.tsv with 'url' and 'caption' "
-            f"columns) and run: img2dataset --url_list {name}.tsv --input_format tsv --url_col url "
-            f"--caption_col caption --output_format webdataset --output_folder {folder} "
+    # LAION-400M ships parquet files with URL/TEXT columns; CC3M/CC12M are TSV URL/caption lists.
+    listing, fmt, url_col, cap_col = ((f"{name}-meta/", "parquet", "URL", "TEXT") if name == "laion400m" else
+                                      (f"{name}.tsv", "tsv", "url", "caption"))
+    return (f"To build it, download the {name} URL/caption list ({listing} with '{url_col}' and '{cap_col}' "
+            f"columns) and run: img2dataset --url_list {listing} --input_format {fmt} --url_col {url_col} "
+            f"--caption_col {cap_col} --output_format webdataset --output_folder {folder} "
             f"--image_size 256 --resize_mode keep_ratio --processes_count 16 --thread_count 64 "
             f"--enable_wandb False. Any other shard set works too: pass a pattern such as "
             f"--data '/path/{{00000..00099}}.tar'.")
