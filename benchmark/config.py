@@ -95,9 +95,11 @@ class TrainConfig:
     warmup_epochs: float = 40
     grad_clip: Optional[float] = None
     accum_steps: int = 1
+    strategy: str = "ddp"  # ddp (replicated weights) | fsdp (sharded weights, for encoders too large to replicate)
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32 | bf16
     device: str = "auto"
     ckpt_every: int = 1000  # steps
+    keep_checkpoints: int = 2  # newest checkpoint files kept; an unreadable newest one falls back to the next
     log_every: int = 10
 
     @property

@@ -10,7 +10,7 @@ _USER_ERRORS = {
     "mugbench.data.catalog": ("DataNotFoundError", "BadDataError"),
     "mugbench.registry": ("UnknownMethodError",),
     "mugbench.method": ("MethodOptionError",),
-    "mugbench.train.loop": ("NonFiniteLossError",),
+    "mugbench.train.loop": ("NonFiniteLossError", "CheckpointMismatchError"),
     "mugbench.sources": ("EncoderSourceError",),
     "mugbench.export": ("ExportError",),
 }

@@ -28,9 +28,9 @@ from .eval.features import extract_features
 from .method import Method, TextSpec
 from .models.vit import build_encoder
 from .registry import get_method
-from .results import ResultRecord, record_location, write_record
+from .results import ResultRecord, atomic_write_text, record_location, write_record
 from .sources import write_run_info
-from .train.checkpoint import export_encoder
+from .train.checkpoint import export_encoder, load_newest_checkpoint
 from .train.distributed import DistInfo, init_distributed
 from .train.loop import train
 
@@ -230,17 +230,25 @@ def segmentation_data(dataset: str, toy_root: Path, manifest: dict, cache_dir: P
             "reduce_zero_label": False, "ignore_index": 255, "dataset_type": "toy"}
 
 
+def _emit(out: list, result: tuple, on_result) -> None:
+    out.append(result)
+    if on_result is not None:
+        on_result(result)
+
+
 def evaluate(encoder: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, device,
-             workdir: Path | None = None) -> list[tuple[str, str, dict, dict, float]]:
+             workdir: Path | None = None, *, done: frozenset = frozenset(),
+             on_result=None) -> list[tuple[str, str, dict, dict, float]]:
     """Run every configured feature and encoder protocol on every set of the matching kind.
 
     Feature protocols share one pass of frozen features per set; encoder protocols train copies
     of ``encoder`` and keep their checkpoints and logs under ``workdir`` (a temporary folder when
-    None). Returns ``(protocol, dataset, metrics, protocol_options, seconds)`` tuples.
+    None). Returns ``(protocol, dataset, metrics, protocol_options, seconds)`` tuples, each also
+    handed to ``on_result`` as soon as it exists; ``(protocol, dataset)`` pairs in ``done`` are skipped.
     """
     out = []
-    protocols = [p for p in cfg.eval.protocols if p in FEATURE_PROTOCOLS]
     for dataset in cfg.eval.datasets:
+        protocols = [p for p in cfg.eval.protocols if p in FEATURE_PROTOCOLS and (p, dataset) not in done]
         if not protocols or _kind(dataset) != "classification":
             continue
         data = eval_sets.get(dataset)
@@ -251,29 +259,31 @@ def evaluate(encoder: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, de
         for protocol in protocols:
             t1 = time.perf_counter()
             metrics, options = FEATURE_PROTOCOLS[protocol](feats, data, cfg.eval, cfg.seed)
-            out.append((protocol, dataset, metrics, dict(options, pool=cfg.eval.pool),
-                        time.perf_counter() - t1 + feat_s))
+            _emit(out, (protocol, dataset, metrics, dict(options, pool=cfg.eval.pool),
+                        time.perf_counter() - t1 + feat_s), on_result)
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mugbench-eval-")))
         for name in cfg.eval.protocols:
             protocol = ENCODER_PROTOCOLS.get(name)
             for dataset in cfg.eval.datasets if protocol else ():
-                if _kind(dataset) != protocol.kind:
+                if _kind(dataset) != protocol.kind or (name, dataset) in done:
                     continue
                 t0 = time.perf_counter()
                 metrics, options = protocol.fn(encoder, eval_sets.get(dataset), cfg.eval, cfg.seed, device=device,
                                                workdir=Path(workdir) / f"{name}-{dataset}")
-                out.append((name, dataset, metrics, options, time.perf_counter() - t0))
+                _emit(out, (name, dataset, metrics, options, time.perf_counter() - t0), on_result)
     return out
 
 
 def evaluate_capabilities(method: Method, cfg: StudyConfig, eval_sets: EvalSets, tokenizer: TextTokenizer,
-                          device, artifact_stem) -> list[tuple[str, str, dict, dict, float, list]]:
+                          device, artifact_stem, *, done: frozenset = frozenset(),
+                          on_result=None) -> list[tuple[str, str, dict, dict, float, list]]:
     """Run every configured capability protocol the method supports on every image-caption set.
 
     ``artifact_stem(protocol, dataset)`` gives the path stem for a protocol's figures. Returns
-    ``(protocol, dataset, metrics, protocol_options, seconds, examples)`` tuples.
+    ``(protocol, dataset, metrics, protocol_options, seconds, examples)`` tuples; ``done`` and
+    ``on_result`` as in `evaluate`.
     """
     out = []
     for name in cfg.eval.protocols:
@@ -281,14 +291,56 @@ def evaluate_capabilities(method: Method, cfg: StudyConfig, eval_sets: EvalSets,
         if protocol is None or not protocol.applies_to(method):
             continue
         for dataset in cfg.eval.datasets:
-            if _kind(dataset) != protocol.kind:
+            if _kind(dataset) != protocol.kind or (name, dataset) in done:
                 continue
             t0 = time.perf_counter()
             metrics, options, examples = protocol.fn(
                 method, eval_sets.get(dataset), cfg.eval, cfg.seed, tokenizer=tokenizer, device=device,
                 artifact=artifact_stem(name, dataset))
-            out.append((name, dataset, metrics, options, time.perf_counter() - t0, examples))
+            _emit(out, (name, dataset, metrics, options, time.perf_counter() - t0, examples), on_result)
     return out
+
+
+class EvalProgress:
+    """Which evaluations of a run already have their record, so a rerun after a kill goes on from
+    the protocol it reached instead of starting the evaluation over.
+
+    Kept in ``run_dir/eval/progress.json`` and tied to the evaluation settings: a rerun with other
+    ``eval.*`` settings or overrides evaluates everything again.
+    """
+
+    def __init__(self, path: Path, cfg: StudyConfig, overrides=()):
+        self.path = path
+        self.key = hashlib.sha1(json.dumps([cfg.to_dict()["eval"], list(overrides)], sort_keys=True,
+                                           default=str).encode()).hexdigest()[:12]
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        entries = saved.get("done", {}) if saved.get("key") == self.key else {}
+        self._done: dict[tuple[str, str], tuple[str, str]] = {}
+        self._records: list[ResultRecord] = []
+        for pair, (record_path, run_id) in entries.items():
+            # Done only while its record is still there and still this run's (not overwritten by another).
+            try:
+                record = ResultRecord.from_dict(json.loads(Path(record_path).read_text()))
+            except (OSError, ValueError):
+                continue
+            if record.run_id == run_id:
+                self._done[tuple(pair.split("|"))] = (record_path, run_id)
+                self._records.append(record)
+
+    @property
+    def done(self) -> frozenset:
+        """``(protocol, dataset)`` pairs whose records exist."""
+        return frozenset(self._done)
+
+    def records(self) -> list[ResultRecord]:
+        """The records of the evaluations already done."""
+        return list(self._records)
+
+    def mark(self, protocol: str, dataset: str, record_path: Path, run_id: str) -> None:
+        """Note one more evaluation as recorded."""
+        self._done[(protocol, dataset)] = (str(record_path), run_id)
+        atomic_write_text(self.path, json.dumps({"key": self.key, "done": {
+            f"{p}|{d}": list(entry) for (p, d), entry in sorted(self._done.items())}}, indent=1))
 
 
 def _kind(dataset: str) -> str:
@@ -345,25 +397,39 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
                         seed=cfg.seed, desc=name, max_bad_fraction=cfg.data.max_bad_fraction)
         if not info.is_main:
             continue
+        if cfg.train.strategy == "fsdp" and info.world_size > 1:
+            # Sharded weights cannot be exported or evaluated on one rank: rebuild the method whole
+            # from the final checkpoint (written at the last step, always).
+            method = build_method(name, cfg, spec)
+            method.load_state_dict(load_newest_checkpoint(run_dir)[0]["model"])
+            method.to(info.device)
         export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
         write_run_info(run_dir, name, cfg, summary=summary, tokenizer=tokenizer)  # makes checkpoint.pt self-describing
         log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
         def artifact_stem(protocol, dataset, name=name):
             return record_location(results_dir, data.name, cfg.preset, name, protocol, dataset, cfg.seed).with_suffix("")
 
-        results = [r + ([],) for r in evaluate(method.encoder, cfg, eval_sets, info.device, run_dir / "eval")]
-        results += evaluate_capabilities(method, cfg, eval_sets, tokenizer, info.device, artifact_stem)
-        for protocol, dataset, metrics, options, seconds, examples in results:
-            record = ResultRecord(
+        progress = EvalProgress(run_dir / "eval" / "progress.json", cfg, overrides)
+        records += progress.records()
+        for protocol, dataset in progress.done:
+            log(f"[{name}] {protocol} on {dataset}: recorded before the interruption, not run again")
+
+        def write_result(result, name=name, method=method, summary=summary, progress=progress):
+            protocol, dataset, metrics, options, seconds, *rest = result
+            rec = ResultRecord(
                 method=name, protocol=protocol, dataset=dataset, pretrain_data=data.name, preset=cfg.preset,
                 seed=cfg.seed, metrics=metrics, method_options=dataclasses.asdict(method.options),
                 protocol_options=options, encoder=dataclasses.asdict(cfg.encoder), epochs=summary.epochs,
                 steps=summary.steps,
                 timings={"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": seconds},
                 skipped_samples=summary.skipped, repaired_samples=summary.repaired, overrides=list(overrides),
-                examples=examples,
+                examples=rest[0] if rest else [],
             )
-            write_record(record, results_dir)
-            records.append(record)
+            progress.mark(protocol, dataset, write_record(rec, results_dir), rec.run_id)  # a rerun skips it now
+            records.append(rec)
             log(f"[{name}] {protocol} on {dataset}: " + ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+
+        evaluate(method.encoder, cfg, eval_sets, info.device, run_dir / "eval", done=progress.done, on_result=write_result)
+        evaluate_capabilities(method, cfg, eval_sets, tokenizer, info.device, artifact_stem, done=progress.done,
+                              on_result=write_result)
     return records

@@ -117,6 +117,11 @@ def test_missing_ade20k_fails_before_training_with_instructions(tmp_path):
     (["run", "--preset", "smoke", "--set", "methods.mae.mask_ratio=2"], "mask_ratio"),
     (["run", "--preset", "smoke", "--set", "methods.mug.not_an_option=1"], "not_an_option"),
     (["run", "--preset", "smoke", "--set", "eval.protocols=[knn, lineer]"], "lineer"),
+    (["run", "--preset", "nope"], "Unknown preset 'nope'"),
+    (["run", "--preset", "smoke", "--data", "nope"], "Unknown pre-training data 'nope'"),
+    (["run", "--preset", "smoke", "--set", "eval.datasets=[toy-cls, nope]"], "Unknown evaluation dataset 'nope'"),
+    (["run", "--preset", "smoke", "--set", "train.epochs=abc"], "train.epochs='abc' has the wrong type"),
+    (["run", "--preset", "smoke", "--set", "train.batch_size=1.5"], "expected int"),
 ])
 def test_bad_input_is_one_clear_error(args, needle, tmp_path):
     proc = mugbench(*args, cwd=tmp_path, cache=tmp_path / "cache")

@@ -383,7 +383,10 @@ def make_loader(urls: str | Sequence[str], *, batch_size: int, image_transforms:
         # Each worker yields its share of the rank's batches; the DataLoader interleaves them.
         pipeline = pipeline.with_epoch(nbatches=math.ceil(batches_per_epoch / max(1, num_workers)))
     extra = {"prefetch_factor": prefetch_factor} if num_workers and prefetch_factor else {}
-    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
+    # Its own generator: a DataLoader draws a base seed when iterated, and drawing it from the global
+    # RNG would shift the masks of every later step, so a mid-epoch resume would no longer be exact.
+    generator = torch.Generator().manual_seed(sample_seed(seed, epoch, "loader"))
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers, generator=generator,
                                        persistent_workers=False, pin_memory=pin_memory, **extra)
 
 

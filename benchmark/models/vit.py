@@ -46,6 +46,21 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([embed(xs), embed(ys)], dim=1).float()
 
 
+def _global_batch_noise(b: int, n: int, device) -> torch.Tensor:
+    """Uniform noise ``[b, n]`` for this rank's rows of the global batch.
+
+    Every rank draws the noise of the whole global batch (ranks share the RNG seed) and keeps
+    its own slice, so the masks, and with them the run, do not depend on how many processes
+    share the batch: two ranks of 16 mask exactly as one process of 32 does.
+    """
+    from ..train.distributed import rank_and_world  # here, not at the top: train/ imports models/
+
+    rank, world = rank_and_world()
+    if world == 1:
+        return torch.rand(b, n, device=device)
+    return torch.rand(b * world, n, device=device)[rank * b:(rank + 1) * b]
+
+
 def random_masking(x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep a random subset of tokens per sample (MAE's per-sample shuffle).
 
@@ -54,7 +69,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, to
     """
     b, n, d = x.shape
     keep = max(1, int(round(n * (1 - mask_ratio))))
-    noise = torch.rand(b, n, device=x.device)
+    noise = _global_batch_noise(b, n, x.device)
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     ids_keep = ids_shuffle[:, :keep]

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +35,59 @@ def save_checkpoint(path: Path, state: dict) -> Path:
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint written by `save_checkpoint` (tensors and plain data only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# A run directory keeps its last checkpoints as checkpoint-<step>.pt; checkpoint.pt links to the newest.
+CHECKPOINT_LINK = "checkpoint.pt"
+_STEP_FILE = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+def run_checkpoints(workdir: Path) -> list[Path]:
+    """The run's checkpoint files, newest first (a plain ``checkpoint.pt`` of older runs last)."""
+    steps = sorted(((int(m.group(1)), p) for p in Path(workdir).glob("checkpoint-*.pt")
+                    if (m := _STEP_FILE.match(p.name))), reverse=True)
+    files = [p for _, p in steps]
+    link = Path(workdir) / CHECKPOINT_LINK
+    if link.is_file() and not link.is_symlink():
+        files.append(link)
+    return files
+
+
+def save_run_checkpoint(workdir: Path, state: dict, step: int, keep: int = 2) -> Path:
+    """Write ``checkpoint-<step>.pt`` atomically, point ``checkpoint.pt`` at it, keep the newest ``keep``.
+
+    Keeping more than one means a checkpoint that turns out unreadable (a disk that filled up,
+    a file system that lost the last write) costs ``ckpt_every`` steps, not the run.
+    """
+    workdir = Path(workdir)
+    path = save_checkpoint(workdir / f"checkpoint-{step:08d}.pt", state)
+    link = workdir / CHECKPOINT_LINK
+    tmp = workdir / f".{CHECKPOINT_LINK}.{os.getpid()}.link"
+    tmp.unlink(missing_ok=True)
+    os.symlink(path.name, tmp)
+    os.replace(tmp, link)  # atomic: readers see the old target or the new one
+    for old in run_checkpoints(workdir)[max(1, keep):]:
+        if old != link:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_newest_checkpoint(workdir: Path, warn=None) -> tuple[dict, Path] | None:
+    """The newest checkpoint of a run that loads, and its path; None when there is none.
+
+    An unreadable newest file is reported through ``warn`` (default: `warnings.warn`) and the
+    previous one is tried, so a corrupt last write falls back instead of failing or restarting.
+    """
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+    for path in run_checkpoints(workdir):
+        try:
+            ckpt = load_checkpoint(path)
+            if not isinstance(ckpt, dict) or not {"model", "optimizer", "state"} <= ckpt.keys():
+                raise ValueError("it lacks the model, optimizer or state entries")
+            return ckpt, path
+        except Exception as exn:  # truncated zip, bad pickle, missing keys: all mean "not this one"
+            warn(f"checkpoint {path} is unreadable ({exn!r:.200}); falling back to the previous one")
+    return None
 
 
 def export_encoder(path: Path, encoder: torch.nn.Module, spec: EncoderSpec) -> Path:

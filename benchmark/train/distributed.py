@@ -42,3 +42,60 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
     return DistInfo(device=torch.device("cuda") if want_cuda else torch.device("cpu"))
+
+
+def _repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a method, found by shape rather than by name: the children of any
+    Sequential/ModuleList made of two or more modules of one type that hold parameters (timm's
+    ``blocks``, open_clip's ``resblocks``, decoders alike)."""
+    found = []
+    for container in module.modules():
+        if isinstance(container, (torch.nn.Sequential, torch.nn.ModuleList)):
+            children = list(container.children())
+            if len(children) >= 2 and len({type(c) for c in children}) == 1 and any(
+                    p.requires_grad for p in children[0].parameters()):
+                found += children
+    return found
+
+
+def shard_with_fsdp(method: torch.nn.Module) -> torch.nn.Module:
+    """FSDP (torch's ``fully_shard``, FSDP2) for encoders too large to replicate: each transformer
+    block is its own shard unit, the rest of the method the root one. Works on CUDA (NCCL) and on
+    the CPU (gloo). Returns the same module, now holding sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _repeated_blocks(method):
+        fully_shard(block)
+    # fully_shard takes no 0-d parameters (CLIP's logit_scale): they stay replicated, and their
+    # gradients are averaged over ranks by hand, as DDP would.
+    scalars = {p for p in method.parameters() if p.ndim == 0 and p.requires_grad}
+    for param in scalars:
+        param.register_post_accumulate_grad_hook(_average_grad_over_ranks)
+    fully_shard(method, ignored_params=scalars or None)
+    return method
+
+
+def _average_grad_over_ranks(param: torch.nn.Parameter) -> None:
+    dist.all_reduce(param.grad)
+    param.grad /= dist.get_world_size()
+
+
+def gather_full_state(method: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts of an FSDP method, on the CPU of rank 0
+    (empty on the other ranks). Every rank must call it: it is a collective."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(method, options=options), get_optimizer_state_dict(method, optimizer, options=options)
+
+
+def load_full_state(method: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optimizer_state: dict) -> None:
+    """Load full state dicts (as `gather_full_state` writes them) into an FSDP method on every rank."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(method, model_state, options=options)
+    set_optimizer_state_dict(method, optimizer, optimizer_state, options=options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +21,19 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..data.catalog import BadDataError
-from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import DistInfo
+from ..results import atomic_write_text
+from .checkpoint import CHECKPOINT_LINK, load_newest_checkpoint, save_run_checkpoint
+from .distributed import DistInfo, gather_full_state, load_full_state, shard_with_fsdp
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The run directory's checkpoint belongs to another method or another architecture."""
 
 
 @dataclass
@@ -94,6 +100,16 @@ def _image_batches(batches: Iterable[dict], state: dict, resume_at: int) -> Iter
             _tally(state, batch)
 
 
+def _mean_over_ranks(out: dict, info: DistInfo) -> dict[str, float]:
+    """The step's loss parts averaged over ranks (each rank's are means over its own rows), so
+    the log shows the global batch's loss, not rank 0's half of it."""
+    values = torch.stack([v.detach().float().reshape(()) for v in out.values()])
+    if info.world_size > 1:
+        dist.all_reduce(values)
+        values /= info.world_size
+    return dict(zip(out, values.tolist()))
+
+
 def _while_every_rank_has_data(batches: Iterable[dict], info: DistInfo) -> Iterator[dict]:
     """Yield batches while every rank still has one. Shards rarely hold equal sample counts, and
     a rank that ran dry would leave the others waiting forever in the gradient all-reduce."""
@@ -108,6 +124,35 @@ def _while_every_rank_has_data(batches: Iterable[dict], info: DistInfo) -> Itera
         if batch is None:
             return
         yield batch
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    """Parameter name -> shape: what a checkpoint must match to be this run's."""
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def _check_identity(mine: dict, ckpt: dict, path: Path) -> None:
+    """Say plainly whose checkpoint it is when it is not this run's (method or architecture)."""
+    theirs = ckpt.get("identity") or {"method": mine["method"],
+                                      "params": {k: list(v.shape) for k, v in ckpt["model"].items()}}
+    if theirs != mine:
+        differ = sorted(k for k in set(mine["params"]) | set(theirs["params"])
+                        if mine["params"].get(k) != theirs["params"].get(k))
+        raise CheckpointMismatchError(
+            f"{path} is a checkpoint of method '{theirs['method']}' with {len(theirs['params'])} tensors, but this run "
+            f"trains '{mine['method']}' with {len(mine['params'])}; {len(differ)} differ in name or shape (e.g. "
+            f"{', '.join(differ[:3]) or '-'}). The run directory belongs to another method or architecture: use "
+            f"another --workdir, or remove {path.parent} to start over.")
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop metric rows after ``step``: steps past the checkpoint will be trained and logged again."""
+    if not log_path.exists():
+        return
+    rows = log_path.read_text().splitlines(keepends=True)
+    kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        atomic_write_text(log_path, "".join(kept))
 
 
 # Samples read before the bad fraction is judged: the first shard alone may be unlucky.
@@ -136,12 +181,17 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
     """Pre-train ``method`` on ``batches(epoch)`` for ``cfg.epochs`` epochs, resuming from ``workdir``.
 
     ``steps_per_epoch`` counts optimiser updates per epoch for the global batch. The run's
-    checkpoint is ``workdir/checkpoint.pt``; metrics go to ``workdir/metrics.jsonl``. Skipped
+    checkpoints are ``workdir/checkpoint-<step>.pt`` (the last ``cfg.keep_checkpoints``; ``checkpoint.pt``
+    links to the newest, and an unreadable newest one falls back to the one before); metrics go to
+    ``workdir/metrics.jsonl``, cut back to the resumed step so a rerun never repeats rows. Skipped
     and repaired samples are summed from the batches; once more than ``max_bad_fraction`` of
     the samples read are skipped, training stops with `BadDataError`.
     """
+    if cfg.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.strategy must be 'ddp' or 'fsdp', not {cfg.strategy!r}.")
+    fsdp = cfg.strategy == "fsdp" and info.world_size > 1
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = workdir / "checkpoint.pt", workdir / "metrics.jsonl"
+    ckpt_path, log_path = workdir / CHECKPOINT_LINK, workdir / "metrics.jsonl"
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     device = info.device
     method.to(device)
@@ -150,31 +200,52 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
         # statistics leak which views belong together). torch synchronises BatchNorm only on GPUs;
         # the modules are swapped in place, keeping their parameters, so the method object stays.
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    optimizer = build_optimizer(method, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
+    identity = {"method": desc, "params": _shapes(method)}  # before sharding: the full shapes
     model = method
-    if info.world_size > 1:
+    if fsdp:
+        shard_with_fsdp(method)  # before the optimizer, which must see the sharded parameters
+    elif info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             method, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    optimizer = build_optimizer(method, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
 
     state = {"step": 0, "seconds": 0.0, "images": 0, "skipped": {}, "repaired": {}, "loss": float("nan")}
-    torch.manual_seed(seed + 7919 * info.rank)  # masks and dropout: same per seed, distinct per rank
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        method.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    # One seed on every rank: masks are drawn for the global batch and sliced per rank (random_masking),
+    # so a run does not depend on the number of processes that share its batch.
+    torch.manual_seed(seed)
+    found = load_newest_checkpoint(workdir, warn=(lambda msg: print(f"warning: {msg}", file=sys.stderr))
+                                   if info.is_main else (lambda msg: None))
+    if found:
+        ckpt, path = found
+        _check_identity(identity, ckpt, path)
+        if fsdp:
+            load_full_state(method, optimizer, ckpt["model"], ckpt["optimizer"])
+        else:
+            method.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         state.update(ckpt["state"])
-        torch.set_rng_state(ckpt["rng"][min(info.rank, len(ckpt["rng"]) - 1)])
+        rng = ckpt["rng"][min(info.rank, len(ckpt["rng"]) - 1)]
+        torch.set_rng_state(rng["cpu"] if isinstance(rng, dict) else rng)
+        if isinstance(rng, dict) and rng.get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        if info.is_main:
+            _truncate_log(log_path, state["step"])
     resumed_from = state["step"]
 
     def checkpoint():
-        rngs = [torch.get_rng_state()]
+        # Masks and dropout draw from the CPU generator, or the device's on CUDA: both are saved per rank.
+        rngs = [{"cpu": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}]
         if info.world_size > 1:
-            rngs = [torch.empty_like(rngs[0]) for _ in range(info.world_size)]
-            dist.all_gather_object(rngs, torch.get_rng_state())
+            gathered = [None] * info.world_size
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        model_state, optimizer_state = (gather_full_state(method, optimizer) if fsdp else
+                                        (method.state_dict(), optimizer.state_dict()))
         if info.is_main:
-            save_checkpoint(ckpt_path, {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "state": dict(state), "rng": rngs})
+            save_run_checkpoint(workdir, {"model": model_state, "optimizer": optimizer_state, "state": dict(state),
+                                          "rng": rngs, "identity": identity}, step, keep=cfg.keep_checkpoints)
 
     step = state["step"]
     scheduler.step_update(step)
@@ -194,7 +265,8 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                 _tally(state, batch)
                 batch = _to_device(batch, device)
                 sync = (micro + 1) % cfg.accum_steps == 0
-                with (contextlib.nullcontext() if sync or info.world_size == 1 else model.no_sync()):
+                # DDP skips the gradient all-reduce on accumulation micro-steps; FSDP reduces every one.
+                with (contextlib.nullcontext() if sync or info.world_size == 1 or fsdp else model.no_sync()):
                     with _autocast(cfg, device):
                         out = model(batch)
                     if not _all_finite(out["loss"], info):
@@ -224,7 +296,7 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                     state["seconds"] += now - window_t
                     window_t, window_images = now, 0
                     row = {"step": step, "epoch": step / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
-                           **{k: v.detach().item() for k, v in out.items()}, "images_per_s": ips}
+                           **_mean_over_ranks(out, info), "images_per_s": ips}
                     if log:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
