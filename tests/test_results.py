@@ -52,11 +52,6 @@ def make_record(method="mae", protocol="knn", dataset="toy-cls", seed=0, preset=
     )
 
 
-def _write_in_subprocess(args):
-    results_dir, seed = args
-    return str(write_record(make_record(seed=seed, top1=float(seed)), results_dir))
-
-
 def test_record_round_trip_through_json(tmp_path):
     record = make_record(top1=61.25, top5=88.0)
     path = write_record(record, tmp_path)
@@ -114,11 +109,18 @@ def test_concurrent_writes_of_one_key_leave_one_whole_file(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
-def test_concurrent_process_writes_all_land(tmp_path):
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        paths = pool.map(_write_in_subprocess, [(str(tmp_path), s) for s in range(8)])
-    assert len(set(paths)) == 8
-    assert sorted(r.metrics["top1"] for r in load_records(tmp_path)) == [float(s) for s in range(8)]
+def _write_many(args) -> int:
+    results_dir, writer = args
+    for i in range(50):
+        write_record(make_record(seed=writer * 1000 + i, top1=float(i)), results_dir)
+    return writer
+
+
+def test_eight_processes_writing_fifty_records_each_lose_none(tmp_path):
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
+        assert sorted(pool.map(_write_many, [(str(tmp_path), w) for w in range(8)])) == list(range(8))
+    records = load_records(tmp_path)
+    assert len(records) == 400 and len({r.seed for r in records}) == 400
     assert not list(tmp_path.rglob("*.tmp"))
 
 
