@@ -138,3 +138,12 @@ def test_rerun_after_a_crash_in_evaluation_goes_on_from_the_protocol_reached(tmp
     study.run_study(load_config("smoke", overrides + ["eval.knn_k=5"]), ["mae"],
                     **dict(kwargs, overrides=overrides + ["eval.knn_k=5"]))
     assert sorted(calls) == ["knn", "knn", "linear", "linear"]
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint_and_drops_a_torn_last_row(tmp_path):
+    from mugbench.train.loop import _truncate_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4, 6)) + '{"step": 8, "lo')
+    _truncate_log(log, 4)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]

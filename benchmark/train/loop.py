@@ -146,13 +146,22 @@ def _check_identity(mine: dict, ckpt: dict, path: Path) -> None:
 
 
 def _truncate_log(log_path: Path, step: int) -> None:
-    """Drop metric rows after ``step``: steps past the checkpoint will be trained and logged again."""
+    """Drop metric rows after ``step`` (steps past the checkpoint will be trained and logged again)
+    and a last row cut off by the kill."""
     if not log_path.exists():
         return
     rows = log_path.read_text().splitlines(keepends=True)
-    kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= step]
+    kept = [row for row in rows if _logged_step(row) <= step]
     if len(kept) != len(rows):
         atomic_write_text(log_path, "".join(kept))
+
+
+def _logged_step(row: str) -> float:
+    """The step of a metrics row; infinity for a row that is not whole JSON."""
+    try:
+        return json.loads(row)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 # Samples read before the bad fraction is judged: the first shard alone may be unlucky.
