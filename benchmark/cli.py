@@ -77,7 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--results", type=Path, default=Path("results"), help="result records (default: ./results)")
     _add_study_args(ev, preset_default=None, preset_help="default: the run's own study, else toy")
 
-    bench = sub.add_parser("bench", help="benchmarks: speed measured side by side in one run")
+    bench = sub.add_parser("bench", help="train-step speed, FLOPs and memory of each method beside a plain ViT step "
+                           "(or: bench input-pipeline)")
+    bench.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
+    bench.add_argument("--preset", default="toy", help="smoke | toy | paper | path to a study YAML (default: toy)")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument("--steps", type=int, default=10, help="timed steps per method (default: 10)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    bench.add_argument("--batch-size", type=int, default=None, help="per-device batch (default: the preset's)")
+    bench.add_argument("--results", type=Path, default=Path("results"), help="where the records go (default: ./results)")
     bsub = bench.add_subparsers(dest="bench_command")
     inp = bsub.add_parser("input-pipeline", help="images/s of one loader worker decoding + augmenting JPEG shards, "
                           "against plain PIL full decode")
@@ -236,9 +245,8 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    if args.bench_command != "input-pipeline":
-        print("usage: mugbench bench input-pipeline ...", file=sys.stderr)
-        return 2
+    if args.bench_command is None:
+        return _cmd_bench_train_step(args)
     from .bench.input_pipeline import format_table, run
     from .data.catalog import default_cache_dir
 
@@ -251,6 +259,36 @@ def _cmd_bench(args) -> int:
         from .results import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def _cmd_bench_train_step(args) -> int:
+    from .config import load_config
+    from .registry import get_method
+
+    cfg = load_config(args.preset, args.overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in methods:
+        get_method(name)  # an unknown name fails before anything is measured
+    import dataclasses
+
+    import torch
+
+    from .bench.train_step import format_table, run
+    from .results import ResultRecord, write_record
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    rows = run(cfg, methods, device=device, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size)
+    print(format_table(rows, device, cfg.preset))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    for row in rows:
+        write_record(ResultRecord(
+            method=row.name, protocol="train-step", dataset="synthetic", pretrain_data="none", preset=cfg.preset,
+            seed=0, metrics=row.metrics(), encoder=dataclasses.asdict(cfg.encoder), overrides=list(args.overrides),
+            protocol_options={"device": device_name, "batch": row.batch, "steps": args.steps, "warmup": args.warmup,
+                              "precision": cfg.train.precision, "threads": torch.get_num_threads()}), args.results)
+    print(f"written: {len(rows)} record(s) under {args.results}")
     return 0
 
 

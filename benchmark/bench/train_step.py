@@ -1,0 +1,181 @@
+"""Train-step benchmark (`mugbench bench`): for each method, the steady-state time of one
+optimiser step on synthetic batches already on the device, images/s, FLOPs per image (torch's
+FLOP counter), peak memory and, on CUDA, model FLOPs utilisation against a measured bf16 matmul
+peak; beside it the same numbers for a plain timm ViT of the same architecture trained on every
+token, and each method's ratio to it. Measured side by side in one process.
+"""
+from __future__ import annotations
+
+import random
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config import StudyConfig
+from ..data.tokenizer import TextTokenizer, corpus_vocab
+from ..data.transforms import ViewSpec
+from ..models.vit import build_encoder
+from ..registry import get_method
+from ..study import text_spec
+from ..train.loop import _autocast, build_optimizer
+
+PLAIN_TIMM = "timm-vit (all tokens)"
+# CC3M captions run about 10 words; synthetic captions of that length keep the text towers honest.
+_WORDS = "a photo of the red dog cat man woman car street tree on in with next to at sunset beach city".split()
+
+
+@dataclass
+class StepStats:
+    """One row of the benchmark table."""
+
+    name: str
+    batch: int
+    step_ms: float
+    images_per_s: float
+    gflops_per_image: float
+    peak_mem_mb: float
+    mfu: float | None = None
+    ratio_to_plain: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers a result record keeps."""
+        out = {"step_ms": self.step_ms, "images_per_s": self.images_per_s, "gflops_per_image": self.gflops_per_image,
+               "peak_mem_mb": self.peak_mem_mb}
+        if self.mfu is not None:
+            out["mfu"] = self.mfu
+        if self.ratio_to_plain is not None:
+            out["time_ratio_to_plain_vit"] = self.ratio_to_plain
+        return out
+
+
+def synthetic_captions(count: int, seed: int = 0) -> list[str]:
+    """Ten-word captions drawn from a small word list."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(10)) for _ in range(count)]
+
+
+def synthetic_batch(cfg: StudyConfig, method_cls, tokenizer: TextTokenizer, batch: int, device, seed: int = 0) -> dict:
+    """Random images for every view and tokenised ten-word captions, on ``device``."""
+    gen = torch.Generator().manual_seed(seed)
+    size = cfg.encoder.img_size
+    views = [torch.randn(batch, 3, size, size, generator=gen).to(device) for _ in method_cls.views]
+    captions = synthetic_captions(batch, seed)
+    out = {"image": views[0], "caption": captions, "text": tokenizer(captions).to(device),
+           "label": torch.zeros(batch, dtype=torch.long, device=device)}
+    if len(views) > 1:
+        out["image_views"] = views
+    return out
+
+
+class _PlainViT(torch.nn.Module):
+    """The reference step: the shared ViT on every token, mean-pooled, a linear head, cross-entropy."""
+
+    views = (ViewSpec(),)
+
+    def __init__(self, cfg: StudyConfig):
+        super().__init__()
+        self.encoder = build_encoder(cfg.encoder, seed=0)
+        self.head = torch.nn.Linear(cfg.encoder.embed_dim, 1000)
+
+    def forward(self, batch: dict) -> dict:
+        tokens = self.encoder.forward_features(batch["image"])
+        return {"loss": F.cross_entropy(self.head(tokens.mean(1)), batch["label"])}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide
+
+
+def matmul_peak_tflops(device, size: int = 8192, repeats: int = 20) -> float:
+    """Measured bf16 matmul throughput of the device in TFLOP/s (the MFU denominator)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, device, steps: int,
+            warmup: int) -> StepStats:
+    """Steady-state time of forward + backward + AdamW step, FLOPs of one step, peak memory."""
+    module.to(device).train()
+    optimizer = build_optimizer(module, cfg.train)
+    n = batch["image"].shape[0]
+
+    def step():
+        with _autocast(cfg.train, device):
+            loss = module(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        with _autocast(cfg.train, device):
+            loss = module(batch)["loss"]
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    return StepStats(name=name, batch=n, step_ms=1000 * seconds, images_per_s=n / seconds,
+                     gflops_per_image=counter.get_total_flops() / n / 1e9, peak_mem_mb=_peak_mb(device))
+
+
+def run(cfg: StudyConfig, methods: list[str], *, device, steps: int = 10, warmup: int = 3,
+        batch_size: int | None = None) -> list[StepStats]:
+    """Benchmark the plain ViT step and every method's step on the same synthetic batches."""
+    tokenizer = TextTokenizer(cfg.text.context_length)
+    if cfg.text.vocab == "corpus":  # the compact vocabulary of the captions seen, as in the study
+        tokenizer = TextTokenizer(cfg.text.context_length, corpus_vocab(synthetic_captions(512)))
+    spec = text_spec(cfg, tokenizer)
+    batch = batch_size or cfg.train.batch_size // cfg.train.accum_steps
+    peak = matmul_peak_tflops(device) if device.type == "cuda" else None
+    torch.manual_seed(0)
+    rows = [measure(PLAIN_TIMM, _PlainViT(cfg), synthetic_batch(cfg, _PlainViT, tokenizer, batch, device), cfg,
+                    device, steps, warmup)]
+    for name in methods:
+        cls = get_method(name)
+        method = cls.build(build_encoder(cfg.encoder, seed=0), spec, cfg.methods.get(name))
+        rows.append(measure(name, method, synthetic_batch(cfg, cls, tokenizer, batch, device), cfg, device, steps,
+                            warmup))
+        del method
+    for row in rows:
+        row.ratio_to_plain = row.step_ms / rows[0].step_ms
+        if peak:
+            row.mfu = row.gflops_per_image * row.images_per_s / 1e3 / peak
+    return rows
+
+
+def format_table(rows: list[StepStats], device, preset: str) -> str:
+    """Markdown table of a `run`."""
+    lines = [f"Train step on synthetic batches ({preset} preset, {device}):", "",
+             "| step | batch | ms/step | images/s | GFLOP/image | peak MB | MFU | time vs plain ViT |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = f"{100 * r.mfu:.0f}%" if r.mfu is not None else "-"
+        lines.append(f"| {r.name} | {r.batch} | {r.step_ms:.1f} | {r.images_per_s:.0f} | {r.gflops_per_image:.3g} | "
+                     f"{r.peak_mem_mb:.0f} | {mfu} | {r.ratio_to_plain:.2f}x |")
+    return "\n".join(lines)
