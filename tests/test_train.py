@@ -90,7 +90,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(smoke_cfg, spec, toy_sa
                 b["image"] = b["image"] * float("nan")
             yield b
 
-    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 4 \(parts: .*loss.*nan.*last good checkpoint"):
         train(method, poisoned, _cfg(ckpt_every=3), steps_per_epoch=3, workdir=tmp_path, info=DistInfo(), seed=0)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["state"]["step"] == 3

@@ -2,14 +2,21 @@
 optimiser step on synthetic batches already on the device, images/s, FLOPs per image (torch's
 FLOP counter), peak memory and, on CUDA, model FLOPs utilisation against a measured bf16 matmul
 peak; beside it the same numbers for a plain timm ViT of the same architecture trained on every
-token, and each method's ratio to it. Measured side by side in one process.
+token, and each method's ratio to it; and the shared trainer's overhead over the bare loop of
+the same method on the same pre-loaded batch. Measured side by side in one process.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import random
 import resource
+import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +28,8 @@ from ..data.transforms import ViewSpec
 from ..models.vit import build_encoder
 from ..registry import get_method
 from ..study import text_spec
-from ..train.loop import _autocast, build_optimizer
+from ..train.distributed import DistInfo
+from ..train.loop import _autocast, build_optimizer, train
 
 PLAIN_TIMM = "timm-vit (all tokens)"
 # CC3M captions run about 10 words; synthetic captions of that length keep the text towers honest.
@@ -40,6 +48,7 @@ class StepStats:
     peak_mem_mb: float
     mfu: float | None = None
     ratio_to_plain: float | None = None
+    trainer_overhead: float | None = None  # the shared trainer's time over the bare loop's, minus 1
 
     def metrics(self) -> dict[str, float]:
         """The numbers a result record keeps."""
@@ -49,6 +58,8 @@ class StepStats:
             out["mfu"] = self.mfu
         if self.ratio_to_plain is not None:
             out["time_ratio_to_plain_vit"] = self.ratio_to_plain
+        if self.trainer_overhead is not None:
+            out["trainer_overhead"] = self.trainer_overhead
         return out
 
 
@@ -113,7 +124,8 @@ def matmul_peak_tflops(device, size: int = 8192, repeats: int = 20) -> float:
 
 def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, device, steps: int,
             warmup: int) -> StepStats:
-    """Steady-state time of forward + backward + AdamW step, FLOPs of one step, peak memory."""
+    """Steady-state time of the bare loop's step (forward, backward, the recipe's gradient clipping,
+    AdamW), FLOPs of one step, peak memory."""
     module.to(device).train()
     optimizer = build_optimizer(module, cfg.train)
     n = batch["image"].shape[0]
@@ -122,6 +134,8 @@ def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, d
         with _autocast(cfg.train, device):
             loss = module(batch)["loss"]
         loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -134,14 +148,36 @@ def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, d
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         step()
-    _sync(device)
-    start = time.perf_counter()
+    durations = []
     for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
         step()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / steps
+        _sync(device)
+        durations.append(time.perf_counter() - start)
+    seconds = statistics.median(durations)  # the median step: robust to a busy moment of the machine
     return StepStats(name=name, batch=n, step_ms=1000 * seconds, images_per_s=n / seconds,
                      gflops_per_image=counter.get_total_flops() / n / 1e9, peak_mem_mb=_peak_mb(device))
+
+
+def trainer_step_ms(name: str, cfg: StudyConfig, spec, batch: dict, device, steps: int, warmup: int) -> float:
+    """The shared trainer (`train.loop.train`: logging, schedule, checkpoint bookkeeping) on the same
+    pre-loaded batch: ms per step after ``warmup`` steps. The final checkpoint write is not timed."""
+    method = get_method(name).build(build_encoder(cfg.encoder, seed=0), spec, cfg.methods.get(name))
+    times = []
+
+    def batches(epoch):
+        for _ in range(warmup + steps + 1):  # the last fetch ends the last timed step
+            times.append(time.perf_counter())
+            yield dict(batch)
+
+    train_cfg = dataclasses.replace(cfg.train, epochs=1, ckpt_every=10 ** 9)
+    with tempfile.TemporaryDirectory(prefix="mugbench-bench-") as workdir:
+        with contextlib.redirect_stderr(io.StringIO()):  # no progress bar in the table's way
+            train(method, batches, train_cfg, steps_per_epoch=warmup + steps + 1, workdir=Path(workdir),
+                  info=DistInfo(device=device), seed=0, desc=name)
+    # One step lies between consecutive batch fetches; the median, as for the bare loop.
+    return 1000 * statistics.median(b - a for a, b in zip(times[warmup:], times[warmup + 1:]))
 
 
 def run(cfg: StudyConfig, methods: list[str], *, device, steps: int = 10, warmup: int = 3,
@@ -159,9 +195,10 @@ def run(cfg: StudyConfig, methods: list[str], *, device, steps: int = 10, warmup
     for name in methods:
         cls = get_method(name)
         method = cls.build(build_encoder(cfg.encoder, seed=0), spec, cfg.methods.get(name))
-        rows.append(measure(name, method, synthetic_batch(cfg, cls, tokenizer, batch, device), cfg, device, steps,
-                            warmup))
+        data = synthetic_batch(cfg, cls, tokenizer, batch, device)
+        rows.append(measure(name, method, data, cfg, device, steps, warmup))
         del method
+        rows[-1].trainer_overhead = trainer_step_ms(name, cfg, spec, data, device, steps, warmup) / rows[-1].step_ms - 1
     for row in rows:
         row.ratio_to_plain = row.step_ms / rows[0].step_ms
         if peak:
@@ -172,10 +209,11 @@ def run(cfg: StudyConfig, methods: list[str], *, device, steps: int = 10, warmup
 def format_table(rows: list[StepStats], device, preset: str) -> str:
     """Markdown table of a `run`."""
     lines = [f"Train step on synthetic batches ({preset} preset, {device}):", "",
-             "| step | batch | ms/step | images/s | GFLOP/image | peak MB | MFU | time vs plain ViT |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| step | batch | ms/step | images/s | GFLOP/image | peak MB | MFU | time vs plain ViT | trainer overhead |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{100 * r.mfu:.0f}%" if r.mfu is not None else "-"
+        overhead = f"{100 * r.trainer_overhead:+.1f}%" if r.trainer_overhead is not None else "-"
         lines.append(f"| {r.name} | {r.batch} | {r.step_ms:.1f} | {r.images_per_s:.0f} | {r.gflops_per_image:.3g} | "
-                     f"{r.peak_mem_mb:.0f} | {mfu} | {r.ratio_to_plain:.2f}x |")
+                     f"{r.peak_mem_mb:.0f} | {mfu} | {r.ratio_to_plain:.2f}x | {overhead} |")
     return "\n".join(lines)

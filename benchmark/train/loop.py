@@ -73,11 +73,36 @@ def _to_device(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def _all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
-    ok = torch.isfinite(loss.detach()).float()
-    if info.world_size > 1:  # every rank must stop together, or the others hang in all-reduce
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+class _NonFiniteWatch:
+    """Remembers, on the device, the first step whose loss was not finite and that step's loss
+    parts, so the train step never waits for the device; `check` (at log steps and before every
+    checkpoint, so no checkpoint ever holds the damage) is the one place that synchronises."""
+
+    def __init__(self, device):
+        self.first = torch.full((), -1.0, device=device)
+        self.parts: torch.Tensor | None = None
+
+    def observe(self, out: dict, step: int) -> None:
+        """Note this micro-step's loss parts (no synchronisation)."""
+        values = torch.stack([v.detach().float().reshape(()) for v in out.values()])
+        new = (self.first < 0) & ~torch.isfinite(values[list(out).index("loss")])
+        self.first = torch.where(new, torch.full_like(self.first, step), self.first)
+        self.parts = values if self.parts is None else torch.where(new, values, self.parts)
+        self.names = list(out)
+
+    def check(self, info: DistInfo, desc: str, checkpoint_path: Path) -> None:
+        """Raise `NonFiniteLossError` on every rank together if any rank saw a non-finite loss."""
+        flag = (self.first >= 0).float()
+        if info.world_size > 1:  # every rank must stop together, or the others hang in all-reduce
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return
+        where = (f"at step {int(self.first.item())} (parts: {dict(zip(self.names, self.parts.tolist()))})"
+                 if self.first.item() >= 0 else f"on another rank (rank {info.rank} saw finite losses)")
+        raise NonFiniteLossError(
+            f"Training of {desc} stopped: the loss became non-finite {where}. The last good checkpoint is kept "
+            f"at {checkpoint_path if checkpoint_path.exists() else '(none yet)'}. Lower train.blr, set "
+            f"train.grad_clip, or check the data; rerunning resumes from that checkpoint.")
 
 
 def _tally(state: dict, batch: dict) -> None:
@@ -257,6 +282,7 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                                           "rng": rngs, "identity": identity}, step, keep=cfg.keep_checkpoints)
 
     step = state["step"]
+    watch = _NonFiniteWatch(device)
     scheduler.step_update(step)
     bar = tqdm(total=total, initial=step, desc=desc, disable=not info.is_main, dynamic_ncols=True, leave=False)
     log = open(log_path, "a") if info.is_main else None
@@ -278,12 +304,7 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                 with (contextlib.nullcontext() if sync or info.world_size == 1 or fsdp else model.no_sync()):
                     with _autocast(cfg, device):
                         out = model(batch)
-                    if not _all_finite(out["loss"], info):
-                        raise NonFiniteLossError(
-                            f"Training of {desc} stopped at step {step}: the loss became {out['loss'].item()} "
-                            f"(parts: { {k: v.detach().item() for k, v in out.items()} }). The last good checkpoint is kept "
-                            f"at {ckpt_path if ckpt_path.exists() else '(none yet)'}. Lower train.blr, set "
-                            f"train.grad_clip, or check the data; rerunning resumes from that checkpoint.")
+                    watch.observe(out, step)
                     (out["loss"] / cfg.accum_steps).backward()
                 micro += 1
                 n_img = batch["image"].shape[0] * info.world_size
@@ -298,14 +319,15 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                 step += 1
                 state["step"] = step
                 scheduler.step_update(step)
-                state["loss"] = out["loss"].detach().item()
                 if step % cfg.log_every == 0 or step == total:
+                    watch.check(info, desc, ckpt_path)
                     now = time.perf_counter()
                     ips = window_images / max(now - window_t, 1e-9)
                     state["seconds"] += now - window_t
                     window_t, window_images = now, 0
                     row = {"step": step, "epoch": step / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
                            **_mean_over_ranks(out, info), "images_per_s": ips}
+                    state["loss"] = row["loss"]
                     if log:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
@@ -314,6 +336,7 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                     _check_bad_fraction(state, max_bad_fraction, info, desc, step)
                 bar.update(1)
                 if step % cfg.ckpt_every == 0 or step == total:
+                    watch.check(info, desc, ckpt_path)
                     state["seconds"] += time.perf_counter() - window_t
                     window_t = time.perf_counter()
                     checkpoint()
