@@ -6,7 +6,6 @@ import json
 import tarfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest

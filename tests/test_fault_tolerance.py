@@ -52,11 +52,14 @@ def test_keeps_the_last_checkpoints_and_falls_back_past_a_corrupt_one(smoke_cfg,
               steps_per_epoch=3, workdir=tmp_path / "b", info=DistInfo(), seed=0)
     newest = tmp_path / "b" / "checkpoint-00000006.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
+    torn = tmp_path / "b" / ".checkpoint-00000007.pt.abc.tmp"  # what a kill during a write leaves
+    torn.write_bytes(b"partial")
     m3 = build_method("mae", smoke_cfg, spec)
     summary = train(m3, _batches(m3, toy_samples, tokenizer, size), _cfg(epochs=3, ckpt_every=2), steps_per_epoch=3,
                     workdir=tmp_path / "b", info=DistInfo(), seed=0)
     assert "checkpoint-00000006.pt is unreadable" in capsys.readouterr().err
     assert summary.resumed_from == 4 and summary.steps == 9
+    assert not torn.exists()  # the next save cleared it
     for k, v in m1.state_dict().items():
         assert torch.equal(m3.state_dict()[k], v), k  # bitwise: same batches, same RNG, same order of ops
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

@@ -8,7 +8,6 @@ import multiprocessing
 import statistics
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 

@@ -26,10 +26,9 @@ from ..config import StudyConfig
 from ..data.tokenizer import TextTokenizer, corpus_vocab
 from ..data.transforms import ViewSpec
 from ..models.vit import build_encoder
-from ..registry import get_method
-from ..study import text_spec
+from ..study import build_method, text_spec
 from ..train.distributed import DistInfo
-from ..train.loop import _autocast, build_optimizer, train
+from ..train.loop import autocast, build_optimizer, train
 
 PLAIN_TIMM = "timm-vit (all tokens)"
 # CC3M captions run about 10 words; synthetic captions of that length keep the text towers honest.
@@ -131,7 +130,7 @@ def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, d
     n = batch["image"].shape[0]
 
     def step():
-        with _autocast(cfg.train, device):
+        with autocast(cfg.train, device):
             loss = module(batch)["loss"]
         loss.backward()
         if cfg.train.grad_clip:
@@ -140,7 +139,7 @@ def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, d
         optimizer.zero_grad(set_to_none=True)
 
     with FlopCounterMode(display=False) as counter:
-        with _autocast(cfg.train, device):
+        with autocast(cfg.train, device):
             loss = module(batch)["loss"]
         loss.backward()
     optimizer.zero_grad(set_to_none=True)
@@ -163,7 +162,7 @@ def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, d
 def trainer_step_ms(name: str, cfg: StudyConfig, spec, batch: dict, device, steps: int, warmup: int) -> float:
     """The shared trainer (`train.loop.train`: logging, schedule, checkpoint bookkeeping) on the same
     pre-loaded batch: ms per step after ``warmup`` steps. The final checkpoint write is not timed."""
-    method = get_method(name).build(build_encoder(cfg.encoder, seed=0), spec, cfg.methods.get(name))
+    method = build_method(name, cfg, spec)
     times = []
 
     def batches(epoch):
@@ -193,9 +192,8 @@ def run(cfg: StudyConfig, methods: list[str], *, device, steps: int = 10, warmup
     rows = [measure(PLAIN_TIMM, _PlainViT(cfg), synthetic_batch(cfg, _PlainViT, tokenizer, batch, device), cfg,
                     device, steps, warmup)]
     for name in methods:
-        cls = get_method(name)
-        method = cls.build(build_encoder(cfg.encoder, seed=0), spec, cfg.methods.get(name))
-        data = synthetic_batch(cfg, cls, tokenizer, batch, device)
+        method = build_method(name, cfg, spec)
+        data = synthetic_batch(cfg, type(method), tokenizer, batch, device)
         rows.append(measure(name, method, data, cfg, device, steps, warmup))
         del method
         rows[-1].trainer_overhead = trainer_step_ms(name, cfg, spec, data, device, steps, warmup) / rows[-1].step_ms - 1

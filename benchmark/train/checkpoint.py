@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..models.vit import EncoderSpec, export_state_dict
 
@@ -60,6 +60,8 @@ def save_run_checkpoint(workdir: Path, state: dict, step: int, keep: int = 2) ->
     a file system that lost the last write) costs ``ckpt_every`` steps, not the run.
     """
     workdir = Path(workdir)
+    for stale in workdir.glob(".checkpoint-*.tmp"):  # left by a write that a kill cut off (one writer: rank 0)
+        stale.unlink(missing_ok=True)
     path = save_checkpoint(workdir / f"checkpoint-{step:08d}.pt", state)
     link = workdir / CHECKPOINT_LINK
     tmp = workdir / f".{CHECKPOINT_LINK}.{os.getpid()}.link"

@@ -62,7 +62,8 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int, steps_per_epo
                              warmup_t=warmup, warmup_lr_init=cfg.lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA (or when asked for), nothing on the CPU: the step's precision policy."""
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
@@ -84,7 +85,7 @@ class _NonFiniteWatch:
 
     def observe(self, out: dict, step: int) -> None:
         """Note this micro-step's loss parts (no synchronisation)."""
-        values = torch.stack([v.detach().float().reshape(()) for v in out.values()])
+        values = _loss_parts(out)
         new = (self.first < 0) & ~torch.isfinite(values[list(out).index("loss")])
         self.first = torch.where(new, torch.full_like(self.first, step), self.first)
         self.parts = values if self.parts is None else torch.where(new, values, self.parts)
@@ -125,10 +126,15 @@ def _image_batches(batches: Iterable[dict], state: dict, resume_at: int) -> Iter
             _tally(state, batch)
 
 
+def _loss_parts(out: dict) -> torch.Tensor:
+    """The step's loss parts as one float tensor (order of ``out``), still on the device."""
+    return torch.stack([v.detach().float().reshape(()) for v in out.values()])
+
+
 def _mean_over_ranks(out: dict, info: DistInfo) -> dict[str, float]:
     """The step's loss parts averaged over ranks (each rank's are means over its own rows), so
     the log shows the global batch's loss, not rank 0's half of it."""
-    values = torch.stack([v.detach().float().reshape(()) for v in out.values()])
+    values = _loss_parts(out)
     if info.world_size > 1:
         dist.all_reduce(values)
         values /= info.world_size
@@ -302,7 +308,7 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                 sync = (micro + 1) % cfg.accum_steps == 0
                 # DDP skips the gradient all-reduce on accumulation micro-steps; FSDP reduces every one.
                 with (contextlib.nullcontext() if sync or info.world_size == 1 or fsdp else model.no_sync()):
-                    with _autocast(cfg, device):
+                    with autocast(cfg, device):
                         out = model(batch)
                     watch.observe(out, step)
                     (out["loss"] / cfg.accum_steps).backward()
