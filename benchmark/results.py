@@ -89,6 +89,7 @@ class ResultRecord:
     repaired_samples: dict[str, int] = field(default_factory=dict)  # images converted to RGB, kept
     overrides: list[str] = field(default_factory=list)
     examples: list[dict[str, Any]] = field(default_factory=list)  # e.g. generated captions beside references
+    loss_curve: dict[str, list[float]] = field(default_factory=dict)  # pre-training {"step": [...], "loss": [...]}
     versions: dict[str, str | None] = field(default_factory=lambda: collect_versions())
     git_commit: str | None = field(default_factory=lambda: git_commit())
     created: str = field(default_factory=_now_iso)

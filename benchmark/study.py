@@ -421,7 +421,9 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
                 seed=cfg.seed, metrics=metrics, method_options=dataclasses.asdict(method.options),
                 protocol_options=options, encoder=dataclasses.asdict(cfg.encoder), epochs=summary.epochs,
                 steps=summary.steps,
-                timings={"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": seconds},
+                timings={"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": seconds,
+                         "peak_memory_mb": summary.peak_memory_mb},
+                loss_curve=summary.loss_curve,
                 skipped_samples=summary.skipped, repaired_samples=summary.repaired, overrides=list(overrides),
                 examples=rest[0] if rest else [],
             )

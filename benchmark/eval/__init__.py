@@ -61,7 +61,9 @@ def reconstruction_protocol(method, data, cfg, seed, *, tokenizer, device, artif
     metrics = reconstruction_error(method, images, seed=seed, device=device)
     grid = save_reconstruction_grid(method, images[:cfg.figure_images], artifact.with_suffix(".png"),
                                     seed=seed, device=device)
-    return metrics, {"mask_ratio": method.options.mask_ratio, "figure": grid.name}, []
+    # The figure's columns by key, so a report can set each beside other methods' captions of that image.
+    columns = [{"key": k} for k in data["val"]["key"][:cfg.figure_images]]
+    return metrics, {"mask_ratio": method.options.mask_ratio, "figure": grid.name}, columns
 
 
 def zeroshot_protocol(method, data, cfg, seed, *, tokenizer, device, artifact: Path):

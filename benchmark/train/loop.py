@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class TrainSummary:
     skipped: dict = field(default_factory=dict)
     repaired: dict = field(default_factory=dict)
     resumed_from: int = 0
+    peak_memory_mb: float = 0.0  # CUDA: max allocated; CPU: the largest resident set seen at a log step
+    loss_curve: dict = field(default_factory=dict)  # {"step": [...], "loss": [...]}, thinned (`read_loss_curve`)
 
 
 def build_optimizer(method: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -187,6 +190,36 @@ def _truncate_log(log_path: Path, step: int) -> None:
         atomic_write_text(log_path, "".join(kept))
 
 
+def memory_in_use_mb(device: torch.device) -> float:
+    """Peak memory so far on CUDA (max allocated since the last reset); on CPU the process's resident
+    set now, from ``/proc`` (0 where there is none). The CPU figure is sampled because the kernel's
+    own peak (``ru_maxrss``) never goes down, so it would credit a method with its predecessor's peak."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def read_loss_curve(log_path: Path, max_points: int = 200) -> dict[str, list[float]]:
+    """The logged loss against the step, from ``metrics.jsonl``, thinned evenly to at most
+    ``max_points`` rows (the last row always kept) so that a result record stays small."""
+    rows = []
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                rows.append((int(row["step"]), float(row["loss"])))
+            except (ValueError, KeyError, TypeError):
+                continue
+    if len(rows) > max_points:
+        stride = math.ceil(len(rows) / max_points)
+        rows = rows[::-1][::stride][::-1]
+    return {"step": [r[0] for r in rows], "loss": [r[1] for r in rows]}
+
+
 def _logged_step(row: str) -> float:
     """The step of a metrics row; infinity for a row that is not whole JSON."""
     try:
@@ -250,7 +283,10 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
     optimizer = build_optimizer(method, cfg)
     scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
 
-    state = {"step": 0, "seconds": 0.0, "images": 0, "skipped": {}, "repaired": {}, "loss": float("nan")}
+    state = {"step": 0, "seconds": 0.0, "images": 0, "skipped": {}, "repaired": {}, "loss": float("nan"),
+             "peak_memory_mb": 0.0}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     # One seed on every rank: masks are drawn for the global batch and sliced per rank (random_masking),
     # so a run does not depend on the number of processes that share its batch.
     torch.manual_seed(seed)
@@ -334,6 +370,7 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                     row = {"step": step, "epoch": step / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
                            **_mean_over_ranks(out, info), "images_per_s": ips}
                     state["loss"] = row["loss"]
+                    state["peak_memory_mb"] = max(state.get("peak_memory_mb", 0.0), memory_in_use_mb(device))
                     if log:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
@@ -365,4 +402,5 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
     return TrainSummary(steps=step, epochs=step / steps_per_epoch, seconds=seconds,
                         images_per_s=state["images"] / max(seconds, 1e-9), final_loss=state["loss"],
                         skipped=dict(state["skipped"]), repaired=dict(state.get("repaired", {})),
-                        resumed_from=resumed_from)
+                        resumed_from=resumed_from, peak_memory_mb=state.get("peak_memory_mb", 0.0),
+                        loss_curve=read_loss_curve(log_path) if info.is_main else {})
