@@ -159,7 +159,8 @@ def _cmd_methods(args) -> int:
         caps = ", ".join(cls.capabilities()) or "-"
         opts = ", ".join(f"{k}={v}" for k, v in cls.option_defaults().items()) or "-"
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:8s} views={views}  needs={text:10s}  capabilities: {caps}\n         {doc}\n         options: {opts}")
+        print(f"{name:8s} {cls.paradigm or 'paradigm not declared'}; views={views}  needs={text:10s}  "
+              f"capabilities: {caps}\n         {doc}\n         options: {opts}")
     return 0
 
 

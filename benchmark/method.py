@@ -21,6 +21,11 @@ from .data.transforms import ViewSpec
 # Optional capabilities the harness looks for; a method has one if it defines the method.
 CAPABILITIES = ("encode_image", "encode_text", "caption", "score_text", "reconstruct")
 
+# The paper's grouping of pre-training methods (its benchmark compares one of each: SimCLR, MAE, CLIP, MUG);
+# reports group their rows by it.
+PARADIGMS = ("single-modal discriminative", "single-modal generative",
+             "multi-modal discriminative", "multi-modal generative")
+
 
 @dataclass(frozen=True)
 class TextSpec:
@@ -50,10 +55,12 @@ class Method(nn.Module):
     """Base class of a pre-training method: the shared encoder plus the method's own heads.
 
     Subclasses set ``Options`` (a dataclass whose ``__post_init__`` raises ValueError on an
-    out-of-range value), ``views`` and ``needs_text``, and implement ``forward``.
+    out-of-range value), ``views``, ``needs_text`` and ``paradigm`` (one of `PARADIGMS`), and
+    implement ``forward``.
     """
 
     name: ClassVar[str] = "?"
+    paradigm: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     views: ClassVar[tuple[ViewSpec, ...]] = (ViewSpec(),)
     needs_text: ClassVar[bool] = False

@@ -23,8 +23,10 @@ import math
 import os
 import platform
 import re
+import shlex
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 import warnings
@@ -67,7 +69,7 @@ def _new_run_id() -> str:
 class ResultRecord:
     """One evaluation result of one pre-trained encoder on one dataset with one seed.
 
-    Provenance fields (``versions``, ``git_commit``, ``created``, ``run_id``, ``host``)
+    Provenance fields (``versions``, ``git_commit``, ``created``, ``run_id``, ``host``, ``command``)
     are filled automatically when a record is constructed in a run; :meth:`from_dict`
     never invents them for a file that lacks them.
     """
@@ -90,6 +92,8 @@ class ResultRecord:
     overrides: list[str] = field(default_factory=list)
     examples: list[dict[str, Any]] = field(default_factory=list)  # e.g. generated captions beside references
     loss_curve: dict[str, list[float]] = field(default_factory=dict)  # pre-training {"step": [...], "loss": [...]}
+    paradigm: str = ""  # the method's family (mugbench.method.PARADIGMS), so a report can group rows
+    command: str = field(default_factory=lambda: current_command())
     versions: dict[str, str | None] = field(default_factory=lambda: collect_versions())
     git_commit: str | None = field(default_factory=lambda: git_commit())
     created: str = field(default_factory=_now_iso)
@@ -136,6 +140,7 @@ class ResultRecord:
         kwargs.setdefault("created", "")
         kwargs.setdefault("run_id", "")
         kwargs.setdefault("host", "")
+        kwargs.setdefault("command", "")
         kwargs["metrics"] = {k: float(v) for k, v in metrics.items()}
         return cls(**kwargs)
 
@@ -182,6 +187,14 @@ def _git_commit_cached(path: str) -> str | None:
         return None
     commit = out.stdout.strip()
     return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def current_command() -> str:
+    """This process's command line as a shell could rerun it (``mugbench ...`` for the console script)."""
+    argv = list(sys.argv) or [""]
+    if Path(argv[0]).name == "mugbench":
+        argv[0] = "mugbench"
+    return shlex.join(argv)
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:

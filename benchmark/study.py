@@ -423,7 +423,7 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
                 steps=summary.steps,
                 timings={"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": seconds,
                          "peak_memory_mb": summary.peak_memory_mb},
-                loss_curve=summary.loss_curve,
+                loss_curve=summary.loss_curve, paradigm=type(method).paradigm,
                 skipped_samples=summary.skipped, repaired_samples=summary.repaired, overrides=list(overrides),
                 examples=rest[0] if rest else [],
             )

@@ -33,6 +33,7 @@ class CLIP(Method):
     # SLIP's CLIP crop for ViTs on web image-text data, and no flip: captions say "left" and "right".
     views = (ViewSpec(scale=(0.5, 1.0), hflip=False),)
     needs_text = True
+    paradigm = "multi-modal discriminative"
 
     def __init__(self, encoder, text, options):
         super().__init__(encoder, text, options)

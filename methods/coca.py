@@ -62,6 +62,7 @@ class CoCa(CaptioningMixin, Method):
 
     views = (ViewSpec(scale=(0.5, 1.0), hflip=False),)  # clip's caption-paired view
     needs_text = True
+    paradigm = "multi-modal generative"
 
     def __init__(self, encoder, text, options):
         super().__init__(encoder, text, options)

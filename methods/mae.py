@@ -33,6 +33,7 @@ class MAE(Method):
 
     views = (ViewSpec(scale=(0.2, 1.0)),)  # MAE: RandomResizedCrop(0.2-1) + flip
     needs_text = False
+    paradigm = "single-modal generative"
 
     def __init__(self, encoder, text, options):
         super().__init__(encoder, text, options)

@@ -46,6 +46,7 @@ class MUG(CaptioningMixin, MAE):
                 raise ValueError(f"mug.cap_latent={self.cap_latent!r} is not one of {', '.join(CAP_LATENTS)}")
 
     needs_text = True
+    paradigm = "multi-modal generative"
 
     def __init__(self, encoder, text, options):
         super().__init__(encoder, text, options)

@@ -136,6 +136,7 @@ class SimCLR(Method):
 
     views = (SIMCLR_VIEW, SIMCLR_VIEW)
     needs_text = False
+    paradigm = "single-modal discriminative"
 
     def __init__(self, encoder, text, options):
         super().__init__(encoder, text, options)

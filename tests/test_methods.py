@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from mugbench.method import Method, MethodOptionError
+from mugbench.method import PARADIGMS, Method, MethodOptionError
 from mugbench.models.vit import build_encoder
 from mugbench.registry import UnknownMethodError, get_method, registered_methods
 from mugbench.study import build_method
@@ -42,6 +42,17 @@ def test_unknown_method_lists_registered_ones():
     with pytest.raises(UnknownMethodError) as err:
         get_method("mea")
     assert "mae" in str(err.value) and "clip" in str(err.value)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_declares_a_paradigm(name):
+    # Reports group rows by it; a method without one would land in an unnamed group.
+    assert get_method(name).paradigm in PARADIGMS
+
+
+def test_paradigms_follow_the_paper():
+    # The paper's four representatives, one per family.
+    assert [get_method(m).paradigm for m in ("simclr", "mae", "clip", "mug")] == list(PARADIGMS)
 
 
 @pytest.mark.parametrize("name", METHODS)
