@@ -38,9 +38,16 @@ def _parser() -> argparse.ArgumentParser:
                      "(shorthand for --set eval.protocols=[...]; default: the preset's)")
     _add_study_args(run)
 
-    rep = sub.add_parser("report", help="rebuild reports/ from results/ alone and print the table")
+    rep = sub.add_parser("report", help="rebuild reports/ (tables, figures, index) from results/ alone")
     rep.add_argument("--results", type=Path, default=Path("results"))
     rep.add_argument("--reports", type=Path, default=Path("reports"))
+    rep.add_argument("--study", default="", metavar="PRESET[,PRESET]", help="only these studies (preset names)")
+    rep.add_argument("--data", default="", metavar="SET[,SET]", help="only these pre-training sets, e.g. cc3m")
+    rep.add_argument("--protocols", default="", metavar="P1,P2", help="only these protocols, e.g. knn,linear")
+    rep.add_argument("--methods", default="", metavar="M1,M2", help="only these methods")
+    rep.add_argument("--by", default="method", choices=("method", "seed", "preset"),
+                     help="one row per method (mean ± std over seeds; default), per seed, or per preset")
+    rep.add_argument("--no-figures", action="store_true", help="tables only (faster)")
 
     sub.add_parser("methods", help="list registered methods with their needs and capabilities")
 
@@ -125,7 +132,7 @@ def _cmd_run(args) -> int:
     methods = parse_method_list(args.methods)
     for name in methods:  # option errors before any training starts
         get_method(name).parse_options(cfg.methods.get(name))
-    from .report.tables import write_report
+    from .report import write_report
     from .study import run_study
 
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
@@ -143,10 +150,16 @@ def _is_main_process() -> bool:
 
 
 def _cmd_report(args) -> int:
-    from .report.tables import write_report
+    from .report import Selection, write_report
 
-    print(write_report(args.results, args.reports))
-    print(f"\nwritten: {args.reports / 'summary.md'}, {args.reports / 'summary.csv'}")
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    selection = Selection(studies=names(args.study), data=names(args.data), protocols=names(args.protocols),
+                          methods=names(args.methods))
+    print(write_report(args.results, args.reports, selection=selection, by=args.by, figures=not args.no_figures))
+    print(f"\nwritten under {args.reports}: README.md (start here), summary.md, summary.csv, summary.tex"
+          + ("" if args.no_figures else ", figures/"))
     return 0
 
 

@@ -1,17 +1,15 @@
-"""Result records (round trip, atomic and concurrent writes, forgiving loads) and the report tables."""
+"""Result records: round trip, atomic and concurrent writes, forgiving loads, shipped references."""
 
 from __future__ import annotations
 
 import json
 import math
 import multiprocessing
-import statistics
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mugbench.report.tables import render_markdown, summary_frame, write_report
 from mugbench.results import (
     MalformedRecordWarning,
     ResultRecord,
@@ -152,75 +150,3 @@ def test_references_are_not_records(tmp_path):
     assert values[("mug", "finetune", "imagenet", "top1")] == 0.5
 
 
-def _study_records():
-    records = []
-    for seed, (mae, clip) in enumerate([(60.0, 50.0), (62.0, 54.0), (64.0, 55.0)]):
-        records.append(make_record("mae", seed=seed, top1=mae))
-        records.append(make_record("clip", seed=seed, top1=clip))
-    records.append(make_record("mug", seed=0, top1=70.0))
-    records.append(make_record("mae", protocol="linear", seed=0, top1=40.0))
-    return records
-
-
-def test_summary_aggregates_over_seeds():
-    frame = summary_frame(_study_records())
-    mae = frame.loc[("toy", "smoke", "mae")]
-    assert mae[("knn", "toy-cls", "top1", "mean")] == pytest.approx(62.0)
-    assert mae[("knn", "toy-cls", "top1", "std")] == pytest.approx(2.0)
-    assert mae[("knn", "toy-cls", "top1", "n")] == 3
-    clip = frame.loc[("toy", "smoke", "clip")]
-    assert clip[("knn", "toy-cls", "top1", "mean")] == pytest.approx(53.0)
-    assert clip[("knn", "toy-cls", "top1", "std")] == pytest.approx(statistics.stdev([50.0, 54.0, 55.0]))
-    mug = frame.loc[("toy", "smoke", "mug")]
-    assert mug[("knn", "toy-cls", "top1", "n")] == 1 and math.isnan(mug[("knn", "toy-cls", "top1", "std")])
-    assert math.isnan(mug[("linear", "toy-cls", "top1", "mean")])
-
-
-def test_markdown_formats_cells_and_bolds_the_best():
-    text = render_markdown(summary_frame(_study_records()), [])
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert "62.0 ± 2.0 (n=3)" in rows["mae"]
-    assert "**70.0**" in rows["mug"]  # single seed: plain value, and the best k-NN
-    assert "**" not in rows["clip"]
-    assert "**40.0**" not in rows["mae"]  # only one method has a linear result: no winner
-    assert "3 seed(s) (0, 1, 2)" in text
-
-
-def test_lower_is_better_metrics_bold_the_minimum():
-    records = [make_record("mae", protocol="reconstruction", mse=0.02), make_record("mug", protocol="reconstruction", mse=0.05)]
-    text = render_markdown(summary_frame(records), [])
-    assert "**0.02**" in text and "**0.05**" not in text
-
-
-def test_baseline_scores_beside_a_metric_are_never_bold():
-    records = [make_record(m, protocol="segmentation", mIoU=v, background_mIoU=9.4)
-               for m, v in (("mae", 15.3), ("mug", 17.3))]
-    rows = {line.split("|")[1].strip(): line for line in
-            render_markdown(summary_frame(records), []).splitlines() if line.startswith("| ")}
-    assert "**17.3**" in rows["mug"] and "**9.4**" not in rows["mug"] + rows["mae"]
-
-
-def test_report_from_results_dir_alone(tmp_path):
-    results, reports = tmp_path / "results", tmp_path / "reports"
-    for record in _study_records():
-        write_record(record, results)
-    write_record(make_record("mae", preset="toy", top1=33.0), results)  # a second study
-
-    text = write_report(results, reports)
-    assert (reports / "summary.md").read_text() == text
-    assert "preset `smoke`" in text and "preset `toy`" in text
-    assert "Published reference claims (not produced by this run)" in text
-    assert "[reference] MAE paper, ImageNet-1k pre-training, ViT-B/16" in text
-    assert "83.6" in text and "2.0% mIoU" in text
-    csv = (reports / "summary.csv").read_text().splitlines()
-    assert csv[0] == "pretrain_data,preset,method,protocol,dataset,metric,mean,std,n"
-    assert "toy,smoke,mae,knn,toy-cls,top1,62.0,2.0,3" in csv
-    assert sorted(p.name for p in reports.iterdir()) == ["summary.csv", "summary.md"]
-
-
-def test_report_with_no_records_says_so(tmp_path):
-    text = write_report(tmp_path / "empty", tmp_path / "reports")
-    assert f"No result records found under `{tmp_path / 'empty'}`" in text
-    # With no records at all, the shipped references still appear.
-    text = render_markdown(summary_frame([]), load_references(tmp_path / "empty"))
-    assert "No result records found" in text and "[reference] MUG" in text

@@ -1,5 +1,6 @@
-"""Report layer: tables (and plots) rebuilt from the result records under ``results/``."""
+"""Report layer: tables and figures rebuilt from the result records under ``results/`` alone."""
 
-from mugbench.report.tables import render_markdown, summary_frame, write_report
+from mugbench.report.build import Report, write_report
+from mugbench.report.frame import Selection, summary_frame
 
-__all__ = ["render_markdown", "summary_frame", "write_report"]
+__all__ = ["Report", "Selection", "summary_frame", "write_report"]

@@ -1,274 +1,246 @@
-"""Comparison tables built from result records alone: a pandas summary, Markdown and CSV.
+"""The paper-style tables, from a `summary_frame`: Markdown, LaTeX (booktabs) and a tidy CSV.
 
-The Markdown is written by hand (pandas' ``to_markdown`` needs ``tabulate``, which is
-not a dependency) and follows the paper's layout: one table per study (pre-training
-data + preset), methods as rows, protocol/dataset/metric as columns, mean ± std over
-seeds, the best method per column in bold, and the published claims listed below,
-labelled as such.
+One main table per study (pre-training data + preset): rows are methods grouped by paradigm
+(the paper's single-/multi-modal, discriminative/generative), columns each protocol's headline
+metric per dataset, cells mean ± sample std over seeds, the best per column in bold, then the
+best-vs-runner-up margin. Published figures appear only as labelled reference rows or in the
+claims section, never as cells of ours. The Markdown is written by hand: pandas' ``to_markdown``
+needs ``tabulate``, which is not a dependency.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
-from mugbench.results import ResultRecord, atomic_write_text, load_records, load_references
-
-ROW_KEYS = ["pretrain_data", "preset", "method"]
-COLUMN_KEYS = ["protocol", "dataset", "metric"]
-STATS = ["mean", "std", "n"]
-
-# Display order: the paper's (single-modal, then multi-modal), then anything else by name.
-_METHOD_ORDER = ("mae", "simclr", "clip", "slip", "flip", "coca", "cap", "mug")
-_PROTOCOL_ORDER = (
-    "knn", "linear", "finetune", "segmentation", "zeroshot", "retrieval", "captioning", "reconstruction",
+from mugbench.report.frame import (
+    COLUMN_LEVELS, STATS, finite, headline_columns, is_baseline, lower_is_better, protocol_applies, ranked,
 )
 
-# Metrics where smaller is better; matched as substrings of the metric name so that
-# e.g. "recon_mse" or "val_loss" are ranked the right way round.
-_LOWER_IS_BETTER = ("loss", "mse", "error", "perplexity", "ppl", "nll", "fid")
-# Reference scores a protocol reports beside its metric (what a trivial predictor gets): context,
-# not a result, so never ranked. Matched as prefixes of the metric name.
-_BASELINES = ("background_", "flat_patch_")
-
-_MISSING = "–"
+MISSING = "—"
+PROTOCOL_LABELS = {
+    "knn": "k-NN", "linear": "linear probe", "finetune": "fine-tune", "segmentation": "segmentation",
+    "zeroshot": "zero-shot", "retrieval": "retrieval", "captioning": "captioning", "reconstruction": "reconstruction",
+}
 
 
-def _order_key(order: Sequence[str]):
-    def key(name: str) -> tuple[int, str]:
-        return (order.index(name), "") if name in order else (len(order), name)
-
-    return key
-
-
-def _long_frame(records: Iterable[ResultRecord]) -> pd.DataFrame:
-    rows = [
-        {
-            "pretrain_data": r.pretrain_data,
-            "preset": r.preset,
-            "method": r.method,
-            "protocol": r.protocol,
-            "dataset": r.dataset,
-            "metric": metric,
-            "seed": r.seed,
-            "created": r.created,
-            "value": float(value),
-        }
-        for r in records
-        for metric, value in r.metrics.items()
-    ]
-    columns = ROW_KEYS + COLUMN_KEYS + ["seed", "created", "value"]
-    long = pd.DataFrame(rows, columns=columns)
-    # The same (study, method, protocol, dataset, seed) can appear twice only if files
-    # were copied around; counting it twice would shrink the std and inflate n, so keep
-    # the most recent one.
-    long = long.sort_values("created", kind="stable")
-    return long.drop_duplicates(ROW_KEYS + COLUMN_KEYS + ["seed"], keep="last")
-
-
-def summary_frame(records: Iterable[ResultRecord]) -> pd.DataFrame:
-    """Aggregate records over seeds.
-
-    Index: (pretrain_data, preset, method). Columns: a 4-level MultiIndex
-    (protocol, dataset, metric, stat) with stat in ``mean``, ``std`` (sample std,
-    ddof=1; NaN for a single seed) and ``n`` (number of seeds). Every metric present in
-    the records gets a column. Per-study details used by :func:`render_markdown`
-    (record count, seeds, encoders, epochs) are kept in ``frame.attrs["studies"]``.
-    """
-    records = list(records)
-    long = _long_frame(records)
-    if long.empty:
-        columns = pd.MultiIndex.from_tuples([], names=COLUMN_KEYS + ["stat"])
-        index = pd.MultiIndex.from_tuples([], names=ROW_KEYS)
-        frame = pd.DataFrame(index=index, columns=columns, dtype=float)
-    else:
-        agg = long.groupby(ROW_KEYS + COLUMN_KEYS)["value"].agg(mean="mean", std="std", n="count")
-        frame = agg.unstack(COLUMN_KEYS)  # columns: (stat, protocol, dataset, metric)
-        frame.columns = frame.columns.reorder_levels([1, 2, 3, 0]).set_names(COLUMN_KEYS + ["stat"])
-        frame = frame[_sorted_columns(frame.columns)]
-        frame = frame.reindex(sorted(frame.index, key=lambda ix: (ix[0], ix[1], _order_key(_METHOD_ORDER)(ix[2]))))
-    frame.attrs["studies"] = _study_info(records)
-    return frame
-
-
-def _sorted_columns(columns: pd.MultiIndex) -> list[tuple]:
-    proto_key = _order_key(_PROTOCOL_ORDER)
-    return sorted(columns, key=lambda c: (proto_key(c[0]), c[1], c[2], STATS.index(c[3])))
-
-
-def _study_info(records: list[ResultRecord]) -> dict[tuple[str, str], dict[str, Any]]:
-    info: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in records:
-        study = info.setdefault(
-            (r.pretrain_data, r.preset), {"records": 0, "seeds": set(), "encoders": set(), "epochs": set()}
-        )
-        study["records"] += 1
-        study["seeds"].add(r.seed)
-        study["encoders"].add(_describe_encoder(r.encoder))
-        study["epochs"].add(r.epochs)
-    return {
-        key: {
-            "records": s["records"],
-            "seeds": sorted(s["seeds"]),
-            "encoders": sorted(e for e in s["encoders"] if e),
-            "epochs": sorted(s["epochs"]),
-        }
-        for key, s in info.items()
-    }
-
-
-def _describe_encoder(encoder: dict[str, Any]) -> str:
-    if not encoder:
-        return ""
-    arch = encoder.get("arch", "encoder")
-    rest = ", ".join(f"{k}={v}" for k, v in sorted(encoder.items()) if k != "arch")
-    return f"{arch} ({rest})" if rest else str(arch)
-
-
-def _fmt(value: float) -> str:
-    # One decimal suits percentages (the paper's unit); small-valued metrics such as an
-    # MSE or a CIDEr below 1 would all print as "0.0", so they keep 3 significant digits.
+def fmt(value: float) -> str:
+    """One decimal (the paper's unit is the percentage point); 3 significant digits below 1, where
+    an MSE or a small CIDEr would otherwise all read 0.0."""
     if value != 0 and abs(value) < 1:
         return f"{value:.3g}"
     return f"{value:.1f}"
 
 
-def _cell(mean: float, std: float, n: float) -> str:
-    if n is None or math.isnan(n) or n == 0:
-        return _MISSING
-    if n > 1:
-        return f"{_fmt(mean)} ± {_fmt(std)} (n={int(n)})"
-    return _fmt(mean)
+def column_label(column: tuple[str, str, str]) -> str:
+    """``k-NN top1 (toy-cls)`` for a (protocol, dataset, metric) column."""
+    protocol, dataset, metric = column
+    return f"{PROTOCOL_LABELS.get(protocol, protocol)} {metric} ({dataset})"
 
 
-def _lower_is_better(metric: str) -> bool:
-    name = metric.lower()
-    return any(token in name for token in _LOWER_IS_BETTER)
+def cell_text(mean: float, std: float, n: float, seeds: int, pm: str = " ± ") -> str:
+    """``mean ± std`` (one seed: the value alone); ``(n=k)`` when fewer seeds than the table's;
+    `MISSING` when there is no value: an absent result is never shown as a number."""
+    if not finite(n) or n == 0:
+        return MISSING
+    text = f"{fmt(mean)}{pm}{fmt(std)}" if n > 1 and finite(std) else fmt(mean)
+    return text + (f" (n={int(n)})" if n < seeds else "")
 
 
-def _best_rows(means: pd.Series, metric: str) -> set:
-    """Rows holding the best mean in a column, compared at the displayed precision.
-
-    Comparing displayed values means two cells that *read* the same are both bold.
-    A column with fewer than two values, or of a baseline score, has no winner to show.
-    """
+def best_rows(means: pd.Series, metric: str) -> set:
+    """Rows holding the best mean of a column, compared as displayed (cells that read the same
+    are both bold); none for a column with fewer than two values or of a baseline score."""
     present = means.dropna()
-    if len(present) < 2 or metric.lower().startswith(_BASELINES):
+    if len(present) < 2 or is_baseline(metric):
         return set()
-    shown = present.map(lambda v: float(_fmt(v)))
-    best = shown.min() if _lower_is_better(metric) else shown.max()
+    shown = present.map(lambda v: float(fmt(v)))
+    best = shown.min() if lower_is_better(metric) else shown.max()
     return set(shown.index[shown == best])
 
 
-def _escape(text: Any) -> str:
+def margin(frame: pd.DataFrame, column: tuple[str, str, str], methods: dict[str, str]) -> dict[str, Any] | None:
+    """Best minus runner-up of one column (positive = the best leads), or None with under two rows."""
+    order = ranked(frame[column + ("mean",)], column[2])
+    if len(order) < 2:
+        return None
+    first, second = order[0], order[1]
+    a, b = frame.at[first, column + ("mean",)], frame.at[second, column + ("mean",)]
+    lead = (b - a) if lower_is_better(column[2]) else (a - b)
+    return {"best": methods.get(first, first), "runner_up": methods.get(second, second), "margin": float(lead)}
+
+
+def _rows_by_paradigm(frame: pd.DataFrame) -> list[tuple[str, list[str]]]:
+    groups: dict[str, list[str]] = {}
+    for paradigm, row in frame.index:
+        groups.setdefault(paradigm, []).append(row)
+    return list(groups.items())
+
+
+def _escape_md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _study_table(frame: pd.DataFrame) -> list[str]:
-    """Markdown lines for one study's rows (index: method)."""
-    metric_columns = [c[:3] for c in frame.columns if c[3] == "mean"]
-    header = ["method"] + [f"{p} · {d} · {m}" for p, d, m in metric_columns]
-    lines = ["| " + " | ".join(_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
-    best = {col: _best_rows(frame[col + ("mean",)], col[2]) for col in metric_columns}
-    for method in frame.index:
-        cells = [_escape(method)]
-        for col in metric_columns:
-            text = _cell(*(frame.at[method, col + (stat,)] for stat in STATS))
-            cells.append(f"**{text}**" if method in best[col] else text)
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _drop_empty_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    # Keep a metric's std column even when it is all NaN (single seed): drop a metric
-    # only when no method in this study has a value for it.
-    counts = frame.xs("n", axis=1, level="stat")
-    keep = {col for col in counts.columns if counts[col].notna().any()}
-    return frame[[c for c in frame.columns if c[:3] in keep]]
-
-
-def _study_header(pretrain_data: str, preset: str, info: dict[str, Any], n_methods: int) -> list[str]:
-    seeds = info.get("seeds", [])
-    lines = [
-        f"## Pre-training data `{pretrain_data}`, preset `{preset}`",
-        "",
-        f"{n_methods} method(s), {info.get('records', 0)} record(s), "
-        f"{len(seeds)} seed(s) ({', '.join(map(str, seeds)) or 'none'}). "
-        "Cells: mean ± sample std over seeds (n = seeds); best per column in **bold**.",
-    ]
-    encoders, epochs = info.get("encoders", []), info.get("epochs", [])
-    if encoders:
-        lines.append(f"Encoder: {'; '.join(encoders)}.")
-    if epochs:
-        lines.append(f"Pre-training epochs: {', '.join(f'{e:g}' for e in epochs)}.")
-    # A like-for-like study has exactly one encoder and one budget; say so loudly if not.
-    if len(encoders) > 1 or len(epochs) > 1:
-        lines.append("**Warning: this study mixes encoders or epoch budgets; rows are not like-for-like.**")
-    return lines
-
-
-def _references_section(references: Sequence[dict[str, Any]]) -> list[str]:
-    lines = ["## Published reference claims (not produced by this run)", ""]
-    if not references:
-        return lines + ["No reference claims found."]
+def markdown_table(frame: pd.DataFrame, columns: list[tuple[str, str, str]], seeds: int,
+                   methods: dict[str, str], references: Sequence[dict] = (), with_margin: bool = True) -> list[str]:
+    """Markdown lines of one study's table. ``frame`` is indexed by (paradigm, row)."""
+    header = ["paradigm", "method"] + [column_label(c) for c in columns]
+    lines = ["| " + " | ".join(_escape_md(h) for h in header) + " |", "|---|---|" + "---:|" * len(columns)]
+    plain = frame.droplevel("paradigm")
+    bold = {c: best_rows(plain[c + ("mean",)], c[2]) for c in columns}
+    for paradigm, rows in _rows_by_paradigm(frame):
+        for i, row in enumerate(rows):
+            cells = [paradigm if i == 0 else "", row]
+            for c in columns:
+                text = cell_text(*(plain.at[row, c + (s,)] for s in STATS), seeds)
+                cells.append(f"**{text}**" if row in bold[c] else text)
+            lines.append("| " + " | ".join(_escape_md(x) for x in cells) + " |")
+    if with_margin:
+        margins = [margin(plain, c, methods) for c in columns]
+        if any(margins):
+            cells = ["", "*best − runner-up*"] + [
+                f"+{fmt(m['margin'])} ({m['best']} over {m['runner_up']})" if m else "" for m in margins]
+            lines.append("| " + " | ".join(_escape_md(x) for x in cells) + " |")
     for ref in references:
-        label = ref.get("label", "reference")
-        setting = f" Setting: {ref['setting']}." if ref.get("setting") else ""
-        lines.append(f"- **[reference] {_escape(label)}** — {_escape(ref['claim'])}{setting} Source: {ref['source']}.")
+        cells = ["*published*", f"[reference] {ref['label']}"] + [
+            fmt(ref["value"]) if (ref["protocol"], ref["dataset"], ref["metric"]) == c else "" for c in columns]
+        lines.append("| " + " | ".join(_escape_md(x) for x in cells) + " |")
     return lines
 
 
-def render_markdown(
-    frame: pd.DataFrame,
-    references: Sequence[dict[str, Any]] = (),
-    results_dir: str | os.PathLike | None = None,
-) -> str:
-    """Markdown report: one methods × protocols table per study, then the reference claims.
+def absolute_references(references: Sequence[dict], columns: Sequence[tuple]) -> list[dict]:
+    """Published absolute figures for a column of this table (same protocol, dataset and metric)."""
+    wanted = set(columns)
+    return [r for r in references if r.get("kind") == "absolute" and finite(r.get("value"))
+            and (r.get("protocol"), r.get("dataset"), r.get("metric")) in wanted]
 
-    ``frame`` is :func:`summary_frame` output. ``results_dir`` only names the source
-    directory in the text (and in the message shown when there are no records).
+
+def claims_section(tables: dict, references: Sequence[dict]) -> list[str]:
+    """The paper's relative claims beside the same margin measured in each of our tables.
+
+    For a claim "method M beats the previous best by X on protocol P", ours is M's mean minus
+    the best other row's mean on every (P, dataset, metric) column a table has.
     """
-    source = f" under `{results_dir}`" if results_dir is not None else ""
-    lines = ["# mugbench results", ""]
-    if frame.empty:
-        lines += [f"No result records found{source}.", ""]
-    else:
-        if source:
-            lines += [f"Built from the result records{source}.", ""]
-        studies = frame.attrs.get("studies", {})
-        for (pretrain_data, preset), study in frame.groupby(level=["pretrain_data", "preset"], sort=False):
-            study = _drop_empty_columns(study.droplevel(["pretrain_data", "preset"]))
-            lines += _study_header(pretrain_data, preset, studies.get((pretrain_data, preset), {}), len(study))
-            lines += [""] + _study_table(study) + [""]
-    lines += _references_section(references)
+    claims = [r for r in references if r.get("kind") == "relative" and r.get("method")]
+    if not claims:
+        return []
+    lines = ["## The paper's margins beside ours", "",
+             "| claim (published) | paper | ours: study · column | ours: margin | seeds |", "|---|---:|---|---:|---:|"]
+    for ref in claims:
+        found = False
+        for (data, preset), (frame, methods, seeds) in tables.items():
+            plain = frame.droplevel("paradigm")
+            for column in [c for c in dict.fromkeys(x[:3] for x in plain.columns)
+                           if c[0] == ref.get("protocol") and c[2] == ref.get("metric")]:
+                means = plain[column + ("mean",)].dropna()
+                own = [row for row in means.index if methods.get(row) == ref["method"]]
+                others = means.drop(own)
+                if len(own) != 1 or others.empty:
+                    continue
+                found = True
+                mine = means[own[0]]
+                rival = others.idxmin() if lower_is_better(column[2]) else others.idxmax()
+                lead = (others[rival] - mine) if lower_is_better(column[2]) else (mine - others[rival])
+                verdict = "leads" if lead > 0 else "does not lead"
+                n = int(plain.at[own[0], column + ("n",)])
+                lines.append(f"| {_escape_md(ref['claim'])} | +{fmt(ref['value'])} | `{data}`/`{preset}` · "
+                             f"{column_label(column)} | {'+' if lead >= 0 else ''}{fmt(lead)} ({ref['method']} "
+                             f"{verdict}; next best {methods.get(rival, rival)}) | {n} of {seeds} |")
+        if not found:
+            lines.append(f"| {_escape_md(ref['claim'])} | +{fmt(ref['value'])} | no matching column in these "
+                         f"results | {MISSING} | |")
+    lines += ["", "The paper's figures are for ViT-B/16 pre-trained on CC3M and transferred to ADE20K and "
+              "ImageNet-1k; ours are for the studies named, so only the sign and rough size compare."]
+    return lines
+
+
+def missing_cells(frame: pd.DataFrame, columns: list[tuple], methods: dict[str, str], seeds: list[int],
+                  by: str) -> list[str]:
+    """One line per row with empty or under-seeded cells, then the cells that cannot exist (the
+    method lacks the capability the protocol needs), so a reader can tell a gap from a design."""
+    lines, not_applicable = [], {}
+    plain = frame.droplevel("paradigm")
+    for row in plain.index:
+        method = methods.get(row, row)
+        absent, short = [], []
+        for c in columns:
+            n = plain.at[row, c + ("n",)]
+            if not finite(n) or n == 0:
+                if protocol_applies(method, c[0]) is False:
+                    not_applicable.setdefault(c[0], []).append(row)
+                else:
+                    absent.append(column_label(c))
+            elif by == "method" and n < len(seeds):
+                short.append(f"{column_label(c)} ({int(n)} of {len(seeds)} seeds)")
+        if absent:
+            lines.append(f"- {row}: no result for {', '.join(absent)}")
+        if short:
+            lines.append(f"- {row}: too few seeds for {', '.join(short)}")
+    for protocol, rows in not_applicable.items():
+        lines.append(f"- not applicable, {protocol}: {', '.join(dict.fromkeys(rows))} (the method lacks the "
+                     "capability the protocol needs)")
+    return lines
+
+
+def latex_table(frame: pd.DataFrame, columns: list[tuple], seeds: int, caption: str, references=()) -> str:
+    """One study's main table as a booktabs ``table`` (bold best, $\\pm$ std, --- when missing)."""
+    plain = frame.droplevel("paradigm")
+    bold = {c: best_rows(plain[c + ("mean",)], c[2]) for c in columns}
+    head = " & ".join(["Paradigm", "Method"] + [_tex(column_label(c)) for c in columns])
+    lines = ["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{_tex(caption)}}}",
+             f"\\begin{{tabular}}{{ll{'r' * len(columns)}}}", "\\toprule", head + " \\\\", "\\midrule"]
+    groups = _rows_by_paradigm(frame)
+    for g, (paradigm, rows) in enumerate(groups):
+        for i, row in enumerate(rows):
+            cells = [_tex(paradigm) if i == 0 else "", _tex(row)]
+            for c in columns:
+                text = cell_text(*(plain.at[row, c + (s,)] for s in STATS), seeds, pm=" $\\pm$ ")
+                text = "---" if text == MISSING else text
+                cells.append(f"\\textbf{{{text}}}" if row in bold[c] else text)
+            lines.append(" & ".join(cells) + " \\\\")
+        if g < len(groups) - 1:
+            lines.append("\\midrule")
+    if references:
+        lines.append("\\midrule")
+        for ref in references:
+            cells = ["Published", _tex(f"{ref['label']}")] + [
+                fmt(ref["value"]) if (ref["protocol"], ref["dataset"], ref["metric"]) == c else "" for c in columns]
+            lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
     return "\n".join(lines) + "\n"
 
 
-def tidy_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """:func:`summary_frame` in long form: one row per (study, method, protocol, dataset, metric)."""
-    columns = ROW_KEYS + COLUMN_KEYS + STATS
+_TEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "#": "\\#", "_": "\\_", "$": "\\$", "{": "\\{",
+        "}": "\\}", "·": "$\\cdot$", "×": "$\\times$", "−": "--", "—": "---", "±": "$\\pm$"}
+
+
+def _tex(text: Any) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def tidy(frame: pd.DataFrame) -> pd.DataFrame:
+    """The summary in long form: one row per (study, row, protocol, dataset, metric)."""
+    columns = ["pretrain_data", "preset", "paradigm", "row", *COLUMN_LEVELS, *STATS]
     if frame.empty:
         return pd.DataFrame(columns=columns)
-    tidy = frame.stack(COLUMN_KEYS, future_stack=True).dropna(subset=["n"]).reset_index()
-    tidy["n"] = tidy["n"].astype(int)
-    return tidy[columns]
+    long = frame.stack(COLUMN_LEVELS, future_stack=True).dropna(subset=["n"]).reset_index()
+    long["n"] = long["n"].astype(int)
+    return long[columns].rename(columns={"row": "method"})
 
 
-def write_report(results_dir: str | os.PathLike, reports_dir: str | os.PathLike) -> str:
-    """Rebuild ``reports/summary.md`` and ``reports/summary.csv`` from ``results_dir`` alone.
+def study_tables(frame: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
+    """The frame split per (pretrain_data, preset), each indexed by (paradigm, row), empty columns dropped."""
+    out = {}
+    if frame.empty:
+        return out
+    for key, part in frame.groupby(level=["pretrain_data", "preset"], sort=False):
+        part = part.droplevel(["pretrain_data", "preset"])
+        counts = part.xs("n", axis=1, level="stat")
+        keep = {c for c in counts.columns if counts[c].notna().any()}
+        out[key] = part[[c for c in part.columns if c[:3] in keep]]
+    return out
 
-    Both files are replaced atomically. Returns the Markdown text. The CSV is the tidy
-    (long) form of the summary, which is easier to load and plot than a wide table.
-    """
-    records = load_records(results_dir)
-    references = load_references(results_dir)
-    frame = summary_frame(records)
-    markdown = render_markdown(frame, references, results_dir=results_dir)
-    reports_dir = Path(reports_dir)
-    atomic_write_text(reports_dir / "summary.md", markdown)
-    atomic_write_text(reports_dir / "summary.csv", tidy_summary(frame).to_csv(index=False))
-    return markdown
+
+__all__ = ["MISSING", "absolute_references", "best_rows", "cell_text", "claims_section", "column_label",
+           "fmt", "headline_columns", "latex_table", "margin", "markdown_table", "missing_cells", "study_tables",
+           "tidy"]

@@ -1,0 +1,252 @@
+"""`mugbench report`: rebuild everything under ``reports/`` from ``results/`` alone.
+
+Writes ``summary.md`` (every table, margins, what is missing, the paper's claims beside ours,
+the reference list and any skipped file), ``summary.csv`` (tidy), ``summary.tex`` (booktabs),
+``figures/`` (PNG + PDF) and ``README.md`` (the index: main tables, figures, and the commands
+and commits that produced the records). Tables are deterministic, so a rebuild from the same
+records gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from mugbench.report import plots
+from mugbench.report.frame import (
+    BENCH_PROTOCOLS, Selection, headline_columns, long_frame, study_details, summary_frame,
+)
+from mugbench.report.tables import (
+    absolute_references, claims_section, latex_table, markdown_table, missing_cells, study_tables, tidy,
+)
+from mugbench.results import MalformedRecordWarning, ResultRecord, atomic_write_text, load_records, load_references
+
+FIGURE_NOTES = {
+    "bars": "each panel is one column of the main table: a bar per method (mean over seeds, ± sample std), its "
+            "seeds as dots; hatching marks the paradigm",
+    "loss": "pre-training loss against step per method (mean over seeds, range of the seeds shaded); the scales "
+            "differ because the losses differ",
+    "throughput": "pre-training images/s and peak memory per method, as measured by the runs themselves",
+    "examples": "the same validation images masked and reconstructed by each reconstructing method, and the "
+                "captions each captioning method generated for them (as the paper's Fig. 4)",
+    "linear-lr": "linear-probe top-1 against the learning rate of the probe's grid, per method",
+    "bench": "`mugbench bench` train steps: each method's step time as a multiple of a plain ViT step",
+}
+
+
+def _load(results_dir: Path) -> tuple[list[ResultRecord], list[dict], list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MalformedRecordWarning)
+        records, references = load_records(results_dir), load_references(results_dir)
+    skipped = [str(w.message) for w in caught if issubclass(w.category, MalformedRecordWarning)]
+    return records, references, skipped
+
+
+def _slug(*parts: str) -> str:
+    return "-".join("".join(ch if ch.isalnum() or ch in "._" else "_" for ch in p) for p in parts)
+
+
+class Report:
+    """The tables and figures of one selection of records, rendered to text and files."""
+
+    def __init__(self, records: list[ResultRecord], references: list[dict], skipped: Sequence[str],
+                 results_dir: Path, by: str = "method", selection: Selection = Selection()):
+        self.records = [r for r in records if selection.keeps(r)]
+        self.references, self.skipped, self.by, self.selection = references, list(skipped), by, selection
+        self.results_dir = results_dir
+        self.frame = summary_frame(self.records, by)
+        self.long = long_frame(self.records, by)
+        self.tables = study_tables(self.frame)
+        self.details = study_details(self.records)
+        self.methods = self.frame.attrs["methods"]
+        self.studies = self.frame.attrs["studies"]
+
+    def _seeds(self, key) -> list[int]:
+        return self.studies.get(key, {}).get("seeds", [])
+
+    def _records_of(self, data: str, preset: str) -> list[ResultRecord]:
+        return [r for r in self.records if r.pretrain_data == data and (preset == r.preset or self.by == "preset")]
+
+    def main_table(self, key) -> list[str]:
+        """Markdown lines of one study's main table (headline metrics)."""
+        table = self.tables[key]
+        columns = headline_columns(table.columns)
+        seeds = 1 if self.by == "seed" else len(self._seeds(key))
+        refs = absolute_references(self.references, columns)
+        return markdown_table(table, columns, seeds, self.methods, refs, with_margin=self.by == "method")
+
+    def _study_header(self, key) -> list[str]:
+        data, preset = key
+        seeds = self._seeds(key)
+        details = {}
+        for k, d in self.details.items():
+            if k[0] == data and (k[1] == preset or self.by == "preset"):
+                for name, value in d.items():
+                    details.setdefault(name, set()).update(value if isinstance(value, list) else [value])
+        encoders = sorted(e for e in details.get("encoders", ()) if e)
+        epochs = sorted(details.get("epochs", ()))
+        lines = [f"## Pre-training data `{data}`, preset `{preset}`", "",
+                 f"{len(self.tables[key])} row(s), {sum(details.get('records', {0}))} record(s), {len(seeds)} seed(s) "
+                 f"({', '.join(map(str, seeds))}). Cells: mean ± sample std over seeds (one seed: the value; "
+                 f"`(n=k)`: only k seeds); best per column in **bold**; {tables_missing_note()}"]
+        if encoders:
+            lines.append(f"Encoder: {'; '.join(encoders)}.")
+        if epochs:
+            lines.append(f"Pre-training epochs: {', '.join(f'{e:g}' for e in epochs)}.")
+        if len(encoders) > 1 or len(epochs) > 1:
+            lines.append("**Warning: this study mixes encoders or epoch budgets; rows are not like-for-like.**")
+        return lines
+
+    def summary_markdown(self) -> str:
+        """``summary.md``: every study's main table, margins, gaps and full metrics, then the claims."""
+        lines = ["# mugbench results", ""]
+        where = f"`{self.results_dir}`"
+        selected = self.selection.describe()
+        lines.append(f"Built by `mugbench report` from the result records under {where}"
+                     + (f", selected with `{selected}`" if selected else "")
+                     + (f", one row per {self.by}" if self.by != "method" else "") + ".")
+        lines.append("")
+        if not self.tables:
+            lines += [f"No result records found under {where}" + (" for this selection" if selected else "") + ".", ""]
+        for key, table in self.tables.items():
+            lines += self._study_header(key) + [""] + self.main_table(key) + [""]
+            gaps = missing_cells(table, headline_columns(table.columns), self.methods, self._seeds(key), self.by)
+            if gaps:
+                lines += ["Missing from this table:", ""] + gaps + [""]
+            lines += ["<details><summary>All metrics</summary>", ""]
+            all_columns = list(dict.fromkeys(c[:3] for c in table.columns))
+            seeds = 1 if self.by == "seed" else len(self._seeds(key))
+            lines += markdown_table(table, all_columns, seeds, self.methods, with_margin=False) + ["", "</details>", ""]
+        claims = claims_section({k: (t, self.methods, len(self._seeds(k))) for k, t in self.tables.items()},
+                                self.references) if self.by == "method" else []
+        if claims:
+            lines += claims + [""]
+        lines += self._references_section()
+        if self.skipped:
+            lines += ["", "## Files skipped (not records)", ""] + [f"- {_md(s)}" for s in self.skipped]
+        return "\n".join(lines) + "\n"
+
+    def _references_section(self) -> list[str]:
+        lines = ["## Published reference claims (not produced by these runs)", ""]
+        if not self.references:
+            return lines + ["No reference claims found."]
+        for ref in self.references:
+            setting = f" Setting: {ref['setting']}." if ref.get("setting") else ""
+            lines.append(f"- **[reference] {_md(ref.get('label', 'reference'))}**: {_md(ref['claim'])}{setting} "
+                         f"Source: {ref['source']}.")
+        return lines
+
+    def latex(self) -> str:
+        """``summary.tex``: one booktabs table per study (headline metrics)."""
+        parts = ["% Written by `mugbench report` from results/; needs \\usepackage{booktabs}.\n"]
+        for key, table in self.tables.items():
+            columns = headline_columns(table.columns)
+            seeds = 1 if self.by == "seed" else len(self._seeds(key))
+            caption = (f"Pre-training data {key[0]}, preset {key[1]}: mean ± sample std over {seeds} seed(s); "
+                       "best in bold.")
+            parts.append(latex_table(table, columns, seeds, caption, absolute_references(self.references, columns)))
+        return "\n".join(parts)
+
+    def figures(self, figures_dir: Path) -> list[tuple[str, str, Path]]:
+        """Draw every figure; returns (kind, study title, PNG path) for each one drawn."""
+        drawn = []
+        for key, table in self.tables.items():
+            data, preset = key
+            title = f"{data} / {preset}"
+            records = self._records_of(data, preset)
+            stem = figures_dir / _slug(data, preset)
+            columns = headline_columns(table.columns)
+            for kind, paths in (
+                ("bars", plots.bar_chart(table, columns, self.long[(self.long["pretrain_data"] == data)
+                                                                   & (self.long["preset"] == preset)],
+                                         self.methods, f"{title}: main table", Path(f"{stem}-bars"))),
+                ("loss", plots.loss_curves(records, f"{title}: pre-training loss", Path(f"{stem}-loss"))),
+                ("throughput", plots.throughput_and_memory(records, f"{title}: throughput and memory",
+                                                           Path(f"{stem}-throughput"))),
+                ("examples", plots.examples_figure(records, self.results_dir, f"{title}: reconstructions and captions",
+                                                   Path(f"{stem}-examples"))),
+                ("linear-lr", plots.linear_probe_grid(records, f"{title}: linear-probe learning rates",
+                                                      Path(f"{stem}-linear-lr"))),
+            ):
+                if paths:
+                    drawn.append((kind, title, paths[0]))
+        bench = [r for r in self.records if r.protocol in BENCH_PROTOCOLS]
+        def device(r):
+            return str(r.protocol_options.get("device", "unknown device"))
+
+        for preset in sorted({r.preset for r in bench}):
+            for dev in sorted({device(r) for r in bench if r.preset == preset}):
+                subset = [r for r in bench if r.preset == preset and device(r) == dev]
+                paths = plots.bench_chart(subset, f"bench: preset {preset} on {dev}",
+                                          figures_dir / _slug("bench", preset, dev))
+                if paths:
+                    drawn.append(("bench", f"bench {preset} / {dev}", paths[0]))
+        return drawn
+
+    def index(self, figures: list[tuple[str, str, Path]], reports_dir: Path) -> str:
+        """``README.md``: what a person opens first."""
+        lines = ["# mugbench report", "",
+                 "Rebuilt from `results/` alone by `mugbench report`; do not edit by hand. Full tables, margins, "
+                 "what is missing and the published claims: [summary.md](summary.md) "
+                 "(also [summary.csv](summary.csv), [summary.tex](summary.tex)).", ""]
+        for key in self.tables:
+            lines += [f"## `{key[0]}` / `{key[1]}`", ""] + self.main_table(key) + [""]
+            for kind, title, png in figures:
+                if title == f"{key[0]} / {key[1]}":
+                    rel = os.path.relpath(png, reports_dir)
+                    lines += [f"![{kind}]({rel})", "", f"*{FIGURE_NOTES[kind]}.*", ""]
+        for kind, title, png in figures:
+            if kind == "bench":
+                lines += [f"## {title}", "", f"![bench]({os.path.relpath(png, reports_dir)})", "",
+                          f"*{FIGURE_NOTES['bench']}.*", ""]
+        lines += ["## How these records were produced", ""]
+        for key, d in sorted(self.details.items()):
+            if self.selection.keeps_study(key):
+                commits = ", ".join(c[:10] for c in d["commits"])
+                encoders = "; ".join(e for e in d["encoders"] if e)
+                lines += [f"- `{key[0]}` / `{key[1]}`: {d['records']} records at commit(s) {commits}; "
+                          f"encoder {encoders or 'unrecorded'}. Commands:"]
+                lines += [f"  - `{c}`" for c in d["commands"]]
+        bench_cmds = sorted({r.command for r in self.records if r.protocol in BENCH_PROTOCOLS and r.command})
+        if bench_cmds:
+            lines += ["- benchmarks:"] + [f"  - `{c}`" for c in bench_cmds]
+        lines += ["", f"Regenerate: `mugbench report{(' ' + self.selection.describe()) if self.selection.describe() else ''}"
+                  f"{'' if self.by == 'method' else ' --by ' + self.by}`.", ""]
+        return "\n".join(lines)
+
+
+def tables_missing_note() -> str:
+    """The legend for an empty cell."""
+    return "— = no result (listed below the table)."
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(results_dir: str | os.PathLike, reports_dir: str | os.PathLike, *,
+                 selection: Selection = Selection(), by: str = "method", figures: bool = True) -> str:
+    """Rebuild ``reports_dir`` from ``results_dir`` alone; returns the Markdown summary.
+
+    Figures this build did not draw are removed from ``reports_dir/figures``, so the folder
+    always matches the records. Malformed or foreign JSON files are listed and skipped.
+    """
+    results_dir, reports_dir = Path(results_dir), Path(reports_dir)
+    records, references, skipped = _load(results_dir)
+    report = Report(records, references, skipped, results_dir, by=by, selection=selection)
+    summary = report.summary_markdown()
+    atomic_write_text(reports_dir / "summary.md", summary)
+    atomic_write_text(reports_dir / "summary.csv", tidy(report.frame).to_csv(index=False))
+    atomic_write_text(reports_dir / "summary.tex", report.latex())
+    drawn = report.figures(reports_dir / "figures") if figures else []
+    keep = {p.with_suffix(s) for _, _, p in drawn for s in (".png", ".pdf")}
+    for stale in (reports_dir / "figures").glob("*") if (reports_dir / "figures").is_dir() else ():
+        if stale.suffix in (".png", ".pdf") and stale not in keep:
+            stale.unlink()
+    atomic_write_text(reports_dir / "README.md", report.index(drawn, reports_dir))
+    return summary
+
+
+__all__ = ["Report", "Selection", "write_report"]

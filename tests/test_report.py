@@ -1,0 +1,225 @@
+"""`mugbench report`: records -> tables (values, means, stds, bold, margins, gaps, references),
+figures, filters and groupings, forgiving loads, and byte-identical rebuilds."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from torchvision.utils import save_image
+
+from mugbench.report import Selection, summary_frame, write_report
+from mugbench.results import write_record
+
+from test_results import make_record
+
+SEEDS = (0, 1, 2)
+# (method, protocol, dataset, metric) -> one value per seed; mae has no zero-shot (no text tower).
+VALUES = {
+    ("simclr", "linear", "toy-cls", "top1"): (35.0, 36.0, 37.0),
+    ("mae", "linear", "toy-cls", "top1"): (40.0, 42.0, 44.0),
+    ("clip", "linear", "toy-cls", "top1"): (33.0, 34.0, 38.0),
+    ("mug", "linear", "toy-cls", "top1"): (45.0, 46.0, 50.0),
+    ("simclr", "segmentation", "toy-seg", "mIoU"): (15.0, 15.0, 15.0),
+    ("mae", "segmentation", "toy-seg", "mIoU"): (16.0, 16.5, 17.0),
+    ("clip", "segmentation", "toy-seg", "mIoU"): (14.0, 14.0, 14.0),
+    ("mug", "segmentation", "toy-seg", "mIoU"): (17.0, 17.5),  # seed 2 never finished
+    ("clip", "zeroshot", "toy-cls", "top1"): (20.0, 21.0, 22.0),
+}
+
+
+def study_records(preset="toy"):
+    """The synthetic study above as records, with curves, timings and a linear grid."""
+    records = []
+    for (method, protocol, dataset, metric), values in VALUES.items():
+        for seed, value in zip(SEEDS, values):
+            r = make_record(method, protocol=protocol, dataset=dataset, seed=seed, preset=preset, **{metric: value})
+            r.loss_curve = {"step": [10, 20, 30], "loss": [3.0 - seed * 0.1, 2.0, 1.5]}
+            r.timings = {"pretrain_s": 10.0, "images_per_s": 100.0 + seed, "peak_memory_mb": 900.0, "eval_s": 1.0}
+            if protocol == "linear":
+                r.protocol_options = {"grid_top1": {"0.1": value - 2, "0.3": value}}
+            records.append(r)
+    return records
+
+
+def rows(text: str) -> dict[str, str]:
+    """Markdown table rows of the first table by their method cell."""
+    table = text.split("<details>")[0]
+    return {line.split("|")[2].strip(): line for line in table.splitlines() if line.startswith("| ")}
+
+
+def test_table_cells_are_mean_and_sample_std_with_the_best_in_bold():
+    frame = summary_frame(study_records())
+    mae = frame.loc[("toy", "toy", "single-modal generative", "mae")]
+    assert mae[("linear", "toy-cls", "top1", "mean")] == pytest.approx(42.0)
+    assert mae[("linear", "toy-cls", "top1", "std")] == pytest.approx(2.0)
+    assert mae[("linear", "toy-cls", "top1", "n")] == 3
+    mug = frame.loc[("toy", "toy", "multi-modal generative", "mug")]
+    assert mug[("segmentation", "toy-seg", "mIoU", "std")] == pytest.approx(statistics.stdev([17.0, 17.5]))
+
+    text = write_report_text(study_records())
+    r = rows(text)
+    assert "| 42.0 ± 2.0 |" in r["mae"]
+    assert "**47.0 ± 2.6**" in r["mug"]  # mean 47, std of (45, 46, 50)
+    assert "**17.2 ± 0.354 (n=2)**" in r["mug"]  # fewer seeds than the table: the count shows
+    assert "| — |" in r["mae"]  # no zero-shot for mae: a dash, never 0
+    assert "0.0" not in r["mae"]
+
+
+def test_rows_are_grouped_by_paradigm_in_the_papers_order():
+    text = write_report_text(study_records())
+    order = [line.split("|")[1].strip() or "…" for line in text.split("<details>")[0].splitlines()
+             if line.startswith("| ") and "method" not in line]
+    assert order[:4] == ["single-modal discriminative", "single-modal generative", "multi-modal discriminative",
+                         "multi-modal generative"]
+    assert list(rows(text))[:5] == ["method", "simclr", "mae", "clip", "mug"]
+
+
+def test_margin_row_names_the_best_and_the_runner_up():
+    r = rows(write_report_text(study_records()))
+    margin = r["*best − runner-up*"]
+    assert "+5.0 (mug over mae)" in margin  # linear: 47.0 - 42.0
+    assert "+0.75 (mug over mae)" in margin  # segmentation: 17.25 - 16.5
+    assert "+1.0 (mug over mae)" not in margin
+
+
+def test_the_papers_claims_sit_beside_our_margins():
+    text = write_report_text(study_records())
+    section = text.split("## The paper's margins beside ours")[1].split("##")[0]
+    seg = next(line for line in section.splitlines() if "2.0% mIoU" in line)
+    assert "| +2.0 |" in seg and "segmentation mIoU (toy-seg)" in seg and "+0.75 (mug leads; next best mae)" in seg
+    assert "| 2 of 3 |" in seg
+    fine = next(line for line in section.splitlines() if "0.5% on ImageNet" in line)
+    assert "no matching column" in fine  # no fine-tuning records: said, not invented
+
+
+def test_missing_cells_are_listed_and_not_applicable_ones_told_apart():
+    text = write_report_text(study_records())
+    missing = text.split("Missing from this table:")[1].split("<details>")[0]
+    assert "- mug: too few seeds for segmentation mIoU (toy-seg) (2 of 3 seeds)" in missing
+    assert "- mug: no result for zero-shot top1 (toy-cls)" in missing  # mug can score captions
+    assert "not applicable, zeroshot: simclr, mae" in missing
+
+
+def test_published_figures_are_labelled_rows_never_cells_of_ours():
+    records = [make_record(m, protocol="finetune", dataset="imagenet", seed=0, preset="paper", top1=v)
+               for m, v in (("mae", 80.0), ("mug", 81.0))]
+    text = write_report_text(records)
+    ref = rows(text)["[reference] MAE paper, ImageNet-1k pre-training, ViT-B/16"]
+    assert ref.startswith("| *published* |") and "| 83.6 |" in ref and "**" not in ref
+    assert "**81.0**" in rows(text)["mug"]  # our best stays ours, despite the higher published figure
+    assert "Source: He et al., Masked Autoencoders Are Scalable Vision Learners, CVPR 2022" in text
+
+
+def test_csv_and_latex_carry_the_same_numbers(tmp_path):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    for r in study_records():
+        write_record(r, results)
+    write_report(results, reports, figures=False)
+    csv = (reports / "summary.csv").read_text().splitlines()
+    assert csv[0] == "pretrain_data,preset,paradigm,method,protocol,dataset,metric,mean,std,n"
+    assert "toy,toy,single-modal generative,mae,linear,toy-cls,top1,42.0,2.0,3" in csv
+    tex = (reports / "summary.tex").read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "\\textbf{47.0 $\\pm$ 2.6}" in tex
+    assert "mae & 42.0 $\\pm$ 2.0 & 16.5 $\\pm$ 0.5 & --- \\\\" in tex
+    assert "multi-modal generative & mug" in tex
+
+
+def test_figures_are_drawn_from_records_alone(tmp_path):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    for r in study_records():
+        write_record(r, results)
+    # A reconstruction grid and captions of the same two images, as the harness writes them.
+    for method in ("mae", "mug"):
+        rec = make_record(method, protocol="reconstruction", dataset="toy-caps", preset="toy", masked_mse=0.2)
+        rec.protocol_options = {"figure": "reconstruction-toy-caps-seed0.png"}
+        rec.examples = [{"key": "a"}, {"key": "b"}]
+        grid = write_record(rec, results).with_suffix(".png")
+        save_image(torch.rand(6, 3, 32, 32), grid, nrow=2, padding=2)
+    cap = make_record("mug", protocol="captioning", dataset="toy-caps", preset="toy", cider=40.0)
+    cap.examples = [{"key": "b", "generated": "a red square", "reference": "a big red square"},
+                    {"key": "a", "generated": "a blue disc", "reference": "a small blue disc"}]
+    write_record(cap, results)
+    write_record(make_record("mae", protocol="train-step", dataset="synthetic", preset="toy",
+                             step_ms=10.0, time_ratio_to_plain_vit=0.6), results)
+
+    write_report(results, reports)
+    figures = sorted(p.name for p in (reports / "figures").iterdir())
+    for kind in ("bars", "loss", "throughput", "examples", "linear-lr"):
+        for suffix in ("png", "pdf"):
+            assert f"toy-toy-{kind}.{suffix}" in figures
+    assert any(name.startswith("bench-toy") for name in figures)
+    for path in (reports / "figures").iterdir():
+        assert path.stat().st_size > 5_000
+        if path.suffix == ".png":  # not a blank canvas
+            import matplotlib.pyplot as plt
+            assert np.asarray(plt.imread(path))[..., :3].std() > 0.05
+    index = (reports / "README.md").read_text()
+    assert "![examples](figures/toy-toy-examples.png)" in index and "| mae |" in index
+    # a rebuild from fewer records removes the figures it no longer draws
+    for path in results.rglob("reconstruction-*"):
+        path.unlink()
+    write_report(results, reports)
+    assert not (reports / "figures" / "toy-toy-examples.png").exists()
+
+
+def test_rebuilding_gives_identical_tables(tmp_path):
+    results = tmp_path / "results"
+    for r in study_records():
+        write_record(r, results)
+    write_report(results, tmp_path / "a")
+    write_report(results, tmp_path / "b")
+    for name in ("summary.md", "summary.csv", "summary.tex", "README.md"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    for png in (tmp_path / "a" / "figures").glob("*.png"):
+        assert png.read_bytes() == (tmp_path / "b" / "figures" / png.name).read_bytes()
+
+
+def test_malformed_and_foreign_files_are_listed_and_skipped(tmp_path):
+    results = tmp_path / "results"
+    for r in study_records():
+        write_record(r, results)
+    (results / "notes.json").write_text(json.dumps({"hello": "a foreign file"}))
+    (results / "toy" / "broken.json").write_text('{"method": "mae", ')
+    text = write_report(results, tmp_path / "reports", figures=False)
+    skipped = text.split("## Files skipped (not records)")[1]
+    assert "notes.json" in skipped and "missing required field" in skipped
+    assert "broken.json" in skipped
+    assert "| 42.0 ± 2.0 |" in rows(text)["mae"]  # the good records still make the table
+
+
+def test_filters_and_groupings(tmp_path):
+    results = tmp_path / "results"
+    for r in study_records() + study_records(preset="toy-long"):
+        write_record(r, results)
+    only = write_report(results, tmp_path / "r1", selection=Selection(studies=("toy",), protocols=("linear",),
+                                                                       methods=("mae", "mug")), figures=False)
+    assert "preset `toy-long`" not in only and "segmentation" not in only.split("## The paper")[0]
+    assert set(rows(only)) == {"method", "mae", "mug", "*best − runner-up*"}
+    by_seed = write_report(results, tmp_path / "r2", by="seed", selection=Selection(studies=("toy",)), figures=False)
+    assert "| 44.0 |" in rows(by_seed)["mae · seed 2"] and "±" not in rows(by_seed)["mae · seed 2"]
+    by_preset = write_report(results, tmp_path / "r3", by="preset", figures=False)
+    assert "preset `all presets`" in by_preset
+    assert {"mae · toy", "mae · toy-long"} <= set(rows(by_preset))
+    with pytest.raises(ValueError, match="unknown grouping"):
+        summary_frame(study_records(), by="colour")
+
+
+def test_no_records_says_so_and_still_lists_the_references(tmp_path):
+    text = write_report(tmp_path / "empty", tmp_path / "reports")
+    assert f"No result records found under `{tmp_path / 'empty'}`" in text
+    assert "[reference] MUG (Zhao et al., TMLR 2024)" in text
+
+
+def write_report_text(records, **kwargs) -> str:
+    """The summary Markdown of ``records`` (tables only)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in records:
+            write_record(r, Path(tmp) / "results")
+        return write_report(Path(tmp) / "results", Path(tmp) / "reports", figures=False, **kwargs)
