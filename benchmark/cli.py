@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     bench.add_argument("--batch-size", type=int, default=None, help="per-device batch (default: the preset's)")
     bench.add_argument("--results", type=Path, default=Path("results"), help="where the records go (default: ./results)")
+    bench.add_argument("--variants", default="", metavar="V1,V2", help="also measure each step changed: "
+                       "math-attention, loop-adamw, full-context-text (fast paths off), compiled, grad-checkpointing")
+    bench.add_argument("--compile", action="store_true", help="torch.compile every measured step (falls back to eager)")
     bsub = bench.add_subparsers(dest="bench_command")
     inp = bsub.add_parser("input-pipeline", help="images/s of one loader worker decoding + augmenting JPEG shards, "
                           "against plain PIL full decode")
@@ -278,12 +281,20 @@ def _cmd_bench(args) -> int:
 
 def _cmd_bench_train_step(args) -> int:
     from .config import load_config
-    from .registry import get_method
+    from .registry import get_method, registered_methods
 
-    cfg = load_config(args.preset, args.overrides)
+    cfg = load_config(args.preset, args.overrides + (["train.compile=true"] if args.compile else []))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in methods:
         get_method(name)  # an unknown name fails before anything is measured
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    from .bench.train_step import VARIANTS
+    from .config import ConfigError
+
+    for v in variants:
+        if v not in VARIANTS:
+            raise ConfigError(f"mugbench bench has no variant {v!r}. Variants: "
+                              + "; ".join(f"{k} ({d.doc})" for k, d in VARIANTS.items()) + ".")
     import dataclasses
 
     import torch
@@ -293,15 +304,18 @@ def _cmd_bench_train_step(args) -> int:
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    rows = run(cfg, methods, device=device, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size)
+    rows = run(cfg, methods, device=device, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
+               variants=variants)
     print(format_table(rows, device, cfg.preset))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for row in rows:
         write_record(ResultRecord(
             method=row.name, protocol="train-step", dataset="synthetic", pretrain_data="none", preset=cfg.preset,
             seed=0, metrics=row.metrics(), encoder=dataclasses.asdict(cfg.encoder), overrides=list(args.overrides),
+            paradigm=getattr(registered_methods().get(row.name), "paradigm", ""),
             protocol_options={"device": device_name, "batch": row.batch, "steps": args.steps, "warmup": args.warmup,
-                              "precision": cfg.train.precision, "threads": torch.get_num_threads()}), args.results)
+                              "precision": cfg.train.precision, "threads": torch.get_num_threads(),
+                              "compile": cfg.train.compile, "variants": list(row.variant_ms)}), args.results)
     print(f"written: {len(rows)} record(s) under {args.results}")
     return 0
 

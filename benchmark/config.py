@@ -101,6 +101,14 @@ class TrainConfig:
     ckpt_every: int = 1000  # steps
     keep_checkpoints: int = 2  # newest checkpoint files kept; an unreadable newest one falls back to the next
     log_every: int = 10
+    # Speed and memory only: the same training either way, so a run directory is not keyed by them
+    # (`PERFORMANCE_ONLY`) and switching one resumes the same run.
+    optimizer_impl: str = "auto"  # auto = fused AdamW on CUDA, foreach elsewhere; or fused | foreach | loop
+    grad_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, ~30% slower
+    compile: bool = False  # torch.compile the method; a failure to compile falls back to eager with a warning
+    compile_backend: str = "inductor"
+
+    PERFORMANCE_ONLY = ("optimizer_impl", "grad_checkpointing", "compile", "compile_backend")
 
     @property
     def lr(self) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, StudyConfig
+from .config import ConfigError, StudyConfig, TrainConfig
 from .data import catalog
 from .data.caption_sets import KARPATHY_FILES, load_karpathy_split
 from .data.decode import draft_size
@@ -138,6 +138,7 @@ def build_method(name: str, cfg: StudyConfig, spec: TextSpec) -> Method:
 def run_dir_for(workdir: Path, cfg: StudyConfig, name: str) -> Path:
     """Run directory keyed by everything that changes training, so a rerun resumes the same run."""
     key = {k: v for k, v in cfg.to_dict().items() if k not in ("eval", "preset")}
+    key["train"] = {k: v for k, v in key["train"].items() if k not in TrainConfig.PERFORMANCE_ONLY}
     key["method"] = name
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return workdir / _safe(cfg.data.name) / cfg.preset / f"{name}-seed{cfg.seed}-{digest}"
@@ -422,7 +423,7 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
                 protocol_options=options, encoder=dataclasses.asdict(cfg.encoder), epochs=summary.epochs,
                 steps=summary.steps,
                 timings={"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": seconds,
-                         "peak_memory_mb": summary.peak_memory_mb},
+                         "peak_memory_mb": summary.peak_memory_mb, "data_share": summary.data_share},
                 loss_curve=summary.loss_curve, paradigm=type(method).paradigm,
                 skipped_samples=summary.skipped, repaired_samples=summary.repaired, overrides=list(overrides),
                 examples=rest[0] if rest else [],

@@ -21,7 +21,7 @@ from torch import nn
 from mugbench.data.transforms import ViewSpec
 from mugbench.method import Method, check_range
 from mugbench.methods.cap import CaptioningMixin, encode_tokens
-from mugbench.models.text import CoCaTextDecoder, caption_targets
+from mugbench.models.text import CoCaTextDecoder, caption_targets, full_context
 from mugbench.registry import register_method
 from mugbench.train.distributed import rank_and_world
 
@@ -102,7 +102,8 @@ class CoCa(CaptioningMixin, Method):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """``loss`` = clip_loss_weight * ``contrastive`` + caption_loss_weight * ``caption``."""
-        images, text, t = batch["image"], batch["text"], self.text_spec
+        images, t = batch["image"], self.text_spec
+        text = full_context(batch["text"], t)  # the class token's slot follows the padding: keep it fixed
         tokens = self.encoder.forward_features(images)
         text_emb, text_features = self.caption_decoder.encode(text)
         # The tower is causal: the features of text[:, :-1] are the first L-1 of text's (open_clip's CoCa).

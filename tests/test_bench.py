@@ -1,8 +1,15 @@
 """`mugbench bench`: runs on the smoke preset and writes well-formed records (speed is never asserted)."""
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+import torch
+
 from mugbench.cli import main
+from mugbench.config import ConfigError, TrainConfig
 from mugbench.results import load_records
+from mugbench.train.loop import CompiledOrEager, build_optimizer
 
 
 def test_bench_writes_a_record_per_method_and_the_plain_vit(tmp_path, capsys):
@@ -18,3 +25,53 @@ def test_bench_writes_a_record_per_method_and_the_plain_vit(tmp_path, capsys):
     assert "trainer_overhead" in records["mae"].metrics and "trainer_overhead" not in records["timm-vit (all tokens)"].metrics
     # MAE encodes a quarter of the tokens: fewer FLOPs than the encoder on all of them, decoder included.
     assert records["mae"].metrics["gflops_per_image"] < records["timm-vit (all tokens)"].metrics["gflops_per_image"]
+
+
+def test_variants_measure_each_fast_path_before_and_after(tmp_path, capsys):
+    assert main(["bench", "--preset", "smoke", "--steps", "1", "--warmup", "0", "--methods", "clip",
+                 "--device", "cpu", "--results", str(tmp_path),
+                 "--variants", "math-attention,loop-adamw,full-context-text,grad-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert "Before/after" in out and "- loop-adamw: AdamW one parameter at a time" in out
+    records = {r.method: r for r in load_records(tmp_path)}
+    clip, plain = records["clip"].metrics, records["timm-vit (all tokens)"].metrics
+    for name in ("math_attention", "loop_adamw", "full_context_text", "grad_checkpointing"):
+        assert clip[f"time_ratio_{name}"] > 0
+    assert "time_ratio_full_context_text" not in plain  # no text: the variant does not apply
+    assert records["clip"].protocol_options["variants"] == ["math-attention", "loop-adamw", "full-context-text",
+                                                            "grad-checkpointing"]
+
+
+def test_unknown_variant_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", "--preset", "smoke", "--variants", "turbo", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no variant 'turbo'" in err and "math-attention" in err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_compile_failure_falls_back_to_eager(capsys):
+    module = torch.nn.Linear(4, 2)
+    warnings = []
+    step = CompiledOrEager(lambda batch: module(batch), backend="no-such-backend", warn=warnings.append)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(step(x), module(x))
+    assert len(warnings) == 1 and "torch.compile failed" in warnings[0] and "eager" in warnings[0]
+    step(x)
+    assert len(warnings) == 1  # one warning, then eager for good
+
+
+def test_optimizer_implementations_take_the_same_step():
+    cfg = TrainConfig(blr=1e-2, batch_size=256, weight_decay=0.05)
+    updated = []
+    for impl in ("loop", "foreach"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+        opt = build_optimizer(model, dataclasses.replace(cfg, optimizer_impl=impl))
+        for _ in range(3):
+            model(torch.ones(2, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        updated.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(updated[0], updated[1])
+    with pytest.raises(ConfigError, match="optimizer_impl"):
+        build_optimizer(model, dataclasses.replace(cfg, optimizer_impl="turbo"))

@@ -10,12 +10,13 @@ import pytest
 import timm
 import torch
 
+from mugbench.data.tokenizer import trim_padding
 from mugbench.method import PARADIGMS, Method, MethodOptionError
 from mugbench.models.vit import build_encoder
 from mugbench.registry import UnknownMethodError, get_method, registered_methods
 from mugbench.study import build_method
 from mugbench.train.checkpoint import export_encoder, load_encoder
-from mugbench.train.loop import build_optimizer
+from mugbench.train.loop import build_optimizer, enable_grad_checkpointing
 
 from conftest import make_batch
 
@@ -64,6 +65,38 @@ def test_builds_and_loss_is_finite(name, smoke_cfg, spec, toy_samples, tokenizer
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.encoder.parameters())
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if get_method(m).needs_text])
+def test_trimmed_captions_give_the_full_context_loss(name, smoke_cfg, spec, toy_samples, tokenizer):
+    # The loader trims a batch's trailing padding (a speed-up); the loss must not notice.
+    method = build_method(name, smoke_cfg, spec).eval()
+    batch = make_batch(type(method), toy_samples[:8], tokenizer, smoke_cfg.encoder.img_size)
+    batch["text"] = tokenizer([" ".join(c.split()[:6]) for c in batch["caption"]])  # web-length captions
+    short = trim_padding(batch["text"], tokenizer.pad_id)
+    assert short.shape[1] < batch["text"].shape[1]
+    losses = []
+    for text in (batch["text"], short):
+        torch.manual_seed(3)  # the same masks for masked methods
+        losses.append(method(dict(batch, text=text))["loss"].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_grad_checkpointing_changes_memory_not_gradients(name, smoke_cfg, spec, toy_samples, tokenizer):
+    batch = make_batch(get_method(name), toy_samples[:8], tokenizer, smoke_cfg.encoder.img_size)
+    grads = []
+    for checkpointing in (False, True):
+        method = build_method(name, smoke_cfg, spec)
+        if checkpointing:
+            assert enable_grad_checkpointing(method) >= 1
+            assert method.encoder.grad_checkpointing
+        torch.manual_seed(5)
+        method(batch)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 @pytest.mark.parametrize("name", METHODS)

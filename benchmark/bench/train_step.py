@@ -4,6 +4,10 @@ FLOP counter), peak memory and, on CUDA, model FLOPs utilisation against a measu
 peak; beside it the same numbers for a plain timm ViT of the same architecture trained on every
 token, and each method's ratio to it; and the shared trainer's overhead over the bare loop of
 the same method on the same pre-loaded batch. Measured side by side in one process.
+
+``variants`` measure each fast path before and after, in the same run: the same step with one
+fast path switched off (``math-attention``, ``loop-adamw``, ``full-context-text``) or with an
+option switched on (``compiled``, ``grad-checkpointing``).
 """
 from __future__ import annotations
 
@@ -17,18 +21,21 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import StudyConfig
-from ..data.tokenizer import TextTokenizer, corpus_vocab
+from ..data.tokenizer import TextTokenizer, corpus_vocab, trim_padding
 from ..data.transforms import ViewSpec
 from ..models.vit import build_encoder
+from ..registry import get_method
 from ..study import build_method, text_spec
 from ..train.distributed import DistInfo
-from ..train.loop import autocast, build_optimizer, train
+from ..models.text import full_context
+from ..train.loop import CompiledOrEager, autocast, build_optimizer, enable_grad_checkpointing, train
 
 PLAIN_TIMM = "timm-vit (all tokens)"
 # CC3M captions run about 10 words; synthetic captions of that length keep the text towers honest.
@@ -48,6 +55,7 @@ class StepStats:
     mfu: float | None = None
     ratio_to_plain: float | None = None
     trainer_overhead: float | None = None  # the shared trainer's time over the bare loop's, minus 1
+    variant_ms: dict = dataclasses.field(default_factory=dict)  # variant name -> ms/step of the same step
 
     def metrics(self) -> dict[str, float]:
         """The numbers a result record keeps."""
@@ -59,6 +67,8 @@ class StepStats:
             out["time_ratio_to_plain_vit"] = self.ratio_to_plain
         if self.trainer_overhead is not None:
             out["trainer_overhead"] = self.trainer_overhead
+        for variant, ms in self.variant_ms.items():
+            out[f"time_ratio_{variant.replace('-', '_')}"] = ms / self.step_ms
         return out
 
 
@@ -74,7 +84,9 @@ def synthetic_batch(cfg: StudyConfig, method_cls, tokenizer: TextTokenizer, batc
     size = cfg.encoder.img_size
     views = [torch.randn(batch, 3, size, size, generator=gen).to(device) for _ in method_cls.views]
     captions = synthetic_captions(batch, seed)
-    out = {"image": views[0], "caption": captions, "text": tokenizer(captions).to(device),
+    # Trimmed as the loader trims (`trim_padding`), so text towers cost what they cost in training.
+    text = trim_padding(tokenizer(captions), tokenizer.pad_id)
+    out = {"image": views[0], "caption": captions, "text": text.to(device),
            "label": torch.zeros(batch, dtype=torch.long, device=device)}
     if len(views) > 1:
         out["image_views"] = views
@@ -121,17 +133,58 @@ def matmul_peak_tflops(device, size: int = 8192, repeats: int = 20) -> float:
     return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A change to the measured step: ``train`` settings, a context around each step, a module
+    change, a batch change; ``applies`` says which methods it can change at all."""
+
+    doc: str
+    train: dict = dataclasses.field(default_factory=dict)
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    module: Callable[[torch.nn.Module], object] | None = None
+    batch: Callable[[dict, object], dict] | None = None
+    applies: Callable[[type], bool] = lambda cls: True
+
+
+def _math_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _checkpointed(module):
+    enable_grad_checkpointing(module)
+    return module
+
+
+VARIANTS = {
+    "math-attention": Variant("every attention (timm's, open_clip's, the decoders') on SDPA's unfused math kernel",
+                              context=_math_attention),
+    "loop-adamw": Variant("AdamW one parameter at a time instead of foreach (CPU) / fused (CUDA)",
+                          train={"optimizer_impl": "loop"}),
+    "full-context-text": Variant("captions padded to the whole context instead of the batch's longest",
+                                 batch=lambda b, spec: dict(b, text=full_context(b["text"], spec)),
+                                 applies=lambda cls: getattr(cls, "needs_text", False)),
+    "compiled": Variant("torch.compile (inductor) of the whole method", train={"compile": True}),
+    "grad-checkpointing": Variant("activations recomputed in the backward pass", module=_checkpointed),
+}
+
+
 def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, device, steps: int,
-            warmup: int) -> StepStats:
+            warmup: int, variant: Variant = Variant("")) -> StepStats:
     """Steady-state time of the bare loop's step (forward, backward, the recipe's gradient clipping,
-    AdamW), FLOPs of one step, peak memory."""
+    AdamW), FLOPs of one step, peak memory; ``variant`` changes the step (see `VARIANTS`)."""
     module.to(device).train()
-    optimizer = build_optimizer(module, cfg.train)
+    train_cfg = dataclasses.replace(cfg.train, **variant.train)
+    if variant.module is not None:
+        variant.module(module)
+    optimizer = build_optimizer(module, train_cfg, device)
+    forward = CompiledOrEager(module, train_cfg.compile_backend) if train_cfg.compile else module
     n = batch["image"].shape[0]
 
     def step():
-        with autocast(cfg.train, device):
-            loss = module(batch)["loss"]
+        with autocast(cfg.train, device), variant.context():
+            loss = forward(batch)["loss"]
         loss.backward()
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
@@ -139,7 +192,7 @@ def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, d
         optimizer.zero_grad(set_to_none=True)
 
     with FlopCounterMode(display=False) as counter:
-        with autocast(cfg.train, device):
+        with autocast(cfg.train, device), variant.context():
             loss = module(batch)["loss"]
         loss.backward()
     optimizer.zero_grad(set_to_none=True)
@@ -180,8 +233,12 @@ def trainer_step_ms(name: str, cfg: StudyConfig, spec, batch: dict, device, step
 
 
 def run(cfg: StudyConfig, methods: list[str], *, device, steps: int = 10, warmup: int = 3,
-        batch_size: int | None = None) -> list[StepStats]:
-    """Benchmark the plain ViT step and every method's step on the same synthetic batches."""
+        batch_size: int | None = None, variants: Sequence[str] = ()) -> list[StepStats]:
+    """Benchmark the plain ViT step and every method's step on the same synthetic batches, and each
+    of ``variants`` (names of `VARIANTS`) of every step it applies to."""
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown bench variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
     tokenizer = TextTokenizer(cfg.text.context_length)
     if cfg.text.vocab == "corpus":  # the compact vocabulary of the captions seen, as in the study
         tokenizer = TextTokenizer(cfg.text.context_length, corpus_vocab(synthetic_captions(512)))
@@ -189,14 +246,22 @@ def run(cfg: StudyConfig, methods: list[str], *, device, steps: int = 10, warmup
     batch = batch_size or cfg.train.batch_size // cfg.train.accum_steps
     peak = matmul_peak_tflops(device) if device.type == "cuda" else None
     torch.manual_seed(0)
-    rows = [measure(PLAIN_TIMM, _PlainViT(cfg), synthetic_batch(cfg, _PlainViT, tokenizer, batch, device), cfg,
-                    device, steps, warmup)]
+    def variants_of(row: StepStats, build, data: dict, cls) -> None:
+        for v in variants:
+            if VARIANTS[v].applies(cls):
+                changed = VARIANTS[v].batch(data, spec) if VARIANTS[v].batch else data
+                row.variant_ms[v] = measure(row.name, build(), changed, cfg, device, steps, warmup, VARIANTS[v]).step_ms
+
+    plain = synthetic_batch(cfg, _PlainViT, tokenizer, batch, device)
+    rows = [measure(PLAIN_TIMM, _PlainViT(cfg), plain, cfg, device, steps, warmup)]
+    variants_of(rows[0], lambda: _PlainViT(cfg), plain, _PlainViT)
     for name in methods:
         method = build_method(name, cfg, spec)
         data = synthetic_batch(cfg, type(method), tokenizer, batch, device)
         rows.append(measure(name, method, data, cfg, device, steps, warmup))
         del method
         rows[-1].trainer_overhead = trainer_step_ms(name, cfg, spec, data, device, steps, warmup) / rows[-1].step_ms - 1
+        variants_of(rows[-1], lambda name=name: build_method(name, cfg, spec), data, get_method(name))
     for row in rows:
         row.ratio_to_plain = row.step_ms / rows[0].step_ms
         if peak:
@@ -214,4 +279,14 @@ def format_table(rows: list[StepStats], device, preset: str) -> str:
         overhead = f"{100 * r.trainer_overhead:+.1f}%" if r.trainer_overhead is not None else "-"
         lines.append(f"| {r.name} | {r.batch} | {r.step_ms:.1f} | {r.images_per_s:.0f} | {r.gflops_per_image:.3g} | "
                      f"{r.peak_mem_mb:.0f} | {mfu} | {r.ratio_to_plain:.2f}x | {overhead} |")
+    names = list(dict.fromkeys(v for r in rows for v in r.variant_ms))
+    if names:
+        lines += ["", "Before/after: each variant's ms/step as a multiple of the default step (measured in this run; "
+                  "> 1 means the default's fast path saves that much):", "",
+                  "| step | default ms | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r in rows:
+            cells = [f"{r.variant_ms[v]:.1f} ({r.variant_ms[v] / r.step_ms:.2f}x)" if v in r.variant_ms else "-"
+                     for v in names]
+            lines.append(f"| {r.name} | {r.step_ms:.1f} | " + " | ".join(cells) + " |")
+        lines += [""] + [f"- {v}: {VARIANTS[v].doc}" for v in names]
     return "\n".join(lines)

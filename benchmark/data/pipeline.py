@@ -35,6 +35,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator, url_opener
 from .catalog import expand_urls
 from .decode import BadImage, decode_mask, decode_rgb
 from .transforms import apply_views, sample_seed
+from .tokenizer import trim_padding
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,8 @@ class _Collate:
             batch["image_views"] = views
         if self.tokenizer is not None:
             batch["text"] = self.tokenizer(captions)
+            if getattr(self.tokenizer, "pad_id", None) is not None:
+                batch["text"] = trim_padding(batch["text"], self.tokenizer.pad_id)
         if self.need_label:
             batch["label"] = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
         if self.need_mask:
@@ -347,8 +350,9 @@ def make_loader(urls: str | Sequence[str], *, batch_size: int, image_transforms:
     """A DataLoader over webdataset shards yielding batch dicts, for one epoch.
 
     Keys: ``image`` FloatTensor [B,3,S,S] (first view); ``image_views`` list of tensors,
-    one per view (only with more than one view); ``text`` LongTensor [B, context] (only
-    with a tokenizer); ``caption`` list[str]; ``label`` LongTensor [B] (``need_label``,
+    one per view (only with more than one view); ``text`` LongTensor [B, L] (only with a
+    tokenizer; L: the batch's longest caption rounded up to 8, at most the context, `trim_padding`);
+    ``caption`` list[str]; ``label`` LongTensor [B] (``need_label``,
     from ``.cls``, else ``.json["label"]``); ``mask`` LongTensor [B,M,M] (``need_mask``,
     ``M = mask_size`` or the view size); ``key`` list[str]; ``skipped`` dict reason->count
     of samples this worker skipped since its previous batch (sum them over batches);

@@ -80,6 +80,19 @@ class TextTokenizer:
         return cls(data["context_length"], data.get("vocab"))
 
 
+def trim_padding(ids: torch.Tensor, pad_id: int, multiple: int = 8) -> torch.Tensor:
+    """``ids [N, L]`` without the trailing columns that are padding in every row, rounded up to a
+    multiple of ``multiple`` columns (steady shapes for kernels and compilers) and at most ``L``.
+
+    Web captions are short (CC3M's average about 10 words) against a 77-token context, so a causal
+    text tower or caption decoder then costs a fraction of the full context. Done on the host,
+    where the ids are made, so the train step never waits on the device for a length.
+    """
+    used = (ids != pad_id).any(0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    return ids[:, : min(ids.shape[1], -(-length // multiple) * multiple)]
+
+
 def corpus_vocab(captions: Iterable[str], cache: Path | None = None) -> list[int]:
     """BPE ids used by ``captions`` (the compact vocabulary), cached as JSON when ``cache`` is given."""
     if cache is not None and cache.exists():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -22,6 +23,7 @@ class MaskedDecoder(nn.Module):
         self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
         self.pred = nn.Linear(width, patch_size * patch_size * channels)
+        self.grad_checkpointing = False  # `mugbench.train.loop.enable_grad_checkpointing` switches it on
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -32,8 +34,8 @@ class MaskedDecoder(nn.Module):
         tokens = torch.cat([x[:, p:], self.mask_token.expand(b, n - (x.shape[1] - p), -1)], dim=1)
         tokens = tokens.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :p], tokens], dim=1) + self.pos_embed
-        x = self.norm(self.blocks(x))
-        return self.pred(x[:, p:])
+        x = checkpoint_seq(self.blocks, x) if self.grad_checkpointing and torch.is_grad_enabled() else self.blocks(x)
+        return self.pred(self.norm(x)[:, p:])
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -18,9 +18,30 @@ from torch import nn
 from ..method import TextSpec, evaluating
 
 
+class CausalTextEncoder(TextTransformer):
+    """open_clip's ``TextTransformer`` that also takes captions shorter than its context.
+
+    The pipeline trims a batch's trailing padding (`mugbench.data.tokenizer.trim_padding`): for a
+    causal tower pooled at the end token that changes nothing but the cost. open_clip slices its
+    causal mask only when it adds a padding mask, so it is sliced here for the plain case.
+    """
+
+    def _embeds(self, text: torch.Tensor):
+        x, attn_mask = super()._embeds(text)
+        if attn_mask is not None and attn_mask.ndim == 2:
+            attn_mask = attn_mask[: x.shape[1], : x.shape[1]]
+        return x, attn_mask
+
+
+def full_context(text: torch.Tensor, spec: TextSpec) -> torch.Tensor:
+    """``text`` padded back to the full context: for towers whose output depends on the padded
+    length (CoCa appends its class token after the padding, at a position-embedding slot)."""
+    return F.pad(text, (0, spec.context_length - text.shape[1]), value=spec.pad_id)
+
+
 def build_text_encoder(text: TextSpec) -> TextTransformer:
     """open_clip's causal text transformer, pooled at the end token and projected to ``embed_dim``."""
-    return TextTransformer(
+    return CausalTextEncoder(
         context_length=text.context_length, vocab_size=text.vocab_size, width=text.width,
         heads=text.heads, layers=text.layers, output_dim=text.embed_dim,
         pool_type="eos", eos_id=text.eot_id, pad_id=text.pad_id,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import timm
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -92,7 +93,8 @@ def masked_encode(
     p = encoder.num_prefix_tokens
     kept, mask, ids_restore = random_masking(x[:, p:], mask_ratio)
     x = encoder.norm_pre(torch.cat([x[:, :p], kept], dim=1))
-    x = encoder.blocks(x)
+    # timm's own forward_features honours grad_checkpointing; this path must too.
+    x = checkpoint_seq(encoder.blocks, x) if encoder.grad_checkpointing and torch.is_grad_enabled() else encoder.blocks(x)
     return encoder.norm(x), mask, ids_restore
 
 

@@ -28,7 +28,8 @@ FIGURE_NOTES = {
             "seeds as dots; hatching marks the paradigm",
     "loss": "pre-training loss against step per method (mean over seeds, range of the seeds shaded); the scales "
             "differ because the losses differ",
-    "throughput": "pre-training images/s and peak memory per method, as measured by the runs themselves",
+    "throughput": "pre-training images/s, peak memory (CUDA: max allocated; CPU: resident set) and the share of "
+                  "time spent waiting for data, per method, as measured by the runs themselves",
     "examples": "the same validation images masked and reconstructed by each reconstructing method, and the "
                 "captions each captioning method generated for them (as the paper's Fig. 4)",
     "linear-lr": "linear-probe top-1 against the learning rate of the probe's grid, per method",

@@ -120,7 +120,8 @@ def loss_curves(records: Iterable[ResultRecord], title: str, path_stem: Path) ->
 
 
 def throughput_and_memory(records: Iterable[ResultRecord], title: str, path_stem: Path) -> list[Path]:
-    """Pre-training images/s and peak memory per method (mean ± std over seeds) from the runs' timings."""
+    """Pre-training images/s, peak memory and the data-loading share of the time per method (mean ±
+    std over seeds) from the runs' timings; a panel is empty for records that predate its field."""
     per_run: dict[tuple[str, int], ResultRecord] = {}
     for r in records:
         if r.protocol not in BENCH_PROTOCOLS and "images_per_s" in r.timings:
@@ -129,8 +130,9 @@ def throughput_and_memory(records: Iterable[ResultRecord], title: str, path_stem
         return []
     methods = sorted({m for m, _ in per_run}, key=order_key(METHOD_ORDER))
     styles = method_styles(methods)
-    panels = [("images_per_s", "pre-training images/s"), ("peak_memory_mb", "peak memory (MB)")]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    panels = [("images_per_s", "pre-training images/s"), ("peak_memory_mb", "peak memory (MB)"),
+              ("data_share", "share of time waiting for data")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
     for ax, (key, label) in zip(axes, panels):
         for x, method in enumerate(methods):
             values = [r.timings[key] for (m, _), r in per_run.items() if m == method and key in r.timings]
