@@ -223,3 +223,15 @@ def write_report_text(records, **kwargs) -> str:
         for r in records:
             write_record(r, Path(tmp) / "results")
         return write_report(Path(tmp) / "results", Path(tmp) / "reports", figures=False, **kwargs)
+
+
+def test_committed_reports_match_the_committed_results(tmp_path, monkeypatch):
+    # `mugbench report` on a clean clone must give the committed tables byte for byte.
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    write_report(Path("results"), tmp_path, figures=False)
+    for name in ("summary.md", "summary.csv", "summary.tex"):
+        assert (tmp_path / name).read_text() == (repo / "reports" / name).read_text(), (
+            f"reports/{name} is stale: rebuild it with `mugbench report` from the repository root")
