@@ -190,9 +190,11 @@ def _git_commit_cached(path: str) -> str | None:
 
 
 def current_command() -> str:
-    """This process's command line as a shell could rerun it (``mugbench ...`` for the console script)."""
+    """This process's command line as a shell could rerun it: ``mugbench ...`` for the console script
+    and for ``python -m mugbench.cli``."""
     argv = list(sys.argv) or [""]
-    if Path(argv[0]).name == "mugbench":
+    program = Path(argv[0])
+    if program.name == "mugbench" or (program.name == "cli.py" and program.resolve().parent == Path(__file__).parent):
         argv[0] = "mugbench"
     return shlex.join(argv)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,6 +41,10 @@ def test_run_writes_one_record_per_method_and_protocol(smoke_run):
     for r in records:
         assert r["preset"] == "smoke" and r["pretrain_data"] == "toy" and r["steps"] == 8
         assert r["timings"]["images_per_s"] > 0 and r["versions"]["torch"]
+        # what the report's figures and grouping read: memory, data share, the loss curve, paradigm, command
+        assert r["timings"]["peak_memory_mb"] > 100 and 0 <= r["timings"]["data_share"] < 1
+        assert r["loss_curve"]["step"] == [2, 4, 6, 8] and all(math.isfinite(x) for x in r["loss_curve"]["loss"])
+        assert r["paradigm"] and r["command"].startswith("mugbench run --preset smoke")
         if r["protocol"] in ("knn", "linear", "finetune", "zeroshot"):
             assert r["dataset"] == "toy-cls" and 0 <= r["metrics"]["top1"] <= 100
         elif r["protocol"] == "segmentation":

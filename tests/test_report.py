@@ -47,7 +47,7 @@ def study_records(preset="toy"):
 
 def rows(text: str) -> dict[str, str]:
     """Markdown table rows of the first table by their method cell."""
-    table = text.split("<details>")[0]
+    table = text.split("<details>")[0].split("Ranking on transfer")[0]
     return {line.split("|")[2].strip(): line for line in table.splitlines() if line.startswith("| ")}
 
 
@@ -197,7 +197,7 @@ def test_filters_and_groupings(tmp_path):
         write_record(r, results)
     only = write_report(results, tmp_path / "r1", selection=Selection(studies=("toy",), protocols=("linear",),
                                                                        methods=("mae", "mug")), figures=False)
-    assert "preset `toy-long`" not in only and "segmentation" not in only.split("## The paper")[0]
+    assert "preset `toy-long`" not in only and "segmentation mIoU" not in only.split("## The paper")[0]
     assert set(rows(only)) == {"method", "mae", "mug", "*best − runner-up*"}
     by_seed = write_report(results, tmp_path / "r2", by="seed", selection=Selection(studies=("toy",)), figures=False)
     assert "| 44.0 |" in rows(by_seed)["mae · seed 2"] and "±" not in rows(by_seed)["mae · seed 2"]
@@ -235,3 +235,11 @@ def test_committed_reports_match_the_committed_results(tmp_path, monkeypatch):
     for name in ("summary.md", "summary.csv", "summary.tex"):
         assert (tmp_path / name).read_text() == (repo / "reports" / name).read_text(), (
             f"reports/{name} is stale: rebuild it with `mugbench report` from the repository root")
+
+
+def test_ranking_on_transfer_and_the_papers_pairwise_claims():
+    text = write_report_text(study_records())
+    section = text.split("Ranking on transfer")[1].split("Missing from this table")[0]
+    # linear: mug, mae, simclr, clip; segmentation: mug, mae, simclr, clip -> mean ranks 1, 2, 3, 4
+    assert "| 1 | mug | 1.00 | 2 of 2 |" in section and "| 4 | clip | 4.00 | 2 of 2 |" in section
+    assert "clip ahead of mae on 0 of 2; clip ahead of simclr on 0 of 2; mug ahead of mae on 2 of 2" in section

@@ -19,7 +19,8 @@ from mugbench.report.frame import (
     BENCH_PROTOCOLS, Selection, headline_columns, long_frame, study_details, summary_frame,
 )
 from mugbench.report.tables import (
-    absolute_references, claims_section, latex_table, markdown_table, missing_cells, study_tables, tidy,
+    absolute_references, claims_section, latex_table, markdown_table, missing_cells, ranking_section, study_tables,
+    tidy,
 )
 from mugbench.results import MalformedRecordWarning, ResultRecord, atomic_write_text, load_records, load_references
 
@@ -113,6 +114,9 @@ class Report:
             lines += [f"No result records found under {where}" + (" for this selection" if selected else "") + ".", ""]
         for key, table in self.tables.items():
             lines += self._study_header(key) + [""] + self.main_table(key) + [""]
+            if self.by == "method":
+                ranking = ranking_section(table, headline_columns(table.columns), self.methods)
+                lines += ranking + ([""] if ranking else [])
             gaps = missing_cells(table, headline_columns(table.columns), self.methods, self._seeds(key), self.by)
             if gaps:
                 lines += ["Missing from this table:", ""] + gaps + [""]
@@ -192,8 +196,11 @@ class Report:
                  "Rebuilt from `results/` alone by `mugbench report`; do not edit by hand. Full tables, margins, "
                  "what is missing and the published claims: [summary.md](summary.md) "
                  "(also [summary.csv](summary.csv), [summary.tex](summary.tex)).", ""]
-        for key in self.tables:
+        for key, table in self.tables.items():
             lines += [f"## `{key[0]}` / `{key[1]}`", ""] + self.main_table(key) + [""]
+            if self.by == "method":
+                ranking = ranking_section(table, headline_columns(table.columns), self.methods)
+                lines += ranking + ([""] if ranking else [])
             for kind, title, png in figures:
                 if title == f"{key[0]} / {key[1]}":
                     rel = os.path.relpath(png, reports_dir)

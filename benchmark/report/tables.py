@@ -154,6 +154,48 @@ def claims_section(tables: dict, references: Sequence[dict]) -> list[str]:
     return lines
 
 
+# Protocols every method gets (the encoder alone is evaluated): the paper's "vision transfer" tasks.
+TRANSFER_PROTOCOLS = ("knn", "linear", "finetune", "segmentation")
+# The paper's qualitative claims, as pairwise comparisons on transfer: multi-modal methods do not beat
+# their single-modal counterparts (CLIP vs MAE and SimCLR), and MUG leads.
+CLAIM_PAIRS = (("clip", "mae"), ("clip", "simclr"), ("mug", "mae"), ("mug", "clip"))
+
+
+def ranking_section(frame: pd.DataFrame, columns: list[tuple], methods: dict[str, str]) -> list[str]:
+    """Mean rank of each row over the transfer columns (1 = best), and the paper's pairwise claims
+    counted column by column. A row is ranked on the columns it has, and says how many."""
+    plain = frame.droplevel("paradigm")
+    transfer = [c for c in columns if c[0] in TRANSFER_PROTOCOLS and not is_baseline(c[2])]
+    if not transfer or len(plain) < 2:
+        return []
+    ranks: dict[str, list[int]] = {row: [] for row in plain.index}
+    for c in transfer:
+        for place, row in enumerate(ranked(plain[c + ("mean",)], c[2]), start=1):
+            ranks[row].append(place)
+    order = sorted((r for r in ranks if ranks[r]), key=lambda r: (sum(ranks[r]) / len(ranks[r]), r))
+    lines = ["Ranking on transfer (mean rank over the k-NN, linear-probe, fine-tuning and segmentation columns; "
+             "1 = best):", "", "| rank | method | mean rank | columns ranked |", "|---:|---|---:|---:|"]
+    lines += [f"| {i} | {row} | {sum(ranks[row]) / len(ranks[row]):.2f} | {len(ranks[row])} of {len(transfer)} |"
+              for i, row in enumerate(order, start=1)]
+    by_method = {methods.get(row, row): row for row in plain.index}
+    checks = []
+    for a, b in CLAIM_PAIRS:
+        if a in by_method and b in by_method:
+            shared = [c for c in transfer if finite(plain.at[by_method[a], c + ("mean",)])
+                      and finite(plain.at[by_method[b], c + ("mean",)])]
+            wins = sum(_better(plain.at[by_method[a], c + ("mean",)], plain.at[by_method[b], c + ("mean",)], c[2])
+                       for c in shared)
+            if shared:
+                checks.append(f"{a} ahead of {b} on {wins} of {len(shared)}")
+    if checks:
+        lines += ["", "Pairwise, on the transfer columns both have: " + "; ".join(checks) + "."]
+    return lines
+
+
+def _better(a: float, b: float, metric: str) -> bool:
+    return a < b if lower_is_better(metric) else a > b
+
+
 def missing_cells(frame: pd.DataFrame, columns: list[tuple], methods: dict[str, str], seeds: list[int],
                   by: str) -> list[str]:
     """One line per row with empty or under-seeded cells, then the cells that cannot exist (the
@@ -241,6 +283,6 @@ def study_tables(frame: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
     return out
 
 
-__all__ = ["MISSING", "absolute_references", "best_rows", "cell_text", "claims_section", "column_label",
+__all__ = ["MISSING", "TRANSFER_PROTOCOLS", "absolute_references", "ranking_section", "best_rows", "cell_text", "claims_section", "column_label",
            "fmt", "headline_columns", "latex_table", "margin", "markdown_table", "missing_cells", "study_tables",
            "tidy"]
