@@ -172,10 +172,15 @@ def ranking_section(frame: pd.DataFrame, columns: list[tuple], methods: dict[str
     for c in transfer:
         for place, row in enumerate(ranked(plain[c + ("mean",)], c[2]), start=1):
             ranks[row].append(place)
-    order = sorted((r for r in ranks if ranks[r]), key=lambda r: (sum(ranks[r]) / len(ranks[r]), r))
+    # Mean ranks over different columns do not compare: rows with every column come first and alone
+    # get a place; the others follow, unplaced.
+    order = sorted((r for r in ranks if ranks[r]),
+                   key=lambda r: (len(ranks[r]) < len(transfer), sum(ranks[r]) / len(ranks[r]), r))
     lines = ["Ranking on transfer (mean rank over the k-NN, linear-probe, fine-tuning and segmentation columns; "
-             "1 = best):", "", "| rank | method | mean rank | columns ranked |", "|---:|---|---:|---:|"]
-    lines += [f"| {i} | {row} | {sum(ranks[row]) / len(ranks[row]):.2f} | {len(ranks[row])} of {len(transfer)} |"
+             "1 = best; a row without every column is not placed):", "",
+             "| place | method | mean rank | columns ranked |", "|---:|---|---:|---:|"]
+    lines += [f"| {i if len(ranks[row]) == len(transfer) else MISSING} | {row} | "
+              f"{sum(ranks[row]) / len(ranks[row]):.2f} | {len(ranks[row])} of {len(transfer)} |"
               for i, row in enumerate(order, start=1)]
     by_method = {methods.get(row, row): row for row in plain.index}
     checks = []
