@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--methods", default="", metavar="M1,M2", help="only these methods")
     rep.add_argument("--by", default="method", choices=("method", "seed", "preset"),
                      help="one row per method (mean ± std over seeds; default), per seed, or per preset")
-    rep.add_argument("--no-figures", action="store_true", help="tables only (faster)")
+    rep.add_argument("--no-figures", action="store_true",
+                     help="tables only (faster): the figures and README.md are left as they are")
 
     sub.add_parser("methods", help="list registered methods with their needs and capabilities")
 
@@ -161,8 +162,8 @@ def _cmd_report(args) -> int:
     selection = Selection(studies=names(args.study), data=names(args.data), protocols=names(args.protocols),
                           methods=names(args.methods))
     print(write_report(args.results, args.reports, selection=selection, by=args.by, figures=not args.no_figures))
-    print(f"\nwritten under {args.reports}: README.md (start here), summary.md, summary.csv, summary.tex"
-          + ("" if args.no_figures else ", figures/"))
+    print(f"\nwritten under {args.reports}: summary.md, summary.csv, summary.tex"
+          + ("" if args.no_figures else ", figures/, README.md (start here)"))
     return 0
 
 

@@ -251,3 +251,16 @@ def test_a_row_missing_a_transfer_column_is_not_placed():
     lines = [line for line in section.splitlines() if line.startswith("| ") and "place" not in line]
     assert lines[-1] == "| — | mae | 2.00 | 1 of 2 |"  # ranked 2nd on linear, yet listed after the complete rows
     assert lines[0].startswith("| 1 | mug |")
+
+
+def test_tables_only_rebuild_leaves_figures_and_index_alone(tmp_path):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    for r in study_records():
+        write_record(r, results)
+    write_report(results, reports, by="seed")
+    assert sorted(p.name for p in (reports / "figures").glob("*.png")) == ["toy-toy-bars.png"]  # per-run figures need --by method
+    index = (reports / "README.md").read_bytes()
+    write_record(make_record("mae", protocol="knn", preset="toy", seed=5, top1=1.0), results)
+    write_report(results, reports, figures=False)
+    assert (reports / "README.md").read_bytes() == index and (reports / "figures" / "toy-toy-bars.png").exists()
+    assert "seed(s) (0, 1, 2, 5)" in (reports / "summary.md").read_text()

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from mugbench.report import plots
 from mugbench.report.frame import (
-    BENCH_PROTOCOLS, Selection, headline_columns, long_frame, study_details, summary_frame,
+    BENCH_PROTOCOLS, Selection, describe_encoder, headline_columns, long_frame, study_details, summary_frame,
 )
 from mugbench.report.tables import (
     absolute_references, claims_section, latex_table, markdown_table, missing_cells, ranking_section, study_tables,
@@ -82,17 +82,13 @@ class Report:
     def _study_header(self, key) -> list[str]:
         data, preset = key
         seeds = self._seeds(key)
-        details = {}
-        for k, d in self.details.items():
-            if k[0] == data and (k[1] == preset or self.by == "preset"):
-                for name, value in d.items():
-                    details.setdefault(name, set()).update(value if isinstance(value, list) else [value])
-        encoders = sorted(e for e in details.get("encoders", ()) if e)
-        epochs = sorted(details.get("epochs", ()))
+        records = [r for r in self._records_of(data, preset) if r.protocol not in BENCH_PROTOCOLS]
+        encoders = sorted({describe_encoder(r.encoder) for r in records} - {""})
+        epochs = sorted({r.epochs for r in records})
         lines = [f"## Pre-training data `{data}`, preset `{preset}`", "",
-                 f"{len(self.tables[key])} row(s), {sum(details.get('records', {0}))} record(s), {len(seeds)} seed(s) "
+                 f"{len(self.tables[key])} row(s), {len(records)} record(s), {len(seeds)} seed(s) "
                  f"({', '.join(map(str, seeds))}). Cells: mean ± sample std over seeds (one seed: the value; "
-                 f"`(n=k)`: only k seeds); best per column in **bold**; {tables_missing_note()}"]
+                 f"`(n=k)`: only k seeds); best per column in **bold**; — = no result (listed below the table)."]
         if encoders:
             lines.append(f"Encoder: {'; '.join(encoders)}.")
         if epochs:
@@ -163,10 +159,13 @@ class Report:
             records = self._records_of(data, preset)
             stem = figures_dir / _slug(data, preset)
             columns = headline_columns(table.columns)
+            bars = plots.bar_chart(table, columns, self.long[(self.long["pretrain_data"] == data)
+                                                             & (self.long["preset"] == preset)],
+                                   self.methods, f"{title}: main table", Path(f"{stem}-bars"))
+            drawn += [("bars", title, bars[0])] if bars else []
+            if self.by != "method":  # the per-run figures below draw one study's runs, one per method and seed
+                continue
             for kind, paths in (
-                ("bars", plots.bar_chart(table, columns, self.long[(self.long["pretrain_data"] == data)
-                                                                   & (self.long["preset"] == preset)],
-                                         self.methods, f"{title}: main table", Path(f"{stem}-bars"))),
                 ("loss", plots.loss_curves(records, f"{title}: pre-training loss", Path(f"{stem}-loss"))),
                 ("throughput", plots.throughput_and_memory(records, f"{title}: throughput and memory",
                                                            Path(f"{stem}-throughput"))),
@@ -178,12 +177,9 @@ class Report:
                 if paths:
                     drawn.append((kind, title, paths[0]))
         bench = [r for r in self.records if r.protocol in BENCH_PROTOCOLS]
-        def device(r):
-            return str(r.protocol_options.get("device", "unknown device"))
-
         for preset in sorted({r.preset for r in bench}):
-            for dev in sorted({device(r) for r in bench if r.preset == preset}):
-                subset = [r for r in bench if r.preset == preset and device(r) == dev]
+            for dev in sorted({_bench_device(r) for r in bench if r.preset == preset}):
+                subset = [r for r in bench if r.preset == preset and _bench_device(r) == dev]
                 paths = plots.bench_chart(subset, f"bench: preset {preset} on {dev}",
                                           figures_dir / _slug("bench", preset, dev))
                 if paths:
@@ -225,9 +221,8 @@ class Report:
         return "\n".join(lines)
 
 
-def tables_missing_note() -> str:
-    """The legend for an empty cell."""
-    return "— = no result (listed below the table)."
+def _bench_device(record: ResultRecord) -> str:
+    return str(record.protocol_options.get("device", "unknown device"))
 
 
 def _md(text: Any) -> str:
@@ -238,8 +233,9 @@ def write_report(results_dir: str | os.PathLike, reports_dir: str | os.PathLike,
                  selection: Selection = Selection(), by: str = "method", figures: bool = True) -> str:
     """Rebuild ``reports_dir`` from ``results_dir`` alone; returns the Markdown summary.
 
-    Figures this build did not draw are removed from ``reports_dir/figures``, so the folder
-    always matches the records. Malformed or foreign JSON files are listed and skipped.
+    With ``figures``, the figures and the ``README.md`` index are redrawn too, and figures this build
+    did not draw are removed, so the folder always matches the records; without, both are left as
+    they are. Malformed or foreign JSON files are listed and skipped.
     """
     results_dir, reports_dir = Path(results_dir), Path(reports_dir)
     records, references, skipped = _load(results_dir)
@@ -248,9 +244,11 @@ def write_report(results_dir: str | os.PathLike, reports_dir: str | os.PathLike,
     atomic_write_text(reports_dir / "summary.md", summary)
     atomic_write_text(reports_dir / "summary.csv", tidy(report.frame).to_csv(index=False))
     atomic_write_text(reports_dir / "summary.tex", report.latex())
-    drawn = report.figures(reports_dir / "figures") if figures else []
+    if not figures:
+        return summary
+    drawn = report.figures(reports_dir / "figures")
     keep = {p.with_suffix(s) for _, _, p in drawn for s in (".png", ".pdf")}
-    for stale in (reports_dir / "figures").glob("*") if (reports_dir / "figures").is_dir() else ():
+    for stale in (reports_dir / "figures").glob("*"):
         if stale.suffix in (".png", ".pdf") and stale not in keep:
             stale.unlink()
     atomic_write_text(reports_dir / "README.md", report.index(drawn, reports_dir))

@@ -62,6 +62,8 @@ def _grid(n: int, width: float = 3.2, height: float = 2.8, max_cols: int = 4):
 def bar_chart(table: pd.DataFrame, columns: list[tuple], long: pd.DataFrame, methods: dict[str, str],
               title: str, path_stem: Path) -> list[Path]:
     """One panel per main-table column: a bar per method (mean over seeds), ± std, seeds as dots."""
+    if not columns:
+        return []
     rows = [(paradigm, row) for paradigm, row in table.index]
     styles = method_styles([methods.get(r, r) for _, r in rows])
     fig, axes = _grid(len(columns))
