@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import io
 import random
-import resource
 import statistics
 import tempfile
 import time
@@ -35,7 +34,9 @@ from ..registry import get_method
 from ..study import build_method, text_spec
 from ..train.distributed import DistInfo
 from ..models.text import full_context
-from ..train.loop import CompiledOrEager, autocast, build_optimizer, enable_grad_checkpointing, train
+from ..train.loop import (
+    CompiledOrEager, autocast, build_optimizer, enable_grad_checkpointing, memory_in_use_mb, train,
+)
 
 PLAIN_TIMM = "timm-vit (all tokens)"
 # CC3M captions run about 10 words; synthetic captions of that length keep the text towers honest.
@@ -111,12 +112,6 @@ class _PlainViT(torch.nn.Module):
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide
 
 
 def matmul_peak_tflops(device, size: int = 8192, repeats: int = 20) -> float:
@@ -209,7 +204,7 @@ def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, d
         durations.append(time.perf_counter() - start)
     seconds = statistics.median(durations)  # the median step: robust to a busy moment of the machine
     return StepStats(name=name, batch=n, step_ms=1000 * seconds, images_per_s=n / seconds,
-                     gflops_per_image=counter.get_total_flops() / n / 1e9, peak_mem_mb=_peak_mb(device))
+                     gflops_per_image=counter.get_total_flops() / n / 1e9, peak_mem_mb=memory_in_use_mb(device))
 
 
 def trainer_step_ms(name: str, cfg: StudyConfig, spec, batch: dict, device, steps: int, warmup: int) -> float:
