@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--steps", type=int, default=10, help="timed steps per method (default: 10)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    bench.add_argument("--rounds", type=int, default=3, help="alternations of bare loop and trainer behind the "
+                       "trainer-overhead figure, whose median is kept (default: 3)")
     bench.add_argument("--batch-size", type=int, default=None, help="per-device batch (default: the preset's)")
     bench.add_argument("--results", type=Path, default=Path("results"), help="where the records go (default: ./results)")
     bench.add_argument("--variants", default="", metavar="V1,V2", help="also measure each step changed: "
@@ -296,25 +298,29 @@ def _cmd_bench_train_step(args) -> int:
         if v not in VARIANTS:
             raise ConfigError(f"mugbench bench has no variant {v!r}. Variants: "
                               + "; ".join(f"{k} ({d.doc})" for k, d in VARIANTS.items()) + ".")
+    if args.rounds < 1:
+        raise ConfigError(f"mugbench bench --rounds must be at least 1, not {args.rounds}.")
     import dataclasses
 
     import torch
 
-    from .bench.train_step import format_table, run
+    from .bench.train_step import format_table, record_dataset, run
     from .results import ResultRecord, write_record
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     rows = run(cfg, methods, device=device, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
-               variants=variants)
+               variants=variants, rounds=args.rounds)
     print(format_table(rows, device, cfg.preset))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for row in rows:
         write_record(ResultRecord(
-            method=row.name, protocol="train-step", dataset="synthetic", pretrain_data="none", preset=cfg.preset,
+            method=row.name, protocol="train-step", dataset=record_dataset(device, cfg.train.compile),
+            pretrain_data="none", preset=cfg.preset,
             seed=0, metrics=row.metrics(), encoder=dataclasses.asdict(cfg.encoder), overrides=list(args.overrides),
             paradigm=getattr(registered_methods().get(row.name), "paradigm", ""),
             protocol_options={"device": device_name, "batch": row.batch, "steps": args.steps, "warmup": args.warmup,
+                              "rounds": args.rounds,
                               "precision": cfg.train.precision, "threads": torch.get_num_threads(),
                               "compile": cfg.train.compile, "variants": list(row.variant_ms)}), args.results)
     print(f"written: {len(rows)} record(s) under {args.results}")

@@ -10,10 +10,11 @@ out="${1:-gpu-bench}"
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-# 256 per GPU: the paper's 4,096 over 16 GPUs, and SimCLR's two views still fit.
+# 256 per GPU: the paper's 4,096 over 16 GPUs, and SimCLR's two views still fit. One round of
+# trainer-vs-bare-loop: a dedicated GPU's step times do not drift as a shared CPU's do.
 python -m mugbench.cli bench --preset paper --device cuda --methods mae,simclr,clip,slip,flip,coca,cap,mug \
-  --batch-size 256 --steps 20 --warmup 5 --variants math-attention,loop-adamw,full-context-text \
+  --batch-size 256 --steps 20 --warmup 5 --rounds 1 --variants math-attention,loop-adamw,full-context-text \
   --results "$out/results" | tee "$out/table.md"
 # Compiling takes about a minute per model: three of them, in a budget of its own.
 timeout 150 python -m mugbench.cli bench --preset paper --device cuda --methods mae,mug --batch-size 256 \
-  --steps 20 --warmup 5 --compile --results "$out/results-compiled" | tee "$out/compiled.md" || true
+  --steps 20 --warmup 5 --rounds 1 --compile --results "$out/results-compiled" | tee "$out/compiled.md" || true

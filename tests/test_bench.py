@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from mugbench.bench.train_step import record_dataset
 from mugbench.cli import main
 from mugbench.config import ConfigError, TrainConfig
 from mugbench.results import load_records
@@ -47,6 +48,14 @@ def test_unknown_variant_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no variant 'turbo'" in err and "math-attention" in err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_records_of_cuda_and_compiled_steps_do_not_replace_the_cpu_eager_ones(tmp_path, capsys):
+    assert record_dataset(torch.device("cpu"), compiled=False) == "synthetic"
+    assert record_dataset(torch.device("cuda"), compiled=False) == "synthetic-cuda"
+    assert record_dataset(torch.device("cuda"), compiled=True) == "synthetic-cuda-compiled"
+    assert main(["bench", "--preset", "smoke", "--rounds", "0", "--results", str(tmp_path)]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
 def test_compile_failure_falls_back_to_eager(capsys):

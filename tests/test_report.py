@@ -145,13 +145,17 @@ def test_figures_are_drawn_from_records_alone(tmp_path):
     write_record(cap, results)
     write_record(make_record("mae", protocol="train-step", dataset="synthetic", preset="toy",
                              step_ms=10.0, time_ratio_to_plain_vit=0.6), results)
+    # A compiled measurement of the same step is its own record and its own chart.
+    write_record(make_record("mae", protocol="train-step", dataset="synthetic-compiled", preset="toy",
+                             step_ms=8.0, time_ratio_to_plain_vit=0.5), results)
 
     write_report(results, reports)
     figures = sorted(p.name for p in (reports / "figures").iterdir())
     for kind in ("bars", "loss", "throughput", "examples", "linear-lr"):
         for suffix in ("png", "pdf"):
             assert f"toy-toy-{kind}.{suffix}" in figures
-    assert any(name.startswith("bench-toy") for name in figures)
+    assert sum(name.startswith("bench-toy") and name.endswith(".png") for name in figures) == 2
+    assert any("synthetic_compiled" in name for name in figures)
     for path in (reports / "figures").iterdir():
         assert path.stat().st_size > 5_000
         if path.suffix == ".png":  # not a blank canvas

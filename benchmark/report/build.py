@@ -177,13 +177,14 @@ class Report:
                 if paths:
                     drawn.append((kind, title, paths[0]))
         bench = [r for r in self.records if r.protocol in BENCH_PROTOCOLS]
-        for preset in sorted({r.preset for r in bench}):
-            for dev in sorted({_bench_device(r) for r in bench if r.preset == preset}):
-                subset = [r for r in bench if r.preset == preset and _bench_device(r) == dev]
-                paths = plots.bench_chart(subset, f"bench: preset {preset} on {dev}",
-                                          figures_dir / _slug("bench", preset, dev))
-                if paths:
-                    drawn.append(("bench", f"bench {preset} / {dev}", paths[0]))
+        for preset, dev, dataset in sorted({(r.preset, _bench_device(r), r.dataset) for r in bench}):
+            subset = [r for r in bench if (r.preset, _bench_device(r), r.dataset) == (preset, dev, dataset)]
+            # CPU eager records keep the short name; CUDA and compiled ones say so in theirs.
+            setting = dev if dataset == "synthetic" else f"{dev}, {dataset}"
+            paths = plots.bench_chart(subset, f"bench: preset {preset} on {setting}",
+                                      figures_dir / _slug("bench", preset, setting))
+            if paths:
+                drawn.append(("bench", f"bench {preset} / {setting}", paths[0]))
         return drawn
 
     def index(self, figures: list[tuple[str, str, Path]], reports_dir: Path) -> str:
