@@ -285,7 +285,7 @@ def format_table(rows: list[StepStats], device, preset: str) -> str:
     for r in rows:
         mfu = f"{100 * r.mfu:.0f}%" if r.mfu is not None else "-"
         overhead = f"{100 * r.trainer_overhead:+.1f}%" if r.trainer_overhead is not None else "-"
-        lines.append(f"| {r.name} | {r.batch} | {r.step_ms:.1f} | {r.images_per_s:.0f} | {r.gflops_per_image:.3g} | "
+        lines.append(f"| {r.name} | {r.batch} | {r.step_ms:.1f} | {r.images_per_s:.3g} | {r.gflops_per_image:.3g} | "
                      f"{r.peak_mem_mb:.0f} | {mfu} | {r.ratio_to_plain:.2f}x | {overhead} |")
     names = list(dict.fromkeys(v for r in rows for v in r.variant_ms))
     if names:
