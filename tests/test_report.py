@@ -64,7 +64,7 @@ def test_table_cells_are_mean_and_sample_std_with_the_best_in_bold():
     r = rows(text)
     assert "| 42.0 ± 2.0 |" in r["mae"]
     assert "**47.0 ± 2.6**" in r["mug"]  # mean 47, std of (45, 46, 50)
-    assert "**17.2 ± 0.354 (n=2)**" in r["mug"]  # fewer seeds than the table: the count shows
+    assert "**17.2 ± 0.4 (n=2)**" in r["mug"]  # fewer seeds than the table: the count shows
     assert "| — |" in r["mae"]  # no zero-shot for mae: a dash, never 0
     assert "0.0" not in r["mae"]
 

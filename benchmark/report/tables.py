@@ -33,6 +33,15 @@ def fmt(value: float) -> str:
     return f"{value:.1f}"
 
 
+def fmt_spread(std: float, mean: float) -> str:
+    """``std`` to as many decimals as `fmt` gives ``mean`` (``36.0 ± 0.9``, ``0.177 ± 0.008``): a
+    spread is not known more precisely than the value it spreads."""
+    shown = fmt(mean)
+    if "e" in shown:  # a tiny mean in exponent notation: the spread in two significant digits
+        return f"{std:.2g}"
+    return f"{std:.{len(shown.split('.')[1]) if '.' in shown else 0}f}"
+
+
 def column_label(column: tuple[str, str, str]) -> str:
     """``k-NN top1 (toy-cls)`` for a (protocol, dataset, metric) column."""
     protocol, dataset, metric = column
@@ -44,7 +53,7 @@ def cell_text(mean: float, std: float, n: float, seeds: int, pm: str = " ± ") -
     `MISSING` when there is no value: an absent result is never shown as a number."""
     if not finite(n) or n == 0:
         return MISSING
-    text = f"{fmt(mean)}{pm}{fmt(std)}" if n > 1 and finite(std) else fmt(mean)
+    text = f"{fmt(mean)}{pm}{fmt_spread(std, mean)}" if n > 1 and finite(std) else fmt(mean)
     return text + (f" (n={int(n)})" if n < seeds else "")
 
 
