@@ -166,9 +166,11 @@ VARIANTS = {
 
 
 def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, device, steps: int,
-            warmup: int, variant: Variant = Variant("")) -> StepStats:
+            warmup: int, variant: Variant = Variant(""), count_flops: bool = True) -> StepStats:
     """Steady-state time of the bare loop's step (forward, backward, the recipe's gradient clipping,
-    AdamW), FLOPs of one step, peak memory; ``variant`` changes the step (see `VARIANTS`)."""
+    AdamW), FLOPs of one step (NaN with ``count_flops=False``, for callers that keep only the time:
+    counting costs one more step, a long one at paper scale), peak memory; ``variant`` changes the
+    step (see `VARIANTS`)."""
     module.to(device).train()
     train_cfg = dataclasses.replace(cfg.train, **variant.train)
     if variant.module is not None:
@@ -186,11 +188,14 @@ def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, d
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
-        with autocast(cfg.train, device), variant.context():
-            loss = module(batch)["loss"]
-        loss.backward()
-    optimizer.zero_grad(set_to_none=True)
+    flops = float("nan")
+    if count_flops:
+        with FlopCounterMode(display=False) as counter:
+            with autocast(cfg.train, device), variant.context():
+                loss = module(batch)["loss"]
+            loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
@@ -204,7 +209,7 @@ def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, d
         durations.append(time.perf_counter() - start)
     seconds = statistics.median(durations)  # the median step: robust to a busy moment of the machine
     return StepStats(name=name, batch=n, step_ms=1000 * seconds, images_per_s=n / seconds,
-                     gflops_per_image=counter.get_total_flops() / n / 1e9, peak_mem_mb=memory_in_use_mb(device))
+                     gflops_per_image=flops / n / 1e9, peak_mem_mb=memory_in_use_mb(device))
 
 
 def trainer_step_ms(name: str, cfg: StudyConfig, spec, batch: dict, device, steps: int, warmup: int) -> float:
@@ -246,7 +251,8 @@ def run(cfg: StudyConfig, methods: list[str], *, device, steps: int = 10, warmup
         for v in variants:
             if VARIANTS[v].applies(cls):
                 changed = VARIANTS[v].batch(data, spec) if VARIANTS[v].batch else data
-                row.variant_ms[v] = measure(row.name, build(), changed, cfg, device, steps, warmup, VARIANTS[v]).step_ms
+                row.variant_ms[v] = measure(row.name, build(), changed, cfg, device, steps, warmup, VARIANTS[v],
+                                            count_flops=False).step_ms
 
     plain = synthetic_batch(cfg, _PlainViT, tokenizer, batch, device)
     rows = [measure(PLAIN_TIMM, _PlainViT(cfg), plain, cfg, device, steps, warmup)]
@@ -259,7 +265,7 @@ def run(cfg: StudyConfig, methods: list[str], *, device, steps: int = 10, warmup
         # ratios is kept: a slow spell of a shared machine then lands on both sides of a ratio.
         ratios = [trainer_step_ms(name, cfg, spec, data, device, steps, warmup) / rows[-1].step_ms]
         for _ in range(rounds - 1):
-            bare_ms = measure(name, method, data, cfg, device, steps, warmup).step_ms
+            bare_ms = measure(name, method, data, cfg, device, steps, warmup, count_flops=False).step_ms
             ratios.append(trainer_step_ms(name, cfg, spec, data, device, steps, warmup) / bare_ms)
         del method
         rows[-1].trainer_overhead = statistics.median(ratios) - 1
