@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a run's encoder as a timm Hugging Face folder (config.json + model.safetensors)")
     exp.add_argument("source", type=Path, help="a run directory, its checkpoint.pt or encoder.safetensors")
     exp.add_argument("out_dir", type=Path, help="folder to write; load it with timm.create_model('local-dir:OUT_DIR', pretrained=True)")
+    exp.add_argument("--force", action="store_true",
+                     help="write into OUT_DIR even if it is not empty (a run folder is always refused)")
     return parser
 
 
@@ -130,6 +132,7 @@ def _cmd_run(args) -> int:
     overrides = list(args.overrides) + ([f"data.name={args.data}"] if args.data else [])
     overrides += _list_override("eval.protocols", args.evals)
     cfg = load_config(args.preset, overrides)
+    seeds = _parse_seeds(args.seeds, cfg.seed)
     data_root = args.data_root or default_data_root()
     if cfg.data.name != "toy":  # fail fast, before the heavy imports
         resolve_pretrain_urls(cfg.data.name, data_root)
@@ -138,17 +141,40 @@ def _cmd_run(args) -> int:
     methods = parse_method_list(args.methods)
     for name in methods:  # option errors before any training starts
         get_method(name).parse_options(cfg.methods.get(name))
+    from .preflight import check_run
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    # The last check before work: nothing is created on disk until every setting above passed.
+    check_run(cfg, data_root=data_root, needs_text=any(get_method(n).needs_text for n in methods),
+              workdir=args.workdir, results=args.results, reports=args.reports, cache=cache_dir)
     from .report import write_report
     from .study import run_study
 
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
     for seed in seeds:
         cfg.seed = seed
         run_study(cfg, methods, workdir=args.workdir, results_dir=args.results,
-                  cache_dir=args.cache_dir or default_cache_dir(), data_root=data_root, overrides=overrides)
+                  cache_dir=cache_dir, data_root=data_root, overrides=overrides)
     if _is_main_process():
         print(write_report(args.results, args.reports))
     return 0
+
+
+def _parse_seeds(text: str | None, default: int) -> list[int]:
+    """``--seeds 0,1,2`` -> ``[0, 1, 2]`` (``[default]`` when not given); a `ConfigError` names a seed
+    that is not a whole number in range."""
+    from .config import SEED, ConfigError, check_range
+
+    if not text:
+        return [default]
+    seeds = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            seed = int(part)
+        except ValueError:
+            raise ConfigError(f"--seeds {text}: {part!r} is not a seed: each seed must be {SEED}, and seeds are "
+                              f"separated by commas, e.g. --seeds 0,1,2.") from None
+        seeds.append(check_range(f"--seeds {text}: seed", seed, SEED))
+    return seeds
 
 
 def _is_main_process() -> bool:
@@ -243,9 +269,12 @@ def _cmd_eval(args) -> int:
         source = load_timm_source(args.timm_model, args.weights, args.model_args)
     from .data.catalog import default_cache_dir, default_data_root
     from .encoder_eval import eval_config, evaluate_source
+    from .preflight import check_folders
 
     cfg = eval_config(source, args.preset, overrides)
-    records = evaluate_source(source, cfg, results_dir=args.results, cache_dir=args.cache_dir or default_cache_dir(),
+    cache_dir = args.cache_dir or default_cache_dir()
+    check_folders({"--results": args.results, "--cache-dir": cache_dir})  # before any evaluation runs
+    records = evaluate_source(source, cfg, results_dir=args.results, cache_dir=cache_dir,
                               data_root=args.data_root or default_data_root(), overrides=overrides)
     print(f"written: {len(records)} record(s) under {args.results} (`mugbench report` puts them in the table)")
     return 0
@@ -254,10 +283,11 @@ def _cmd_eval(args) -> int:
 def _cmd_export(args) -> int:
     from .sources import load_source
 
-    source = load_source(args.source)
-    from .export import export_timm
+    from .export import check_destination, export_timm
 
-    out = export_timm(source, args.out_dir)
+    check_destination(args.out_dir, args.force)  # before loading the source: a refusal costs nothing
+    source = load_source(args.source)
+    out = export_timm(source, args.out_dir, force=args.force)
     files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
     print(f"exported the {source.method or source.timm_name} encoder ({source.timm_name}, {source.img_size} px) "
           f"to {out}: {files}\nload it with: timm.create_model('local-dir:{out}', pretrained=True)")

@@ -7,6 +7,7 @@ differs per method; those options are validated by the method itself.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -21,17 +22,103 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: a finite number from ``low`` to ``high`` (each bound
+    included unless ``low_open`` / ``high_open``), a whole number where ``integer``. A list, tuple or
+    dict setting is checked value by value and, with ``length``, must hold that many values.
+
+    Declared beside each field (``POSITIVE.field(400)``) and checked by `from_dict`, so every entry
+    point (run, eval, bench, data prepare) refuses a bad value before any work starts.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    length: int | None = None
+
+    def field(self, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+        """A dataclass field with this range in its metadata."""
+        return field(default=default, default_factory=factory, metadata={"range": self})
+
+    def admits(self, x: Any) -> bool:
+        """Whether the single value ``x`` is in range."""
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            return False
+        if self.integer and not isinstance(x, int):
+            return False
+        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
+            return False
+        return self.high is None or (x < self.high if self.high_open else x <= self.high)
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        low, high = _number_text(self.low), _number_text(self.high)
+        if self.low is not None and self.high is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {high}"
+        return kind
+
+
+def _number_text(x: float | None) -> str:
+    return str(int(x)) if x is not None and float(x).is_integer() else str(x)
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+COUNT = Range(1, integer=True)  # sizes, steps, epochs counted in whole numbers
+COUNT0 = Range(0, integer=True)  # where 0 means none (workers, warm-up) or all (zeroshot_images)
+FRACTION = Range(0, 1)
+BELOW_ONE = Range(0, 1, high_open=True)  # rates where 1 would drop or smooth away everything
+DECAY = Range(0, 1, low_open=True)  # layer-wise lr decay: 1 = none, 0 would freeze the early layers
+SEED = Range(0, 2**32 - 1, integer=True)  # numpy's legacy seeds stop at 2**32 - 1
+
+
+def _as_number(x: Any) -> Any:
+    """Numbers inside lists and dicts written as text (YAML reads ``3e-2`` as a string) -> numbers."""
+    if isinstance(x, str):
+        for kind in (int, float):
+            try:
+                return kind(x)
+            except ValueError:
+                pass
+    return x
+
+
+def check_range(key: str, value: Any, rng: Range, *, nullable: bool = False, shown: Any = None) -> Any:
+    """``value`` if it is in ``rng`` (element-wise for a list, tuple or dict), else a `ConfigError`
+    naming the key, the value as written (``shown``) and the allowed range; null passes when ``nullable``."""
+    if value is None and nullable:
+        return None
+    text = shown if isinstance(shown, str) else repr(value if shown is None else shown)
+    if isinstance(value, (list, tuple, dict)):
+        items = {k: _as_number(v) for k, v in (value.items() if isinstance(value, dict) else enumerate(value))}
+        if rng.length is not None and len(items) != rng.length:
+            raise ConfigError(f"{key}={text} must hold {rng.length} values, each {rng}.")
+        if not all(rng.admits(v) for v in items.values()):
+            raise ConfigError(f"{key}={text} is out of range: each must be {rng}.")
+        return items if isinstance(value, dict) else type(value)(items.values())
+    if not rng.admits(value):
+        raise ConfigError(f"{key}={text} is out of range: it must be {rng}{' or null' if nullable else ''}.")
+    return value
+
+
+@dataclass(frozen=True)
 class EncoderSpec:
     """Architecture of the shared ViT; ``timm_name`` is the closest timm model, overridden by the rest."""
 
     timm_name: str = "vit_base_patch16_224"
-    img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.0
+    img_size: int = COUNT.field(224)
+    patch_size: int = COUNT.field(16)
+    embed_dim: int = COUNT.field(768)
+    depth: int = COUNT.field(12)
+    num_heads: int = COUNT.field(12)
+    mlp_ratio: float = POSITIVE.field(4.0)
+    drop_path_rate: float = BELOW_ONE.field(0.0)
 
     def timm_kwargs(self) -> dict:
         """Keyword arguments for ``timm.create_model`` that reproduce this architecture."""
@@ -51,56 +138,56 @@ class DataConfig:
     """Pre-training data and loading."""
 
     name: str = "toy"  # toy | cc3m | cc12m | laion400m | a shard pattern
-    toy_seed: int = 0
-    toy_native_size: int = 64  # pixels the world is drawn at; views are resized to encoder.img_size
-    toy_shard_size: int = 1000  # samples per shard; ranks x loader workers need a shard each
-    toy_sizes: dict = field(default_factory=lambda: {"pretrain": 6000, "cls-train": 2000, "cls-val": 1000,
-                                                     "caps-val": 200})
-    samples_per_epoch: Optional[int] = None  # needed for shard sets without a manifest
-    num_workers: int = 0  # DataLoader worker processes per rank
+    toy_seed: int = SEED.field(0)
+    toy_native_size: int = COUNT.field(64)  # pixels the world is drawn at; views are resized to encoder.img_size
+    toy_shard_size: int = COUNT.field(1000)  # samples per shard; ranks x loader workers need a shard each
+    toy_sizes: dict = COUNT.field(factory=lambda: {"pretrain": 6000, "cls-train": 2000, "cls-val": 1000,
+                                                   "caps-val": 200})
+    samples_per_epoch: Optional[int] = COUNT.field(None)  # null = counted (stats files or a tar-header pass)
+    num_workers: int = COUNT0.field(0)  # DataLoader worker processes per rank
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (CUDA only)
-    prefetch_factor: int = 4  # batches each worker prepares ahead (with workers only)
-    shuffle_buffer: int = 2000
+    prefetch_factor: int = COUNT.field(4)  # batches each worker prepares ahead (with workers only)
+    shuffle_buffer: int = COUNT0.field(2000)  # 0 = no sample shuffling
     # open_clip's multi-node recipe: each (rank, worker) draws shards with replacement and an epoch is
     # samples_per_epoch samples; without it shards are split across ranks and workers, one pass each.
     resampled: bool = False
-    min_image_size: int = 32  # shorter side in pixels; smaller images are skipped as tiny_image
+    min_image_size: int = COUNT0.field(32)  # shorter side in pixels; smaller images are skipped as tiny_image
     repair_modes: bool = True  # CMYK/palette/alpha/grey -> RGB (counted); false skips them as wrong_mode
     decode_draft: bool = True  # JPEG reduced-size decode down to what the smallest crop needs
-    max_bad_fraction: float = 0.2  # stop a run whose skipped fraction exceeds this (after 1,000 samples)
+    max_bad_fraction: float = FRACTION.field(0.2)  # stop a run whose skipped fraction exceeds this (after 1,000 samples)
 
 
 @dataclass
 class TextConfig:
     """Tokenizer and text-tower size shared by every method that reads captions."""
 
-    context_length: int = 32
+    context_length: int = Range(2, integer=True).field(32)  # room for the start and end tokens
     vocab: str = "full"  # full = open_clip's BPE; corpus = the BPE ids seen in the training captions
-    width: int = 512
-    heads: int = 8
-    layers: int = 12
-    embed_dim: int = 512
+    width: int = COUNT.field(512)
+    heads: int = COUNT.field(8)
+    layers: int = COUNT.field(12)
+    embed_dim: int = COUNT.field(512)
 
 
 @dataclass
 class TrainConfig:
     """The shared optimiser, schedule and budget (MAE's recipe by default)."""
 
-    epochs: float = 400
-    batch_size: int = 4096  # global batch
-    blr: float = 1.5e-4  # lr = blr * batch_size / 256 (MAE's scaling rule)
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.95)
-    warmup_epochs: float = 40
-    grad_clip: Optional[float] = None
-    accum_steps: int = 1
+    epochs: float = POSITIVE.field(400)  # fractional epochs are allowed
+    batch_size: int = COUNT.field(4096)  # global batch
+    blr: float = POSITIVE.field(1.5e-4)  # lr = blr * batch_size / 256 (MAE's scaling rule)
+    min_lr: float = NON_NEGATIVE.field(0.0)
+    weight_decay: float = NON_NEGATIVE.field(0.05)
+    betas: tuple = Range(0, 1, high_open=True, length=2).field((0.9, 0.95))
+    warmup_epochs: float = NON_NEGATIVE.field(40)
+    grad_clip: Optional[float] = POSITIVE.field(None)  # null = no clipping
+    accum_steps: int = COUNT.field(1)
     strategy: str = "ddp"  # ddp (replicated weights) | fsdp (sharded weights, for encoders too large to replicate)
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32 | bf16
     device: str = "auto"
-    ckpt_every: int = 1000  # steps
-    keep_checkpoints: int = 2  # newest checkpoint files kept; an unreadable newest one falls back to the next
-    log_every: int = 10
+    ckpt_every: int = COUNT.field(1000)  # steps
+    keep_checkpoints: int = COUNT.field(2)  # newest checkpoint files kept; an unreadable newest one falls back to the next
+    log_every: int = COUNT.field(10)
     # Speed and memory only: the same training either way, so a run directory is not keyed by them
     # (`PERFORMANCE_ONLY`) and switching one resumes the same run.
     optimizer_impl: str = "auto"  # auto = fused AdamW on CUDA, foreach elsewhere; or fused | foreach | loop
@@ -124,44 +211,44 @@ class EvalConfig:
                                                      "retrieval", "captioning", "reconstruction"])
     datasets: list = field(default_factory=lambda: ["toy-cls", "toy-caps", "toy-seg"])
     pool: str = "token"  # class token, as in MAE's linear probe
-    batch_size: int = 256
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    batch_size: int = COUNT.field(256)
+    knn_k: int = COUNT.field(20)
+    knn_temperature: float = POSITIVE.field(0.07)
     knn_standardize: bool = False  # DINO's k-NN uses raw L2-normalised features
-    linear_epochs: int = 100
-    linear_lr: float = 0.1
-    linear_batch_size: int = 256
-    linear_weight_decay: float = 0.0
+    linear_epochs: int = COUNT.field(100)
+    linear_lr: float = POSITIVE.field(0.1)
+    linear_batch_size: int = COUNT.field(256)
+    linear_weight_decay: float = NON_NEGATIVE.field(0.0)
     linear_solver: str = "sgd"  # sgd (momentum, the fast path) | lars (MAE's paper protocol)
-    linear_lrs: list = field(default_factory=list)  # base-lr grid trained in one pass; empty = [linear_lr]
-    linear_warmup_epochs: int = 0  # MAE's probe: 10 of 90 epochs
+    linear_lrs: list = POSITIVE.field(factory=list)  # base-lr grid trained in one pass; empty = [linear_lr]
+    linear_warmup_epochs: int = COUNT0.field(0)  # MAE's probe: 10 of 90 epochs
     # End-to-end fine-tuning (MAE's ViT-B recipe, He et al. 2022, Table 9); built from timm's utilities.
-    finetune_epochs: int = 100
-    finetune_batch_size: int = 1024
-    finetune_blr: float = 5.0e-4  # lr = blr * batch / 256
-    finetune_layer_decay: float = 0.65
-    finetune_weight_decay: float = 0.05
-    finetune_drop_path: float = 0.1
-    finetune_warmup_epochs: int = 5
-    finetune_mixup: float = 0.8
-    finetune_cutmix: float = 1.0
-    finetune_label_smoothing: float = 0.1
+    finetune_epochs: int = COUNT.field(100)
+    finetune_batch_size: int = COUNT.field(1024)
+    finetune_blr: float = POSITIVE.field(5.0e-4)  # lr = blr * batch / 256
+    finetune_layer_decay: float = DECAY.field(0.65)
+    finetune_weight_decay: float = NON_NEGATIVE.field(0.05)
+    finetune_drop_path: float = BELOW_ONE.field(0.1)
+    finetune_warmup_epochs: int = COUNT0.field(5)
+    finetune_mixup: float = NON_NEGATIVE.field(0.8)  # Beta(alpha, alpha) mixing; 0 = off
+    finetune_cutmix: float = NON_NEGATIVE.field(1.0)
+    finetune_label_smoothing: float = BELOW_ONE.field(0.1)
     finetune_randaug: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; null = none
-    finetune_reprob: float = 0.25
+    finetune_reprob: float = FRACTION.field(0.25)
     # Semantic segmentation: UperNet on four ViT blocks (BEiT / MAE's ADE20K setting, mmseg defaults).
-    seg_iters: int = 160000
-    seg_batch_size: int = 16
-    seg_crop: int = 512
-    seg_lr: float = 1.0e-4
-    seg_weight_decay: float = 0.05
-    seg_layer_decay: float = 0.65
-    seg_warmup_iters: int = 1500
-    seg_channels: int = 512  # UPerHead width
-    seg_aux_weight: float = 0.4  # auxiliary FCNHead loss weight
-    zeroshot_images: int = 0  # 0 = every validation image; likelihood scoring costs classes x prompts per image
-    caption_beam: int = 1  # greedy decoding
-    caption_max_len: int = 24
-    figure_images: int = 8
+    seg_iters: int = COUNT.field(160000)
+    seg_batch_size: int = COUNT.field(16)
+    seg_crop: int = COUNT.field(512)
+    seg_lr: float = POSITIVE.field(1.0e-4)
+    seg_weight_decay: float = NON_NEGATIVE.field(0.05)
+    seg_layer_decay: float = DECAY.field(0.65)
+    seg_warmup_iters: int = COUNT0.field(1500)
+    seg_channels: int = COUNT.field(512)  # UPerHead width
+    seg_aux_weight: float = NON_NEGATIVE.field(0.4)  # auxiliary FCNHead loss weight
+    zeroshot_images: int = COUNT0.field(0)  # 0 = every validation image; likelihood scoring costs classes x prompts per image
+    caption_beam: int = COUNT.field(1)  # greedy decoding
+    caption_max_len: int = COUNT.field(24)
+    figure_images: int = COUNT.field(8)
 
 
 @dataclass
@@ -169,7 +256,7 @@ class StudyConfig:
     """A whole study: what every method shares, plus per-method options."""
 
     preset: str = "custom"
-    seed: int = 0
+    seed: int = SEED.field(0)
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderSpec = field(default_factory=EncoderSpec)
     text: TextConfig = field(default_factory=TextConfig)
@@ -236,24 +323,48 @@ def _build(cls, values: dict, where: str):
                 f"Check the spelling in the preset or in --set."
             )
     hints = typing.get_type_hints(cls)
-    values = {k: coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    values = {k: _validated(known[k], hints[k], v, f"{where}.{k}") for k, v in values.items()}
     try:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"Bad value in section {where!r}: {exc}") from None
 
 
+def _validated(f: dataclasses.Field, hint: Any, value: Any, key: str) -> Any:
+    """``value`` converted to the field's type and checked against its declared range."""
+    coerced = coerce(value, hint, key)
+    rng = f.metadata.get("range")
+    if rng is None:
+        return coerced
+    nullable = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    return check_range(key, coerced, rng, nullable=nullable, shown=value)
+
+
+def _check_shapes(cfg: StudyConfig) -> None:
+    """Settings that are each in range but do not fit together (attention heads, patches)."""
+    e, t = cfg.encoder, cfg.text
+    for key, size, parts, unit in (("encoder.embed_dim", e.embed_dim, ("encoder.num_heads", e.num_heads), "heads"),
+                                   ("text.width", t.width, ("text.heads", t.heads), "heads"),
+                                   ("encoder.img_size", e.img_size, ("encoder.patch_size", e.patch_size), "patches")):
+        if size % parts[1]:
+            raise ConfigError(f"{key}={size} is not divisible by {parts[0]}={parts[1]}: it is split into equal "
+                              f"{unit}. Change one of them so that it is.")
+
+
 def from_dict(raw: dict) -> StudyConfig:
-    """Build a `StudyConfig` from nested plain data, rejecting unknown keys."""
-    top = {f.name for f in dataclasses.fields(StudyConfig)}
-    unknown = sorted(set(raw) - top)
+    """Build a `StudyConfig` from nested plain data, rejecting unknown keys and values out of range."""
+    top = {f.name: f for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(raw) - set(top))
     if unknown:
         raise ConfigError(f"Unknown configuration section {unknown[0]!r}. Valid top-level keys: {', '.join(sorted(top))}.")
-    kwargs: dict[str, Any] = {k: raw[k] for k in ("preset", "seed") if k in raw}
+    hints = typing.get_type_hints(StudyConfig)
+    kwargs: dict[str, Any] = {k: _validated(top[k], hints[k], raw[k], k) for k in ("preset", "seed") if k in raw}
     for name, cls in _SECTIONS.items():
         kwargs[name] = _build(cls, raw.get(name) or {}, name)
     kwargs["methods"] = {k: dict(v or {}) for k, v in (raw.get("methods") or {}).items()}
-    return StudyConfig(**kwargs)
+    cfg = StudyConfig(**kwargs)
+    _check_shapes(cfg)
+    return cfg
 
 
 def preset_path(preset: str) -> Path:

@@ -11,8 +11,11 @@ _USER_ERRORS = {
     "mugbench.registry": ("UnknownMethodError",),
     "mugbench.method": ("MethodOptionError",),
     "mugbench.train.loop": ("NonFiniteLossError", "CheckpointMismatchError"),
+    "mugbench.train.checkpoint": ("UnreadableCheckpointError",),
+    "mugbench.train.run_lock": ("RunLockedError",),
     "mugbench.sources": ("EncoderSourceError",),
     "mugbench.export": ("ExportError",),
+    "mugbench.preflight": ("OutputError",),
 }
 
 

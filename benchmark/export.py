@@ -17,24 +17,26 @@ from .sources import EncoderSource, load_source
 _RUN_KEYS = ("method", "steps", "epochs", "git_commit")
 # Fields of a timm default config that describe timm's released weights, not these.
 _FOREIGN_CFG_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "hf_hub_id", "url")
+# Files that make a folder a `mugbench run` directory (besides checkpoint*.pt).
+_RUN_FILES = ("run.json", "metrics.jsonl")
 
 
 class ExportError(ValueError):
     """An export destination that cannot be written."""
 
 
-def export_timm(source: Path | EncoderSource, out_dir: Path, verify: bool = True) -> Path:
+def export_timm(source: Path | EncoderSource, out_dir: Path, verify: bool = True, force: bool = False) -> Path:
     """Write ``source``'s encoder to ``out_dir`` in timm's hub layout, plus a README.md model card.
 
     ``source`` is anything `load_source` accepts. With ``verify`` the folder is loaded back through
     timm and must give the same features as the encoder, so a broken export never goes unnoticed.
+    ``out_dir`` must be new or empty, or ``force`` given (see `check_destination`).
     """
     from timm.models import save_for_hf
 
-    src = source if isinstance(source, EncoderSource) else load_source(Path(source))
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} is a file: pass a folder to export into (it is created if missing).")
+    check_destination(out_dir, force)
+    src = source if isinstance(source, EncoderSource) else load_source(Path(source))
     model = src.encoder.cpu().eval()
     # The default pretrained_cfg of the timm architecture describes timm's released weights
     # (their tag, licence, normalisation); none of that is true of these weights.
@@ -51,6 +53,32 @@ def export_timm(source: Path | EncoderSource, out_dir: Path, verify: bool = True
     if verify:
         _verify(model, out_dir, src.img_size)
     return out_dir
+
+
+def check_destination(out_dir: Path, force: bool = False) -> None:
+    """Raise `ExportError` unless an export may write into ``out_dir``; nothing is written.
+
+    An export writes config.json, model.safetensors and README.md, overwriting files of those
+    names: a non-empty folder needs ``force``. A run folder (run.json, metrics.jsonl or
+    checkpoint*.pt) is refused even with ``force``: its files would be overwritten, and
+    `mugbench eval` would then read the run as a plain timm folder.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file: pass a folder to export into (it is created if missing).")
+    if not out_dir.is_dir():
+        return
+    marks = [name for name in _RUN_FILES if (out_dir / name).exists()] + sorted(p.name for p in out_dir.glob("checkpoint*.pt"))
+    if marks:
+        raise ExportError(
+            f"{out_dir} is a mugbench run folder (it holds {', '.join(marks[:3])}): exporting into it would overwrite "
+            f"its files and make `mugbench eval` take the run for a plain timm folder, so it is refused even with "
+            f"--force. Nothing was written. Export into a folder of its own, e.g. {out_dir.parent / (out_dir.name + '-timm')}.")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if entries and not force:
+        raise ExportError(
+            f"{out_dir} is not empty (it holds {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}): an export "
+            f"writes config.json, model.safetensors and README.md and would overwrite files of those names. Nothing "
+            f"was written. Export into a new or empty folder, or pass --force to write into this one anyway.")
 
 
 def _normalisation(src: EncoderSource) -> tuple[list[float], list[float]]:

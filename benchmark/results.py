@@ -131,6 +131,10 @@ class ResultRecord:
             isinstance(k, str) and _is_number(v) for k, v in metrics.items()
         ):
             raise ValueError("field 'metrics' must map names to numbers")
+        # Python's json reads NaN/Infinity; such a value is a failed run, never a result to average or rank.
+        bad = [f"{k}={v!r}" for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"metric(s) {', '.join(bad)} not finite")
 
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
@@ -244,6 +248,55 @@ def record_location(results_dir: str | os.PathLike, pretrain_data: str, preset: 
     return Path(results_dir) / _safe_name(pretrain_data) / _safe_name(preset) / _safe_name(method) / filename
 
 
+def record_figure(results_dir: str | os.PathLike, record: ResultRecord) -> Path | None:
+    """The file named by ``record.protocol_options["figure"]`` (relative to the record's folder), or
+    None when the record names none.
+
+    Raises ``ValueError`` when the name is not a string or leads outside ``results_dir`` (``..``,
+    an absolute path, a symbolic link): a record is data from whoever wrote the file, and the
+    report must never read, draw or copy a file elsewhere on the machine because one says so.
+    """
+    figure = record.protocol_options.get("figure")
+    if figure is None or figure == "":
+        return None
+    where = f"figure path {figure!r} of {record.method}/{record.protocol}/{record.dataset} seed {record.seed}"
+    if not isinstance(figure, str):
+        raise ValueError(f"{where} is not a string: ignored")
+    root = Path(results_dir).resolve()
+    folder = record_location(results_dir, record.pretrain_data, record.preset, record.method, record.protocol,
+                             record.dataset, record.seed).parent
+    path = (folder / figure).resolve()  # follows links and "..", so what is checked is what would be read
+    if not path.is_relative_to(root):
+        raise ValueError(f"{where} leads outside the results folder {root}: ignored, never read")
+    return path
+
+
+def _umask() -> int:
+    # Linux states the umask in /proc (exact, and safe with threads); elsewhere the value read at import.
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+# os.umask can only be read by setting it: done once, here, before any thread of ours writes a file.
+_IMPORT_UMASK = os.umask(0o022)
+os.umask(_IMPORT_UMASK)
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the user's umask (0o644 under umask 022).
+
+    ``tempfile.mkstemp`` creates its files 0o600 whatever the umask; the atomic writers give
+    theirs this mode instead, so a results folder shared with collaborators stays readable.
+    """
+    return 0o666 & ~_umask()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` so readers see either the old file or the whole new one.
 
@@ -256,6 +309,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     # The ".tmp" suffix keeps half-written files out of every "*.json" / "*.md" glob.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -289,8 +343,14 @@ def write_record(record: ResultRecord, results_dir: str | os.PathLike) -> Path:
     """Atomically write ``record`` to :func:`record_path` and return that path.
 
     Non-finite numbers are rejected (``ValueError``) because they are not valid JSON and
-    would make the file unreadable to strict JSON tools.
+    would make the file unreadable to strict JSON tools; a non-finite metric is named, since it
+    means the evaluation itself failed.
     """
+    bad = [f"{k!r} of {record.method}/{record.protocol}/{record.dataset} seed {record.seed} is {v}"
+           for k, v in record.metrics.items() if _is_number(v) and not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"not writing a result with a non-finite metric: metric {'; metric '.join(bad)} "
+                         f"(the evaluation diverged or divided by zero upstream)")
     text = json.dumps(record.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
     return atomic_write_text(record_path(results_dir, record), text)
 

@@ -225,6 +225,32 @@ def _load_timm_folder(path: Path) -> EncoderSource:
                          steps=(provenance or {}).get("steps"))
 
 
+# timm.create_model arguments that read a file or download one; weights come only from --weights.
+_LOADING_ARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+                 "cache_dir")
+
+
+def _parse_model_args(model_args: str | dict | None) -> dict:
+    """``--model-args`` as a dict of architecture arguments; anything else is an `EncoderSourceError`."""
+    if isinstance(model_args, str):
+        try:
+            model_args = json.loads(model_args)
+        except ValueError as exc:
+            raise EncoderSourceError(f"--model-args must be a JSON object, e.g. '{{\"img_size\": 32}}' ({exc}).") from None
+    if model_args is None:
+        return {}
+    if not isinstance(model_args, dict):
+        raise EncoderSourceError(f"--model-args must be a JSON object of timm.create_model keyword arguments, e.g. "
+                                 f"'{{\"img_size\": 32}}', not {json.dumps(model_args)}.")
+    loading = [k for k in model_args if k in _LOADING_ARGS]
+    if loading:
+        raise EncoderSourceError(
+            f"--model-args may not set {', '.join(loading)}: that makes timm load or download weights, and "
+            f"`mugbench eval` only reads the weights you pass. Give them with --weights FILE (a .safetensors or "
+            f".pth state dict) and keep --model-args to the architecture (img_size, patch_size, ...).")
+    return dict(model_args)
+
+
 def load_timm_source(name: str, weights: Path | None = None, model_args: str | dict | None = None) -> EncoderSource:
     """Any timm ViT by name, randomly initialised or with ``weights`` (a .safetensors or .pth state dict).
 
@@ -232,14 +258,7 @@ def load_timm_source(name: str, weights: Path | None = None, model_args: str | d
     """
     import timm
 
-    if isinstance(model_args, str):
-        try:
-            model_args = json.loads(model_args)
-        except ValueError as exc:
-            raise EncoderSourceError(f"--model-args must be a JSON object, e.g. '{{\"img_size\": 32}}' ({exc}).") from None
-    model_args = dict(model_args or {})
-    if not isinstance(model_args, dict):
-        raise EncoderSourceError("--model-args must be a JSON object of timm.create_model keyword arguments.")
+    model_args = _parse_model_args(model_args)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise EncoderSourceError(f"timm has no model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "."))

@@ -28,11 +28,12 @@ from .eval.features import extract_features
 from .method import Method, TextSpec
 from .models.vit import build_encoder
 from .registry import get_method
-from .results import ResultRecord, atomic_write_text, record_location, write_record
+from .results import ResultRecord, atomic_write_text, record_location, record_path, write_record
 from .sources import write_run_info
 from .train.checkpoint import export_encoder, load_newest_checkpoint
 from .train.distributed import DistInfo, init_distributed
 from .train.loop import train
+from .train.run_lock import run_lock
 
 @dataclass(frozen=True)
 class ToyEvalSet:
@@ -73,20 +74,35 @@ def prepare_toy_world(cfg: StudyConfig, cache_dir: Path) -> tuple[Path, dict]:
                              shard_size=d.toy_shard_size)
 
 
-def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path) -> PretrainData:
-    """Find the pre-training shards; ``toy`` is generated on demand, others must exist."""
+def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=None) -> PretrainData:
+    """Find the pre-training shards; ``toy`` is generated on demand, others must exist.
+
+    The epoch length of a shard set is ``data.samples_per_epoch`` when set, else counted
+    (`shard_count.count_samples`: img2dataset's stats files, or one cached pass over the tar
+    headers); ``log`` (default: print, on rank 0 only) says which.
+    """
     if cfg.data.name == "toy":
         root, manifest = prepare_toy_world(cfg, cache_dir)
         split = manifest["splits"]["pretrain"]
         return PretrainData("toy", [str(root / s) for s in split["shards"]], split["count"], root / "vocab.json")
+    if log is None:  # one voice per job: the other ranks resolve after rank 0 and find its count cached
+        quiet = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_rank() != 0
+        log = (lambda *args, **kwargs: None) if quiet else print
     urls = catalog.resolve_pretrain_urls(cfg.data.name, data_root)
-    if not cfg.data.samples_per_epoch:
+    samples, source = cfg.data.samples_per_epoch, "data.samples_per_epoch"
+    if not samples and not all(catalog._is_local(u) for u in urls):
         raise catalog.DataNotFoundError(
-            f"Pre-training data {cfg.data.name!r} has no manifest with a sample count, so the epoch length is "
-            f"unknown. Set it with --set data.samples_per_epoch=N (img2dataset prints the count of successful "
-            f"downloads in its stats files).")
+            f"Pre-training data {cfg.data.name!r} is read from remote shards, whose samples cannot be counted "
+            f"before training, so the epoch length is unknown. Set it with --set data.samples_per_epoch=N "
+            f"(img2dataset's NNNNN_stats.json files hold each shard's count of successful downloads).")
+    if not samples:
+        from .data.shard_count import count_samples  # imported here: only resolve_data counts shards
+
+        samples, source = count_samples(urls, cache_dir, log=log)
+    log(f"samples per epoch: {samples:,} from {source}")
     key = hashlib.sha1("\n".join(urls).encode()).hexdigest()[:12]
-    return PretrainData(cfg.data.name, urls, cfg.data.samples_per_epoch, cache_dir / "vocab" / f"{key}.json")
+    return PretrainData(cfg.data.name, urls, samples, cache_dir / "vocab" / f"{key}.json")
 
 
 def decode_options(cfg: StudyConfig, min_crop_scales: list[float]) -> DecodeOptions:
@@ -307,41 +323,46 @@ class EvalProgress:
     the protocol it reached instead of starting the evaluation over.
 
     Kept in ``run_dir/eval/progress.json`` and tied to the evaluation settings: a rerun with other
-    ``eval.*`` settings or overrides evaluates everything again.
+    ``eval.*`` settings or overrides evaluates everything again. An evaluation counts as done only
+    where its record lies in ``results_dir``, the folder this run writes to: a rerun with another
+    ``--results`` evaluates again and fills that folder too.
     """
 
-    def __init__(self, path: Path, cfg: StudyConfig, overrides=()):
-        self.path = path
+    def __init__(self, path: Path, cfg: StudyConfig, overrides=(), *, results_dir: Path):
+        self.path, self.results_dir = path, Path(results_dir)
         self.key = hashlib.sha1(json.dumps([cfg.to_dict()["eval"], list(overrides)], sort_keys=True,
                                            default=str).encode()).hexdigest()[:12]
         saved = json.loads(path.read_text()) if path.exists() else {}
-        entries = saved.get("done", {}) if saved.get("key") == self.key else {}
-        self._done: dict[tuple[str, str], tuple[str, str]] = {}
-        self._records: list[ResultRecord] = []
-        for pair, (record_path, run_id) in entries.items():
-            # Done only while its record is still there and still this run's (not overwritten by another).
+        entries = {}
+        if saved.get("key") == self.key:  # {record file: run id}
+            entries = saved.get("records") or {}
+        self._entries: dict[str, str] = {}  # the records of this run still on disk, in any results folder
+        self._done: dict[tuple[str, str], ResultRecord] = {}  # those in results_dir, by (protocol, dataset)
+        for record_file, run_id in entries.items():
             try:
-                record = ResultRecord.from_dict(json.loads(Path(record_path).read_text()))
+                record = ResultRecord.from_dict(json.loads(Path(record_file).read_text()))
             except (OSError, ValueError):
                 continue
-            if record.run_id == run_id:
-                self._done[tuple(pair.split("|"))] = (record_path, run_id)
-                self._records.append(record)
+            if record.run_id == run_id:  # still this run's, not overwritten by another
+                self._entries[str(Path(record_file).resolve())] = run_id
+                if Path(record_file).resolve() == record_path(self.results_dir, record).resolve():
+                    self._done[(record.protocol, record.dataset)] = record
 
     @property
     def done(self) -> frozenset:
-        """``(protocol, dataset)`` pairs whose records exist."""
+        """``(protocol, dataset)`` pairs whose records exist in the results folder."""
         return frozenset(self._done)
 
     def records(self) -> list[ResultRecord]:
         """The records of the evaluations already done."""
-        return list(self._records)
+        return list(self._done.values())
 
-    def mark(self, protocol: str, dataset: str, record_path: Path, run_id: str) -> None:
-        """Note one more evaluation as recorded."""
-        self._done[(protocol, dataset)] = (str(record_path), run_id)
-        atomic_write_text(self.path, json.dumps({"key": self.key, "done": {
-            f"{p}|{d}": list(entry) for (p, d), entry in sorted(self._done.items())}}, indent=1))
+    def mark(self, record: ResultRecord, record_file: Path) -> None:
+        """Note one more evaluation as recorded, in ``record_file``."""
+        self._done[(record.protocol, record.dataset)] = record
+        self._entries[str(Path(record_file).resolve())] = record.run_id  # absolute: the cwd may differ next time
+        atomic_write_text(self.path, json.dumps({"key": self.key, "records": dict(sorted(self._entries.items()))},
+                                                indent=1))
 
 
 def _kind(dataset: str) -> str:
@@ -370,11 +391,11 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
     eval_sets = EvalSets(cfg, cache_dir, data_root)
     world = info.world_size * cfg.train.accum_steps
     if cfg.train.batch_size % world:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by world size x accum_steps = {world}")
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by world size x accum_steps = {world}")
     per_rank = cfg.train.batch_size // world
     steps_per_epoch = data.samples // cfg.train.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"{data.samples} samples make no full batch of {cfg.train.batch_size}")
+        raise ConfigError(f"{data.samples} samples make no full batch of {cfg.train.batch_size}")
     records = []
     for name in methods:
         method = build_method(name, cfg, spec)
@@ -393,46 +414,53 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
                                prefetch_factor=d.prefetch_factor, tally_tail=True)
 
         run_dir = run_dir_for(workdir, cfg, name)
-        log(f"[{name}] pre-training on {data.name} ({data.samples} samples, {cfg.train.epochs} epochs) in {run_dir}")
-        summary = train(method, batches, cfg.train, steps_per_epoch=steps_per_epoch, workdir=run_dir, info=info,
-                        seed=cfg.seed, desc=name, max_bad_fraction=cfg.data.max_bad_fraction)
-        if not info.is_main:
-            continue
-        if cfg.train.strategy == "fsdp" and info.world_size > 1:
-            # Sharded weights cannot be exported or evaluated on one rank: rebuild the method whole
-            # from the final checkpoint (written at the last step, always).
-            method = build_method(name, cfg, spec)
-            method.load_state_dict(load_newest_checkpoint(run_dir)[0]["model"])
-            method.to(info.device)
-        export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
-        write_run_info(run_dir, name, cfg, summary=summary, tokenizer=tokenizer)  # makes checkpoint.pt self-describing
-        log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
-        def artifact_stem(protocol, dataset, name=name):
-            return record_location(results_dir, data.name, cfg.preset, name, protocol, dataset, cfg.seed).with_suffix("")
+        # One run per folder at a time, held through training and evaluation (a second identical
+        # command stops here instead of training into the same checkpoints and log).
+        with run_lock(run_dir, info):
+            log(f"[{name}] pre-training on {data.name} ({data.samples} samples, {cfg.train.epochs} epochs) in {run_dir}")
+            summary = train(method, batches, cfg.train, steps_per_epoch=steps_per_epoch, workdir=run_dir, info=info,
+                            seed=cfg.seed, desc=name, max_bad_fraction=cfg.data.max_bad_fraction)
+            if not info.is_main:
+                continue
+            if cfg.train.strategy == "fsdp" and info.world_size > 1:
+                # Sharded weights cannot be exported or evaluated on one rank: rebuild the method whole
+                # from the final checkpoint (written at the last step, always).
+                method = build_method(name, cfg, spec)
+                method.load_state_dict(load_newest_checkpoint(run_dir)[0]["model"])
+                method.to(info.device)
+            export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
+            # Makes checkpoint.pt self-describing.
+            write_run_info(run_dir, name, cfg, summary=summary, tokenizer=tokenizer)
+            log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
+            def artifact_stem(protocol, dataset, name=name):
+                return record_location(results_dir, data.name, cfg.preset, name, protocol, dataset,
+                                       cfg.seed).with_suffix("")
 
-        progress = EvalProgress(run_dir / "eval" / "progress.json", cfg, overrides)
-        records += progress.records()
-        for protocol, dataset in progress.done:
-            log(f"[{name}] {protocol} on {dataset}: recorded before the interruption, not run again")
+            progress = EvalProgress(run_dir / "eval" / "progress.json", cfg, overrides,
+                                    results_dir=results_dir)
+            records += progress.records()
+            for protocol, dataset in progress.done:
+                log(f"[{name}] {protocol} on {dataset}: recorded before the interruption, not run again")
 
-        def write_result(result, name=name, method=method, summary=summary, progress=progress):
-            protocol, dataset, metrics, options, seconds, *rest = result
-            rec = ResultRecord(
-                method=name, protocol=protocol, dataset=dataset, pretrain_data=data.name, preset=cfg.preset,
-                seed=cfg.seed, metrics=metrics, method_options=dataclasses.asdict(method.options),
-                protocol_options=options, encoder=dataclasses.asdict(cfg.encoder), epochs=summary.epochs,
-                steps=summary.steps,
-                timings={"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": seconds,
-                         "peak_memory_mb": summary.peak_memory_mb, "data_share": summary.data_share},
-                loss_curve=summary.loss_curve, paradigm=type(method).paradigm,
-                skipped_samples=summary.skipped, repaired_samples=summary.repaired, overrides=list(overrides),
-                examples=rest[0] if rest else [],
-            )
-            progress.mark(protocol, dataset, write_record(rec, results_dir), rec.run_id)  # a rerun skips it now
-            records.append(rec)
-            log(f"[{name}] {protocol} on {dataset}: " + ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+            def write_result(result, name=name, method=method, summary=summary, progress=progress):
+                protocol, dataset, metrics, options, seconds, *rest = result
+                rec = ResultRecord(
+                    method=name, protocol=protocol, dataset=dataset, pretrain_data=data.name, preset=cfg.preset,
+                    seed=cfg.seed, metrics=metrics, method_options=dataclasses.asdict(method.options),
+                    protocol_options=options, encoder=dataclasses.asdict(cfg.encoder), epochs=summary.epochs,
+                    steps=summary.steps,
+                    timings={"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": seconds,
+                             "peak_memory_mb": summary.peak_memory_mb, "data_share": summary.data_share},
+                    loss_curve=summary.loss_curve, paradigm=type(method).paradigm,
+                    skipped_samples=summary.skipped, repaired_samples=summary.repaired, overrides=list(overrides),
+                    examples=rest[0] if rest else [],
+                )
+                progress.mark(rec, write_record(rec, results_dir))  # a rerun skips it now
+                records.append(rec)
+                log(f"[{name}] {protocol} on {dataset}: " + ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
 
-        evaluate(method.encoder, cfg, eval_sets, info.device, run_dir / "eval", done=progress.done, on_result=write_result)
-        evaluate_capabilities(method, cfg, eval_sets, tokenizer, info.device, artifact_stem, done=progress.done,
-                              on_result=write_result)
+            evaluate(method.encoder, cfg, eval_sets, info.device, run_dir / "eval", done=progress.done,
+                     on_result=write_result)
+            evaluate_capabilities(method, cfg, eval_sets, tokenizer, info.device, artifact_stem, done=progress.done,
+                                  on_result=write_result)
     return records

@@ -69,6 +69,60 @@ def test_export_of_an_encoder_file_rebuilds_the_same_vit_in_timm(smoke_cfg, tmp_
     assert timm.data.resolve_data_config({}, model=model)["input_size"] == (3, 32, 32)
 
 
+def _encoder_file(smoke_cfg, tmp_path):
+    """An exported encoder file: the cheapest source an export accepts."""
+    return export_encoder(tmp_path / "encoder.safetensors", build_encoder(smoke_cfg.encoder, seed=0), smoke_cfg.encoder)
+
+
+def test_export_into_a_non_empty_folder_needs_force(smoke_cfg, tmp_path, capsys):
+    file = _encoder_file(smoke_cfg, tmp_path)
+    out = tmp_path / "hub"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "notes.txt").write_text("keep me")
+    assert main(["export", str(file), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mugbench: error:") and "not empty" in err and "--force" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"config.json": '{"mine": true}', "notes.txt": "keep me"}
+
+    assert main(["export", str(file), str(out), "--force"]) == 0
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md", "notes.txt"}
+    assert (out / "notes.txt").read_text() == "keep me"  # only the export's own files are written
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert torch.equal(_features(model), _features(load_encoder(file)))
+
+
+@pytest.mark.parametrize("marker", ["run.json", "metrics.jsonl", "checkpoint-00000002.pt", "checkpoint.pt"])
+@pytest.mark.parametrize("force", [False, True])
+def test_export_into_a_run_folder_is_always_refused(smoke_cfg, tmp_path, capsys, marker, force):
+    file = _encoder_file(smoke_cfg, tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / marker).write_text("run file")
+    (run / "config.json").write_text("{}")
+    assert main(["export", str(file), str(run), *(["--force"] if force else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mugbench: error:") and "run folder" in err and marker in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert {p.name: p.read_text() for p in run.iterdir()} == {marker: "run file", "config.json": "{}"}
+
+
+def test_export_timm_checks_the_destination(smoke_cfg, tmp_path):
+    from mugbench.export import ExportError, export_timm
+
+    (tmp_path / "src").mkdir()
+    file = _encoder_file(smoke_cfg, tmp_path / "src")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(ExportError, match="run folder"):
+        export_timm(file, tmp_path / "run", force=True)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["metrics.jsonl"]
+    assert export_timm(file, tmp_path / "empty", verify=False) == tmp_path / "empty"
+    with pytest.raises(ExportError, match="not empty"):
+        export_timm(file, tmp_path / "empty", verify=False)
+
+
 def test_run_evals_shorthand_and_run_json(tiny_run):
     root, run_dir = tiny_run
     assert {r["protocol"] for r in _records(root / "results")} == {"knn"}

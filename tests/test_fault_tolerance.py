@@ -150,3 +150,112 @@ def test_resume_cuts_the_log_back_to_the_checkpoint_and_drops_a_torn_last_row(tm
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4, 6)) + '{"step": 8, "lo')
     _truncate_log(log, 4)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4]
+
+
+def _study_args(tmp_path: Path, results: str) -> list[str]:
+    return ["run", "--methods", "mae", "--preset", "smoke", "--evals", "knn", "--results", str(tmp_path / results),
+            "--workdir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+            "--reports", str(tmp_path / "reports")]
+
+
+def test_every_results_folder_gets_its_records(tmp_path, capsys):
+    from mugbench.cli import main
+
+    def records(results):
+        return [json.loads(p.read_text()) for p in (tmp_path / results).rglob("knn-*.json")]
+
+    assert main(_study_args(tmp_path, "A")) == 0
+    capsys.readouterr()
+    # Same run folder, another results folder: A's records are no proof that B has them.
+    assert main(_study_args(tmp_path, "B")) == 0
+    assert "recorded before the interruption" not in capsys.readouterr().out
+    (a,), (b,) = records("A"), records("B")
+    assert a["metrics"] == b["metrics"] and a["steps"] == b["steps"] == 8  # the same encoder, evaluated again
+    assert a["run_id"] != b["run_id"]
+    # Back to A: its bookkeeping survived B's, so the evaluation is skipped and A's record kept.
+    assert main(_study_args(tmp_path, "A")) == 0
+    assert "knn on toy-cls: recorded before the interruption" in capsys.readouterr().out
+    assert records("A") == [a]
+
+
+def test_a_kill_before_the_first_checkpoint_logs_each_step_once(smoke_cfg, spec, toy_samples, tokenizer, tmp_path):
+    size = smoke_cfg.encoder.img_size
+    cfg = _cfg(epochs=2, ckpt_every=100)  # log_every=1; the one checkpoint is the last step's (6)
+    whole = build_method("mae", smoke_cfg, spec)
+    train(whole, _batches(whole, toy_samples, tokenizer, size), cfg, steps_per_epoch=3, workdir=tmp_path / "whole",
+          info=DistInfo(), seed=0)
+    m1 = build_method("mae", smoke_cfg, spec)
+    with pytest.raises(_Crash):  # during step 5: steps 1-4 logged, no checkpoint yet
+        train(m1, _crashing(_batches(m1, toy_samples, tokenizer, size), 1, 1), cfg, steps_per_epoch=3,
+              workdir=tmp_path / "killed", info=DistInfo(), seed=0)
+    assert not run_checkpoints(tmp_path / "killed")
+    assert len((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()) == 4
+    m2 = build_method("mae", smoke_cfg, spec)
+    summary = train(m2, _batches(m2, toy_samples, tokenizer, size), cfg, steps_per_epoch=3,
+                    workdir=tmp_path / "killed", info=DistInfo(), seed=0)
+    assert summary.resumed_from == 0 and summary.loss_curve["step"] == list(range(1, 7))
+    rows = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("whole", "killed")]
+    assert [json.loads(r)["loss"] for r in rows[1]] == [json.loads(r)["loss"] for r in rows[0]]  # restarted cleanly
+
+
+def test_unreadable_checkpoints_stop_the_run_and_change_nothing(smoke_cfg, spec, toy_samples, tokenizer, tmp_path):
+    from mugbench.errors import user_errors
+    from mugbench.train.checkpoint import UnreadableCheckpointError
+
+    size = smoke_cfg.encoder.img_size
+    m1 = build_method("mae", smoke_cfg, spec)
+    train(m1, _batches(m1, toy_samples, tokenizer, size), _cfg(epochs=1, ckpt_every=1), steps_per_epoch=3,
+          workdir=tmp_path, info=DistInfo(), seed=0)
+    kept = run_checkpoints(tmp_path)
+    assert [p.name for p in kept] == ["checkpoint-00000003.pt", "checkpoint-00000002.pt"]
+    for p in kept:
+        p.write_bytes(p.read_bytes()[:1000])  # a disk that filled up
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    m2 = build_method("mae", smoke_cfg, spec)
+    with pytest.raises(UnreadableCheckpointError) as caught:
+        train(m2, _batches(m2, toy_samples, tokenizer, size), _cfg(epochs=2, ckpt_every=1), steps_per_epoch=3,
+              workdir=tmp_path, info=DistInfo(), seed=0)
+    message = str(caught.value)
+    assert isinstance(caught.value, user_errors()) and "\n" not in message  # one paragraph from the CLI
+    assert all(str(p) in message for p in kept) and "move" in message and "step 0" in message
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing lost or rewritten
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from mugbench.train.run_lock import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_locked_run_folder_is_refused_at_once(tmp_path, capsys):
+    import socket
+
+    from mugbench.cli import main
+    from mugbench.config import load_config
+    from mugbench.study import run_dir_for
+    from mugbench.train.run_lock import RunLockedError, run_lock
+
+    run_dir = run_dir_for(tmp_path / "runs", load_config("smoke", []), "mae")  # the folder `_study_args` trains in
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(_study_args(tmp_path, "results")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mugbench: error: ") and err.count("\n") == 1
+        assert f"pid {holder.pid} on {socket.gethostname()}" in err and str(run_dir) in err
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # refused before any training
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            with run_lock(run_dir):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the OS drops the lock
+        holder.wait()
+    with run_lock(run_dir):
+        assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
+    with run_lock(run_dir):  # released on leaving the block
+        pass

@@ -268,3 +268,74 @@ def test_tables_only_rebuild_leaves_figures_and_index_alone(tmp_path):
     write_report(results, reports, figures=False)
     assert (reports / "README.md").read_bytes() == index and (reports / "figures" / "toy-toy-bars.png").exists()
     assert "seed(s) (0, 1, 2, 5)" in (reports / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity"])
+def test_non_finite_metric_records_are_listed_and_left_out_of_every_table(tmp_path, bad):
+    results = tmp_path / "results"
+    for r in study_records():
+        write_record(r, results)
+    # A fourth mae seed whose top1 is NaN/Infinity, as json.dumps writes them by default.
+    data = make_record("mae", protocol="linear", dataset="toy-cls", seed=3, preset="toy", top1=1.0).to_dict()
+    path = results / "toy" / "toy" / "mae" / "linear-toy-cls-seed3.json"
+    path.write_text(json.dumps(data).replace('"top1": 1.0', f'"top1": {bad}'))
+    assert bad in path.read_text()
+    text = write_report(results, tmp_path / "reports", figures=False)
+    skipped = text.split("## Files skipped (not records)")[1]
+    assert "linear-toy-cls-seed3.json" in skipped and "not finite" in skipped
+    assert "| 42.0 ± 2.0 |" in rows(text)["mae"]  # the three finite seeds, n=3: the bad one is not counted
+    assert "seed(s) (0, 1, 2)." in text
+    for name in ("summary.md", "summary.csv", "summary.tex"):
+        body = (tmp_path / "reports" / name).read_text().split("## Files skipped")[0]
+        assert "inf" not in body.lower().replace("info", "") and "nan" not in body.lower()
+
+
+def _examples_records(results, figure_of):
+    """Reconstruction records of mae and mug whose ``figure`` is ``figure_of(method, grid path)``."""
+    for method in ("mae", "mug"):
+        rec = make_record(method, protocol="reconstruction", dataset="toy-caps", preset="toy", masked_mse=0.2)
+        rec.examples = [{"key": "a"}, {"key": "b"}]
+        path = write_record(rec, results)
+        rec.protocol_options = {"figure": figure_of(method, path)}
+        write_record(rec, results)
+
+
+def test_figure_paths_outside_the_results_folder_are_never_read(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    for r in study_records():
+        write_record(r, results)
+    outside = tmp_path / "outside.png"  # a real image, so only the confinement keeps it out
+    save_image(torch.rand(6, 3, 32, 32), outside, nrow=2, padding=2)
+    figures = {"mae": "../../../../outside.png", "mug": str(outside)}
+    _examples_records(results, lambda method, path: figures[method])
+    cap = make_record("mae", protocol="reconstruction", dataset="toy-caps", preset="toy", seed=1, masked_mse=0.3)
+    passwd = "../" * 12 + "etc/passwd"  # climbs past / whatever the depth of tmp_path
+    cap.protocol_options = {"figure": passwd}
+    write_record(cap, results)
+    read = []
+    real_imread = plt.imread
+    monkeypatch.setattr(plt, "imread", lambda p, *a, **k: read.append(str(p)) or real_imread(p, *a, **k))
+
+    text = write_report(results, reports)
+    assert read == []
+    assert not (reports / "figures" / "toy-toy-examples.png").exists()
+    skipped = text.split("## Files skipped (not records)")[1]
+    for figure in ("../../../../outside.png", str(outside), passwd):
+        assert f"figure path '{figure}'" in skipped
+    assert skipped.count("outside the results folder") == 3
+    assert "mae/reconstruction/toy-caps seed 1" in skipped
+    # the records' numbers still count: mae's two seeds (0.2, 0.3) and mug's one
+    assert "| 0.25 ± 0.07 (n=2) |" in rows(text)["mae"] and "| **0.2 (n=1)** |" in rows(text)["mug"]
+
+
+def test_figure_paths_inside_the_results_folder_still_draw(tmp_path):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    shared = results / "figures" / "grid.png"  # elsewhere in results/, reached with ../: allowed
+    shared.parent.mkdir(parents=True)
+    save_image(torch.rand(6, 3, 32, 32), shared, nrow=2, padding=2)
+    _examples_records(results, lambda method, path: "../../../figures/grid.png")
+    text = write_report(results, reports)
+    assert (reports / "figures" / "toy-toy-examples.png").exists()
+    assert "## Files skipped" not in text

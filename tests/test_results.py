@@ -150,3 +150,57 @@ def test_references_are_not_records(tmp_path):
     assert values[("mug", "finetune", "imagenet", "top1")] == 0.5
 
 
+
+
+def _record_file(tmp_path, value) -> dict:
+    """A record as a careless writer puts it on disk: Python's json writes NaN/Infinity bare."""
+    data = make_record(seed=7, top1=1.0).to_dict()
+    data["metrics"] = {"top1": value, "top5": 90.0}
+    path = tmp_path / "toy" / "smoke" / "mae" / f"knn-{value}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))  # allow_nan defaults to True
+    return data
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_metrics_on_disk_are_refused_with_a_warning_naming_the_file(tmp_path, value):
+    good = write_record(make_record(), tmp_path)
+    _record_file(tmp_path, value)
+    with pytest.raises(ValueError, match="top1"):
+        ResultRecord.from_dict(_record_file(tmp_path, value))
+    with pytest.warns(MalformedRecordWarning) as caught:
+        records = load_records(tmp_path)
+    assert records == [make_record()] and good.exists()
+    assert f"knn-{value}.json" in str(caught[0].message) and "not finite" in str(caught[0].message)
+
+
+def test_writing_a_non_finite_metric_names_the_metric(tmp_path):
+    with pytest.raises(ValueError, match=r"metric 'top5' of mae/knn/toy-cls seed 0 is inf"):
+        write_record(make_record(top1=1.0, top5=math.inf), tmp_path)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_written_files_get_the_users_umask_not_0600(tmp_path):
+    import os
+    import stat
+    import sys
+
+    import torch
+
+    from mugbench.results import atomic_write_text
+    from mugbench.train.checkpoint import load_checkpoint, save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        record = write_record(make_record(), tmp_path)
+        text = atomic_write_text(tmp_path / "sub" / "notes.md", "hello\n")
+        checkpoint = save_checkpoint(tmp_path / "run" / "checkpoint.pt", {"step": torch.tensor(3)})
+        if sys.platform.startswith("linux"):  # elsewhere the umask is read once, at import
+            os.umask(0o077)  # a private umask is honoured too
+            private = atomic_write_text(tmp_path / "private.md", "secret\n")
+            assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    for path in (record, text, checkpoint):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert load_checkpoint(checkpoint)["step"].item() == 3

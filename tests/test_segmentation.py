@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import tarfile
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,22 +89,6 @@ def test_mmseg_imports_with_or_without_compiled_ops():
         with pytest.raises(ModuleNotFoundError):
             from mmcv.ops import CrissCrossAttention  # noqa: F401
     assert mmseg_compat.ensure_mmseg_importable() == shimmed  # idempotent
-
-
-class _Pickled:
-    """A non-tensor object, as mmengine stores in checkpoints."""
-
-
-def test_trusted_checkpoint_loading_is_scoped(tmp_path):
-    path = tmp_path / "ckpt.pth"
-    torch.save({"state": _Pickled()}, path)
-    before = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
-    with mmseg_compat.trusted_checkpoint_loading():
-        assert isinstance(torch.load(path)["state"], _Pickled)
-    assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") == before
-    if before is None:
-        with pytest.raises(Exception):
-            torch.load(path)  # torch >= 2.6: weights_only by default
 
 
 # --------------------------------------------------------------------------- data
@@ -240,6 +225,46 @@ def test_protocol_resumes_after_interruption(toy_seg, tmp_path, monkeypatch):
     # Other settings (or another encoder) never resume this work_dir's run: it starts afresh.
     segmentation_protocol(_encoder(), data, _eval_cfg(seg_iters=6), 0, device="cpu", workdir=work)
     assert trained == list(range(6))
+
+
+class _Payload:
+    """Unpickling it creates ``marker``: stands in for the code a crafted checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("where", ["inside", "outside", "linked"])
+def test_protocol_never_unpickles_a_crafted_checkpoint(toy_seg, tmp_path, where):
+    """A pickle planted as ``iter_7.pth`` (or named by ``last_checkpoint`` outside the work_dir, or
+    linked in from there) is never executed: the protocol reads checkpoints weights-only, warns
+    about one it cannot read so, and trains from scratch. (7: a name this 2-iteration run never
+    writes, so the planted file is still there to be tried by the final validation too.)"""
+    work, marker = tmp_path / "work", tmp_path / "PWNED"
+    work.mkdir()
+    crafted = work / "iter_7.pth" if where == "inside" else tmp_path / "crafted.pth"
+    torch.save({"x": _Payload(marker)}, crafted)
+    if where == "linked":
+        (work / "iter_7.pth").symlink_to(crafted)
+    (work / "last_checkpoint").write_text(f"{crafted}\n")
+    data, cfg = _data(toy_seg[2], CLASSES), _eval_cfg(seg_iters=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics, _ = segmentation_protocol(_encoder(), data, cfg, 0, device="cpu", workdir=work)
+    assert not marker.exists()
+    assert set(metrics) == {"mIoU", "aAcc", "mAcc", "background_mIoU"}
+    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    skipped = [str(w.message) for w in caught if "not resumed from" in str(w.message)]
+    # Outside: last_checkpoint is not read at all, so there is nothing to report.
+    assert len(skipped) == (0 if where == "outside" else 1), skipped
+    if skipped:  # the reason: torch's weights-only refusal, or the link leading out of work_dir
+        assert ("weights_only=True) refuses it" if where == "inside" else "outside the run folder") in skipped[0]
+    # The run trained from scratch and wrote its own, weights-only readable, checkpoint.
+    assert torch.load(work / "iter_2.pth", weights_only=True)["meta"]["iter"] == 2
+    assert crafted.exists()  # nothing of the user's is deleted
 
 
 def test_protocol_on_ade20k_layout(tmp_path):

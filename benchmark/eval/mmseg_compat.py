@@ -1,6 +1,4 @@
-"""Compatibility of mmsegmentation 1.x with mmcv-lite and with torch >= 2.6.
-
-Two gaps, both bridged narrowly:
+"""Compatibility of mmsegmentation 1.x with mmcv-lite.
 
 * mmcv-lite ships ``mmcv/ops`` without the compiled ``mmcv._ext``, so ``import mmcv.ops``
   fails, and mmseg imports ``point_sample`` (PointRend / mask-classification helpers) and
@@ -8,22 +6,15 @@ Two gaps, both bridged narrowly:
   needs no compiled op. `ensure_mmseg_importable` registers a small stand-in ``mmcv.ops`` with a
   pure-PyTorch `point_sample` (a ``grid_sample`` wrapper) -- only when the compiled ops are
   absent; with full mmcv it does nothing.
-* torch >= 2.6 makes ``torch.load`` default to ``weights_only=True``; mmengine 0.10's resume
-  calls ``torch.load`` without the argument and its checkpoints hold pickled non-tensor state
-  (the message hub's ``HistoryBuffer`` logs, numpy scalars), so resuming fails.
-  `trusted_checkpoint_loading` is a context manager that allows full unpickling for the
-  ``torch.load`` calls made inside it; the segmentation protocol wraps it only around resuming
-  from checkpoints that it wrote into its own work_dir.
+
+(mmengine's resume, which unpickles fully, is not used: the segmentation protocol saves its
+checkpoints as plain data and reads them with ``weights_only=True`` itself.)
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import os
 import sys
 import types
-import warnings
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -99,29 +90,3 @@ def ensure_mmseg_importable() -> bool:
     sys.modules["mmcv.ops"] = shim
     mmcv.ops = shim
     return True
-
-
-@contextlib.contextmanager
-def trusted_checkpoint_loading() -> Iterator[None]:
-    """Within the block, ``torch.load`` calls that do not pass ``weights_only`` unpickle fully.
-
-    This is torch's documented switch ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` (it never overrides
-    an explicit ``weights_only=True``), set for the block and restored after it, so nothing
-    outside is affected (the environment is process-wide: not for concurrent threads). Only
-    wrap loads of checkpoints written by our own runs: unpickling can execute code. (An
-    allow-list via ``torch.serialization.safe_globals`` would need every numpy and mmengine
-    type mmengine might pickle, which changes between versions.)
-    """
-    key = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-    previous = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        with warnings.catch_warnings():
-            # torch announces the switch on every load; inside this block that is the intent.
-            warnings.filterwarnings("ignore", message=f"Environment variable {key}")
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous

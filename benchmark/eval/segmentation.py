@@ -19,7 +19,9 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import random
+import re
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +32,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from ..results import atomic_write_text
-from .mmseg_compat import ensure_mmseg_importable, trusted_checkpoint_loading
+from ..train.checkpoint import load_checkpoint
+from .mmseg_compat import ensure_mmseg_importable
 
 # Per dataset type: mmseg dataset class, folders under ``root`` and file suffixes.
 DATASET_LAYOUTS = {
@@ -42,6 +45,10 @@ DATASET_LAYOUTS = {
                "seg_map_suffix": ".png"},
 }
 _RESULT_FILE, _RUN_FILE = "result.json", "run.json"
+# The names mmengine's CheckpointHook gives this protocol's checkpoints (by_epoch=False).
+_CHECKPOINT_NAME = re.compile(r"^iter_(\d+)\.pth$")
+# Marks a HistoryBuffer stored as plain data in a checkpoint (see `_plain`).
+_BUFFER_TAG = "__mugbench_history_buffer__"
 
 
 # --------------------------------------------------------------------------- the model
@@ -325,15 +332,112 @@ def _isolated_globals(device: torch.device):
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
 
 
-def _quiet_runner_cls():
-    """mmengine's ``Runner`` whose logger writes everything to work_dir but only errors to stdout.
+class _UnusableCheckpoint(Exception):
+    """A checkpoint file the protocol will not resume from (raised before anything is changed)."""
 
-    Its own logger would print INFO lines (the environment report, every logged iteration).
+
+def _checkpoints(workdir: Path) -> list[Path]:
+    """The ``iter_<N>.pth`` files directly in ``workdir``, newest first.
+
+    mmengine resumes from whatever path the file ``last_checkpoint`` holds; that file is not
+    read here, so only names this protocol writes, in its own folder, are ever candidates.
     """
+    found = [(int(m.group(1)), p) for p in workdir.glob("iter_*.pth") if (m := _CHECKPOINT_NAME.match(p.name))]
+    return [p for _, p in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+def _plain(value):
+    """``value`` (a checkpoint's ``meta`` or ``message_hub``) as data ``weights_only`` loading reads.
+
+    mmengine stores its logs as ``HistoryBuffer`` objects holding numpy arrays, and numpy
+    scalars among its runtime information: the buffers become tagged dicts of lists (undone by
+    `_restore_buffers`), numpy values Python numbers or lists. float64 to float is exact.
+    """
+    from mmengine.logging import HistoryBuffer
+
+    if isinstance(value, HistoryBuffer):
+        logs, counts = value.data
+        return {_BUFFER_TAG: True, "log_history": logs.tolist(), "count_history": counts.tolist(),
+                "max_length": int(value.max_length)}
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, dict):
+        return type(value)((k, _plain(v)) for k, v in value.items())  # an OrderedDict stays one
+    if type(value) in (list, tuple):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _restore_buffers(message_hub: dict) -> None:
+    """Turn the tagged dicts `_plain` made of the message hub's log buffers back into buffers."""
+    from mmengine.logging import HistoryBuffer
+
+    scalars = message_hub["log_scalars"]
+    for key, value in scalars.items():
+        if isinstance(value, dict) and value.get(_BUFFER_TAG):
+            scalars[key] = HistoryBuffer(value["log_history"], value["count_history"], value["max_length"])
+
+
+def _check_resumable(checkpoint, model: nn.Module) -> None:
+    """Raise `_UnusableCheckpoint` unless ``checkpoint`` is one of this protocol's, for ``model``.
+
+    Checked before anything is loaded, so that a refused file leaves the runner untouched and
+    training can start from scratch: the entries ``Runner.resume`` reads, and weights whose
+    names and shapes are the model's (``load_state_dict`` would copy some before failing).
+    """
+    if not isinstance(checkpoint, dict) or not {"meta", "state_dict", "message_hub", "optimizer"} <= checkpoint.keys():
+        raise _UnusableCheckpoint("it lacks the meta, state_dict, message_hub or optimizer entries")
+    meta, hub = checkpoint["meta"], checkpoint["message_hub"]
+    if not isinstance(meta, dict) or not isinstance(meta.get("iter"), int) or not isinstance(meta.get("epoch"), int):
+        raise _UnusableCheckpoint("its meta entry has no iteration")
+    if not isinstance(hub, dict) or not all(isinstance(hub.get(k), dict) for k in ("log_scalars", "runtime_info", "resumed_keys")):
+        raise _UnusableCheckpoint("its message_hub entry is not mmengine's")
+    # CheckpointHook deletes the files these steps name when it resumes: whole numbers only.
+    keep = hub["runtime_info"].get("keep_ckpt_ids", [])
+    if not isinstance(keep, list) or not all(isinstance(step, int) for step in keep):
+        raise _UnusableCheckpoint("its keep_ckpt_ids are not iteration numbers")
+    saved, own = checkpoint["state_dict"], model.state_dict()
+    if not isinstance(saved, dict) or saved.keys() != own.keys() or any(
+            not isinstance(saved[k], torch.Tensor) or saved[k].shape != own[k].shape for k in own):
+        raise _UnusableCheckpoint("its weights do not fit this model")
+
+
+def _weights_only_checkpoint_hook():
+    """An mmengine hook that makes every checkpoint the runner saves readable with ``weights_only``."""
+    from mmengine.hooks import Hook
+
+    class WeightsOnlyCheckpointHook(Hook):
+        """Stores ``meta`` and ``message_hub`` as plain data (`_plain`); runs after other hooks."""
+
+        priority = "LOWEST"
+
+        def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+            """Convert the checkpoint's non-tensor entries in place, just before it is written."""
+            for key in ("meta", "message_hub"):
+                if key in checkpoint:
+                    checkpoint[key] = _plain(checkpoint[key])
+
+    return WeightsOnlyCheckpointHook()
+
+
+def _quiet_runner_cls():
+    """mmengine's ``Runner`` with a quiet console that resumes only from weights-only checkpoints.
+
+    Its own logger would print INFO lines (the environment report, every logged iteration); here
+    everything goes to work_dir and only errors to stdout. Its own resume would unpickle
+    (fully, with the switch torch >= 2.6 needs) whatever file ``last_checkpoint`` names, so a
+    planted file would run code; here see `load_or_resume` and `load_checkpoint`.
+    """
+    from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner
 
     class QuietRunner(Runner):
-        """A Runner with a quiet console."""
+        """A Runner with a quiet console and a weights-only resume confined to work_dir."""
+
+        def __init__(self, *args, **kwargs):
+            # Checkpoints not resumed from, with the reason: the protocol reports them when done.
+            self.refused_checkpoints: list[str] = []
+            super().__init__(*args, **kwargs)
 
         def build_logger(self, *args, **kwargs):
             """The usual logger, its console handler raised to ERROR."""
@@ -342,6 +446,53 @@ def _quiet_runner_cls():
                 if not isinstance(handler, logging.FileHandler):
                     handler.setLevel(logging.ERROR)
             return logger
+
+        def load_or_resume(self) -> None:
+            """Resume from the newest ``iter_<N>.pth`` in work_dir that loads weights-only, if any.
+
+            A file that does not (a crafted pickle, a truncated write, a link out of work_dir)
+            is never executed: it is noted in ``refused_checkpoints``, the next older one is
+            tried, and with none left training starts from scratch.
+            """
+            if self._has_loaded:
+                return
+            for path in _checkpoints(Path(self.work_dir)):
+                try:
+                    self.resume(str(path))
+                    return
+                except _UnusableCheckpoint as exc:
+                    note = f"{path}: {exc}"
+                    self.logger.warning(f"not resuming from {note}")
+                    if note not in self.refused_checkpoints:  # train() and val() both look
+                        self.refused_checkpoints.append(note)
+
+        def load_checkpoint(self, filename, map_location="cpu", strict=False, revise_keys=None):
+            """Read ``filename`` with the harness's weights-only loader, confined to work_dir, and
+            load its weights into the model (``Runner.resume`` then restores the rest).
+
+            Raises `_UnusableCheckpoint`, with nothing changed, for a file that cannot be read
+            that way or is not one of this protocol's. ``map_location`` and ``revise_keys`` are
+            not needed: tensors come to the CPU and are copied onto the model's device, and
+            the names are those the same model saved. ``strict`` is implied by the check.
+            """
+            model = self.model.module if is_model_wrapper(self.model) else self.model
+            try:
+                checkpoint = load_checkpoint(Path(filename), within=Path(self.work_dir))
+            except pickle.UnpicklingError:  # torch's long advice to unpickle anyway is not repeated
+                raise _UnusableCheckpoint("torch.load(weights_only=True) refuses it (it is not tensors and plain "
+                                          "data only)") from None
+            except Exception as exc:  # truncated zip, a link out of work_dir: unusable too
+                raise _UnusableCheckpoint(f"it cannot be read ({type(exc).__name__}: {exc})"[:300]) from None
+            _check_resumable(checkpoint, model)
+            try:
+                _restore_buffers(checkpoint["message_hub"])
+            except (AssertionError, KeyError, TypeError, ValueError) as exc:  # HistoryBuffer's own checks
+                raise _UnusableCheckpoint(f"its message_hub logs are malformed ({exc!r:.200})") from None
+            self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
+            model.load_state_dict(checkpoint["state_dict"])
+            self._has_loaded = True
+            self.logger.info(f"Load checkpoint from {filename}")
+            return checkpoint
 
     return QuietRunner
 
@@ -402,8 +553,9 @@ def _build_runner(encoder: nn.Module, data: dict, cfg, seed: int, *, device: tor
             checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=max(1, iters // 10),
                             max_keep_ckpts=1, save_last=True),
         ),
+        custom_hooks=[_weights_only_checkpoint_hook()],
         log_processor=dict(by_epoch=False),
-        resume=True,  # from work_dir's last checkpoint, if there is one
+        resume=True,  # from work_dir's newest checkpoint, if there is one (QuietRunner.load_or_resume)
         env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="nccl"),
                      mp_cfg=dict(mp_start_method=multiprocessing.get_start_method(), opencv_num_threads=0)),
         randomness=dict(seed=seed),
@@ -475,11 +627,11 @@ def segmentation_protocol(encoder: nn.Module, data: dict, cfg, seed: int, *, dev
             torch.manual_seed(seed)  # the pyramid's and heads' init
             runner = _build_runner(encoder, data, cfg, seed, device=device, workdir=workdir, name=name,
                                    classes=classes, indices=indices, photometric=options["photometric"])
-            # Both resume from work_dir's last checkpoint when there is one (``val`` too, if
-            # ``train`` started from scratch): checkpoints this protocol wrote itself.
+            # Both resume from work_dir's newest checkpoint when there is one (``val`` too, if
+            # ``train`` started from scratch), read weights-only (QuietRunner.load_or_resume).
             # mmengine prints some notices (checkpoint found / loaded) with print(): into the log.
             printed = io.StringIO()
-            with trusted_checkpoint_loading(), contextlib.redirect_stdout(printed):
+            with contextlib.redirect_stdout(printed):
                 runner.train()
                 scores = runner.val()
             if printed.getvalue().strip():
@@ -491,6 +643,10 @@ def segmentation_protocol(encoder: nn.Module, data: dict, cfg, seed: int, *, dev
                 if isinstance(handler, logging.FileHandler):
                     handler.close()
                     runner.logger.removeHandler(handler)
+    for note in runner.refused_checkpoints:  # warned here: warnings are silenced while mmengine runs
+        warnings.warn(f"segmentation: not resumed from {note}; a checkpoint that cannot be read with "
+                      f"weights_only=True is never unpickled, so training started from an earlier one or "
+                      f"from scratch", stacklevel=2)
     metrics = {k: float(scores[k]) for k in ("mIoU", "aAcc", "mAcc")}
     metrics["background_mIoU"] = floor["mIoU"]
     _write_json(workdir / _RESULT_FILE, {"signature": signature, "metrics": metrics, "options": options})

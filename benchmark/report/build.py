@@ -9,6 +9,7 @@ records gives the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -22,7 +23,9 @@ from mugbench.report.tables import (
     absolute_references, claims_section, latex_table, markdown_table, missing_cells, ranking_section, study_tables,
     tidy,
 )
-from mugbench.results import MalformedRecordWarning, ResultRecord, atomic_write_text, load_records, load_references
+from mugbench.results import (
+    MalformedRecordWarning, ResultRecord, atomic_write_text, load_records, load_references, record_figure,
+)
 
 FIGURE_NOTES = {
     "bars": "each panel is one column of the main table: a bar per method (mean over seeds, ± sample std), its "
@@ -46,6 +49,21 @@ def _load(results_dir: Path) -> tuple[list[ResultRecord], list[dict], list[str]]
     return records, references, skipped
 
 
+def _confine_figures(records: list[ResultRecord], results_dir: Path) -> tuple[list[ResultRecord], list[str]]:
+    """The records with every figure path that leads outside ``results_dir`` dropped, and a line per
+    one dropped: its numbers still count, its figure is never read."""
+    kept, problems = [], []
+    for record in records:
+        try:
+            record_figure(results_dir, record)
+        except ValueError as exc:
+            problems.append(str(exc))
+            options = {k: v for k, v in record.protocol_options.items() if k != "figure"}
+            record = dataclasses.replace(record, protocol_options=options)
+        kept.append(record)
+    return kept, problems
+
+
 def _slug(*parts: str) -> str:
     return "-".join("".join(ch if ch.isalnum() or ch in "._" else "_" for ch in p) for p in parts)
 
@@ -55,8 +73,9 @@ class Report:
 
     def __init__(self, records: list[ResultRecord], references: list[dict], skipped: Sequence[str],
                  results_dir: Path, by: str = "method", selection: Selection = Selection()):
-        self.records = [r for r in records if selection.keeps(r)]
-        self.references, self.skipped, self.by, self.selection = references, list(skipped), by, selection
+        self.records, figure_problems = _confine_figures([r for r in records if selection.keeps(r)], results_dir)
+        self.references, self.by, self.selection = references, by, selection
+        self.skipped = list(skipped) + figure_problems
         self.results_dir = results_dir
         self.frame = summary_frame(self.records, by)
         self.long = long_frame(self.records, by)

@@ -24,7 +24,7 @@ from mugbench.report.frame import (  # noqa: E402
     BENCH_PROTOCOLS, METHOD_ORDER, OTHER_PARADIGM, order_key, paradigm_of,
 )
 from mugbench.report.tables import column_label  # noqa: E402
-from mugbench.results import ResultRecord, record_location  # noqa: E402
+from mugbench.results import ResultRecord, record_figure  # noqa: E402
 
 HATCHES = dict(zip(PARADIGMS + (OTHER_PARADIGM,), ("", "//", "..", "xx", "--")))
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
@@ -228,9 +228,11 @@ def examples_figure(records: Sequence[ResultRecord], results_dir: Path, title: s
                       key=lambda r: order_key(METHOD_ORDER)(r.method))
     grids = []
     for r in recon:
-        path = record_location(results_dir, r.pretrain_data, r.preset, r.method, r.protocol, r.dataset,
-                               r.seed).parent / r.protocol_options["figure"]
-        if path.is_file():
+        try:
+            path = record_figure(results_dir, r)
+        except ValueError:  # leads outside results/: never read (the report lists it)
+            continue
+        if path is not None and path.is_file():
             png = plt.imread(path)
             keys = [e.get("key") for e in r.examples] or None
             columns = len(keys) if keys else round((png.shape[1] - 2) / (png.shape[0] - 2) * 3)

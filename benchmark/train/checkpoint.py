@@ -15,11 +15,15 @@ from ..models.vit import EncoderSpec, export_state_dict
 
 
 def _atomic(path: Path, write) -> Path:
+    from ..results import new_file_mode  # the one umask reader (import kept here: only _atomic needs it)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp made it 0o600; after the write, so whatever way the writer opened the file.
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -28,12 +32,37 @@ def _atomic(path: Path, write) -> Path:
 
 
 def save_checkpoint(path: Path, state: dict) -> Path:
-    """Write ``state`` so that a crash mid-write never leaves a truncated checkpoint behind."""
-    return _atomic(path, lambda tmp: torch.save(state, tmp))
+    """Write ``state`` so that a crash mid-write never leaves a truncated checkpoint behind.
+
+    A write that fails (a full disk: OSError, or torch's zip writer's RuntimeError "unexpected
+    pos ...") is an `OutputError` naming the file, the checkpoint kept and how to resume.
+    """
+    try:
+        return _atomic(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as exc:
+        from ..preflight import OutputError  # a user error: the CLI prints it, no traceback
+
+        kept = next((p for p in run_checkpoints(path.parent) if p != path), None)
+        raise OutputError(
+            f"Writing the checkpoint {path} failed ({exc!s:.200}); most likely the disk holding {path.parent} is "
+            f"full. The half-written file was removed and the previous checkpoint is kept "
+            f"({kept or 'none: this was the first'}). Free space on that disk (or move the work folder and pass "
+            f"--workdir), then rerun the same command to resume from the kept checkpoint.") from exc
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint written by `save_checkpoint` (tensors and plain data only)."""
+def load_checkpoint(path: Path, within: Path | None = None) -> dict:
+    """Load a checkpoint written by `save_checkpoint` (tensors and plain data only).
+
+    The harness's one loader of checkpoints: always ``weights_only=True``, so a crafted pickle
+    is refused instead of run. ``within``: the run folder the file must lie in once links are
+    resolved (ValueError otherwise), so that a name read from a file there, or a link placed
+    there, cannot make a run load something from elsewhere.
+    """
+    if within is not None:
+        resolved, folder = Path(path).resolve(), Path(within).resolve()
+        if not resolved.is_relative_to(folder):
+            raise ValueError(f"{path} resolves to {resolved}, outside the run folder {folder}")
+        path = resolved  # read what was checked, even if the link changes meanwhile
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -74,21 +103,37 @@ def save_run_checkpoint(workdir: Path, state: dict, step: int, keep: int = 2) ->
     return path
 
 
+class UnreadableCheckpointError(RuntimeError):
+    """A run folder holds checkpoint files but none of them loads; nothing was changed."""
+
+
 def load_newest_checkpoint(workdir: Path, warn=None) -> tuple[dict, Path] | None:
     """The newest checkpoint of a run that loads, and its path; None when there is none.
 
     An unreadable newest file is reported through ``warn`` (default: `warnings.warn`) and the
     previous one is tried, so a corrupt last write falls back instead of failing or restarting.
+    When every file is unreadable, `UnreadableCheckpointError`: restarting from step 0 would
+    rotate them away, so that choice is left to the user.
     """
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
-    for path in run_checkpoints(workdir):
+    files, failures = run_checkpoints(workdir), []
+    for path in files:
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, within=workdir)
             if not isinstance(ckpt, dict) or not {"model", "optimizer", "state"} <= ckpt.keys():
                 raise ValueError("it lacks the model, optimizer or state entries")
             return ckpt, path
         except Exception as exn:  # truncated zip, bad pickle, missing keys: all mean "not this one"
-            warn(f"checkpoint {path} is unreadable ({exn!r:.200}); falling back to the previous one")
+            failures.append(f"{path} ({exn!r:.120})")
+            if path != files[-1]:
+                warn(f"checkpoint {path} is unreadable ({exn!r:.200}); falling back to the previous one")
+    if failures:
+        raise UnreadableCheckpointError(
+            f"Run folder {workdir} holds {len(files)} checkpoint file(s) and none can be read: {'; '.join(failures)}. "
+            f"Nothing was changed. If they can be restored (a disk that filled up, a file system that comes back), "
+            f"do that and rerun to resume; to start this run's pre-training over from step 0 instead, move them out "
+            f"of the folder (e.g. mkdir {workdir}/unreadable && mv {workdir}/checkpoint*.pt {workdir}/unreadable/) "
+            f"or remove them, then rerun.")
     return None
 
 

@@ -331,7 +331,8 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
     ``steps_per_epoch`` counts optimiser updates per epoch for the global batch. The run's
     checkpoints are ``workdir/checkpoint-<step>.pt`` (the last ``cfg.keep_checkpoints``; ``checkpoint.pt``
     links to the newest, and an unreadable newest one falls back to the one before); metrics go to
-    ``workdir/metrics.jsonl``, cut back to the resumed step so a rerun never repeats rows. Skipped
+    ``workdir/metrics.jsonl``, cut back to the resumed step (0 without a checkpoint) so a rerun never
+    repeats rows; checkpoint files of which none loads stop it (`UnreadableCheckpointError`). Skipped
     and repaired samples are summed from the batches; once more than ``max_bad_fraction`` of
     the samples read are skipped, training stops with `BadDataError`.
     """
@@ -384,8 +385,8 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
         torch.set_rng_state(rng["cpu"] if isinstance(rng, dict) else rng)
         if isinstance(rng, dict) and rng.get("cuda") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
-        if info.is_main:
-            _truncate_log(log_path, state["step"])
+    if info.is_main:  # with or without a checkpoint: a run killed before its first one logged rows too
+        _truncate_log(log_path, state["step"])
     resumed_from = state["step"]
 
     def checkpoint():
@@ -466,8 +467,10 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                     break
             else:
                 if micro == 0:
-                    raise RuntimeError(f"The data pipeline yielded no batch for epoch {epoch} of {desc}: "
-                                       f"check the shards (`mugbench data check`).")
+                    raise BadDataError(f"The data pipeline yielded no batch for epoch {epoch} of {desc}: every "
+                                       f"sample was skipped (by kind: {dict(state['skipped']) or 'none'}) or the "
+                                       f"shards hold none. Run `mugbench data check SHARDS` to see what is wrong "
+                                       f"with them, sample by sample.")
                 # A short epoch (samples were skipped): drop a partial accumulation and count the epoch
                 # as complete, so the schedule and the resume position stay aligned with the epochs.
                 optimizer.zero_grad(set_to_none=True)

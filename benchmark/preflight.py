@@ -1,0 +1,181 @@
+"""Checks that run before any work: the run fits together, its output folders take files, and the
+disk holds a checkpoint.
+
+`mugbench run` calls `check_run` after the configuration and the method options validated and
+before anything is trained, `mugbench eval` calls `check_folders`; a refusal costs seconds, not a
+pre-training run whose records then cannot be written. Cheap on purpose: no torch import, no
+model built (the checkpoint size is estimated from the encoder and text-tower sizes).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .config import ConfigError, StudyConfig
+
+FULL_BPE_VOCAB = 49408  # open_clip's tokenizer (text.vocab: full)
+_BYTES_PER_PARAM = 4 * 3  # fp32 weights plus AdamW's two moments
+
+
+class OutputError(Exception):
+    """An output folder that cannot be written, a disk too full for the run's files, or a failed
+    checkpoint write; the message names the folder or file and what to do."""
+
+
+def world_size() -> int:
+    """Processes of this job as the launcher (torchrun) announces them; 1 without one."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def pretrain_samples(cfg: StudyConfig) -> int | None:
+    """Samples per pre-training epoch known from the configuration alone (None: known only once the
+    shard set is resolved, which then says so itself)."""
+    if cfg.data.name == "toy":
+        return cfg.data.toy_sizes.get("pretrain")
+    return cfg.data.samples_per_epoch
+
+
+def check_batch_split(cfg: StudyConfig, world: int, samples: int | None) -> None:
+    """The global batch splits evenly over ranks and accumulation steps, and an epoch holds a batch."""
+    t = cfg.train
+    if t.batch_size % (world * t.accum_steps):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by world size x train.accum_steps = {world} x "
+            f"{t.accum_steps} = {world * t.accum_steps}: every process must get the same whole number of samples "
+            f"per accumulation step. Use a batch size that is a multiple of {world * t.accum_steps}.")
+    if samples is not None and samples < t.batch_size:
+        raise ConfigError(
+            f"The pre-training set has {samples} samples per epoch, fewer than one batch of "
+            f"train.batch_size={t.batch_size}, so an epoch would have no step. Lower train.batch_size or use more "
+            f"data (data.samples_per_epoch, or data.toy_sizes.pretrain for the embedded set).")
+
+
+def encoder_params(cfg: StudyConfig) -> int:
+    """Parameters of the shared ViT (patch embedding, class and position tokens, blocks, final norm)."""
+    e = cfg.encoder
+    d, hidden = e.embed_dim, int(e.embed_dim * e.mlp_ratio)
+    block = 4 * d * d + 4 * d + 2 * d * hidden + hidden + d + 4 * d  # attention, MLP, two LayerNorms
+    return 3 * e.patch_size ** 2 * d + d + (e.num_patches + 2) * d + e.depth * block + 2 * d
+
+
+def text_params(cfg: StudyConfig) -> int:
+    """Parameters of the text tower, at least: a corpus vocabulary's size is known only from the data,
+    so it is left out of the estimate."""
+    t = cfg.text
+    w = t.width
+    vocab = FULL_BPE_VOCAB if t.vocab == "full" else 0
+    block = 4 * w * w + 4 * w + 8 * w * w + 4 * w + w + 4 * w
+    return (vocab + t.context_length) * w + t.layers * block + 2 * w + w * t.embed_dim
+
+
+def checkpoint_bytes(cfg: StudyConfig, needs_text: bool) -> int:
+    """Estimated size of a run's first checkpoint: weights and AdamW moments of the encoder (and the
+    text tower when a method reads captions). Method heads and decoders add to it, so this is a floor."""
+    params = encoder_params(cfg) + (text_params(cfg) if needs_text else 0)
+    return params * _BYTES_PER_PARAM
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(workdir: Path, need: int) -> None:
+    """Refuse to start when the disk holding ``workdir`` has less free space than ``need`` bytes."""
+    where = _existing_ancestor(workdir)
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise OutputError(
+            f"The disk holding the work folder {workdir} has {free / 1e6:.1f} MB free, but the first checkpoint "
+            f"of this study needs about {need / 1e6:.1f} MB (weights and AdamW moments, 12 bytes per parameter; "
+            f"more for method heads and the checkpoints kept). Free space there or pass --workdir on a larger "
+            f"disk; nothing was started.")
+
+
+def _probe(folder: Path) -> None:
+    """Create and delete a file in ``folder``: the only test that holds for every user (root ignores
+    permission bits) and every file system (read-only mounts, quotas)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mugbench-probe-")
+    try:
+        os.write(fd, b"probe")
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
+
+
+def _make(folder: Path, created: list[Path]) -> None:
+    """``mkdir -p folder``, noting every folder it created (outermost first)."""
+    missing = []
+    path = Path(os.path.abspath(folder))
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    created.extend(reversed(missing))
+
+
+def _remove(created: list[Path]) -> None:
+    for path in reversed(created):  # innermost first; a folder something else filled meanwhile stays
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
+def check_folders(folders: dict[str, Path]) -> list[Path]:
+    """Create each output folder if missing and write a file into it, so an unusable one is found now.
+
+    ``folders`` maps the option that names a folder (``--results``) to the folder. Returns the
+    folders created. On a failure the folders created here are removed again and `OutputError`
+    names the folder, the option and the reason.
+    """
+    created: list[Path] = []
+    for option, folder in folders.items():
+        folder = Path(folder)
+        try:
+            _make(folder, created)
+            _probe(folder)
+        except OSError as exc:
+            _remove(created)
+            raise OutputError(_unwritable(option, folder, exc)) from None
+    return created
+
+
+def _unwritable(option: str, folder: Path, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) or (folder.exists() and not folder.is_dir()):
+        reason = f"{reason} (a file stands where the folder or one of its parents should be)"
+    elif exc.errno == errno.ENOSPC:
+        reason = f"{reason} (the disk is full)"
+    return (f"The folder {folder} ({option}) cannot be written: {reason}. mugbench writes there, so it stopped "
+            f"before any work. Make the folder writable, or pass {option} with a folder you can write to.")
+
+
+def check_eval_sets(cfg: StudyConfig, data_root: Path | None) -> None:
+    """Unknown protocols and evaluation sets, and real evaluation sets missing under the data root."""
+    from .data import catalog
+    from .study import REAL_EVAL_SETS, check_evaluation
+
+    check_evaluation(cfg)
+    for dataset in cfg.eval.datasets:
+        if dataset in REAL_EVAL_SETS:
+            catalog.resolve_eval_root(dataset, data_root)
+
+
+def check_run(cfg: StudyConfig, *, data_root: Path | None, needs_text: bool, workdir: Path, results: Path,
+              reports: Path, cache: Path) -> list[Path]:
+    """Everything `mugbench run` can know to be wrong before training: the evaluation sets, the batch
+    split, the free space for the first checkpoint, and the four output folders (created if missing,
+    only after everything else passed). Returns the folders it created."""
+    check_eval_sets(cfg, data_root)
+    check_batch_split(cfg, world_size(), pretrain_samples(cfg))
+    check_free_space(workdir, checkpoint_bytes(cfg, needs_text))
+    return check_folders({"--workdir": workdir, "--results": results, "--reports": reports, "--cache-dir": cache})
