@@ -141,6 +141,9 @@ def _cmd_run(args) -> int:
     methods = parse_method_list(args.methods)
     for name in methods:  # option errors before any training starts
         get_method(name).parse_options(cfg.methods.get(name))
+    from .study import check_sample_stream
+
+    check_sample_stream(cfg, methods)  # one sample filter for every method of the study
     from .preflight import check_run
 
     cache_dir = args.cache_dir or default_cache_dir()
@@ -196,15 +199,19 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_methods(args) -> int:
+    from .config import AugmentConfig
+    from .data.transforms import method_view_specs
     from .registry import registered_methods
 
     for name, cls in registered_methods().items():
-        views = len(cls.views)
+        extra = len(method_view_specs(cls, AugmentConfig())) - 1
+        views = ("study base view" if cls.base_view is None else f"own base view ({cls.base_view_reason})") \
+            + (f" + {extra} extra" if extra else "")
         text = "image+text" if cls.needs_text else "image only"
         caps = ", ".join(cls.capabilities()) or "-"
         opts = ", ".join(f"{k}={v}" for k, v in cls.option_defaults().items()) or "-"
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:8s} {cls.paradigm or 'paradigm not declared'}; views={views}  needs={text:10s}  "
+        print(f"{name:8s} {cls.paradigm or 'paradigm not declared'}; views: {views}; needs {text:10s}  "
               f"capabilities: {caps}\n         {doc}\n         options: {opts}")
     return 0
 

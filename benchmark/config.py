@@ -133,6 +133,37 @@ class EncoderSpec:
         return (self.img_size // self.patch_size) ** 2
 
 
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The study's one base-view augmentation (``data.augment``), given to every method as view 0.
+
+    Methods differ only in the *extra* views they declare (SimCLR's pair); a method that cannot work
+    on this view must declare its own ``base_view`` with a reason, and that is recorded. The default
+    is MAE's RandomResizedCrop with area scale 0.2-1 (He et al. 2022), bicubic resampling.
+    ``hflip`` null means auto: off for image-text data, because flipping an image whose caption says
+    "left" or "right" pairs it with a false caption (every pre-training set here has captions).
+    """
+
+    scale: tuple = Range(0, 1, low_open=True, length=2).field((0.2, 1.0))  # crop area fraction, low then high
+    hflip: Optional[bool] = None  # null (or auto) = off for captioned data
+    interpolation: str = "bicubic"  # bicubic | bilinear | nearest (torchvision's InterpolationMode)
+
+    INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+    def __post_init__(self):
+        object.__setattr__(self, "scale", tuple(float(x) for x in self.scale))  # YAML's 1 -> 1.0, as records show it
+        if self.scale[0] > self.scale[1]:
+            raise ConfigError(f"data.augment.scale={list(self.scale)} must be [low, high] with low <= high: "
+                              f"it is the range of crop area fractions RandomResizedCrop draws from.")
+        if self.interpolation not in self.INTERPOLATIONS:
+            raise ConfigError(f"data.augment.interpolation={self.interpolation!r} is not one of "
+                              f"{', '.join(self.INTERPOLATIONS)}.")
+
+    def flips(self, captioned: bool = True) -> bool:
+        """Whether the base view is flipped: ``hflip`` as set, else (auto) only for data without captions."""
+        return (not captioned) if self.hflip is None else self.hflip
+
+
 @dataclass
 class DataConfig:
     """Pre-training data and loading."""
@@ -155,6 +186,11 @@ class DataConfig:
     repair_modes: bool = True  # CMYK/palette/alpha/grey -> RGB (counted); false skips them as wrong_mode
     decode_draft: bool = True  # JPEG reduced-size decode down to what the smallest crop needs
     max_bad_fraction: float = FRACTION.field(0.2)  # stop a run whose skipped fraction exceeds this (after 1,000 samples)
+    # The sample filter is the study's, never the method's: with true every method skips samples with a
+    # missing or blank caption, so image-only and text methods train on the same stream. False keeps
+    # them for image-only studies and is refused when a method of the study reads captions.
+    require_caption: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # every method's base view (view 0)
 
 
 @dataclass
@@ -331,7 +367,17 @@ def _build(cls, values: dict, where: str):
 
 
 def _validated(f: dataclasses.Field, hint: Any, value: Any, key: str) -> Any:
-    """``value`` converted to the field's type and checked against its declared range."""
+    """``value`` converted to the field's type and checked against its declared range; a nested
+    section (``data.augment``) is built from its mapping with the same checks."""
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping with the keys "
+                              f"{', '.join(f.name for f in dataclasses.fields(hint))}.")
+        if hint is AugmentConfig and value.get("hflip") == "auto":
+            value = dict(value, hflip=None)  # "auto" is spelled null in the schema
+        return _build(hint, value, key)
     coerced = coerce(value, hint, key)
     rng = f.metadata.get("range")
     if rng is None:
@@ -377,6 +423,17 @@ def preset_path(preset: str) -> Path:
     return path
 
 
+def _is_section(path: list[str]) -> bool:
+    """Whether the dotted ``path`` names a section of the schema (``data``, ``data.augment``)."""
+    cls: Any = StudyConfig
+    for part in path:
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return False
+        cls = typing.get_type_hints(cls)[part]
+    return dataclasses.is_dataclass(cls)
+
+
 def apply_override(raw: dict, override: str) -> None:
     """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``3``, ``[a, b]``, ``null``)."""
     if "=" not in override:
@@ -386,8 +443,8 @@ def apply_override(raw: dict, override: str) -> None:
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if child is None and parts[0] == "methods" and i <= 1:
-            child = node[part] = {}
+        if child is None and (parts[0] == "methods" and i <= 1 or _is_section(parts[:i + 1])):
+            child = node[part] = {}  # a section the preset leaves out (e.g. data.augment) starts empty
         if not isinstance(child, dict):
             raise ConfigError(
                 f"Override {override!r}: {'.'.join(parts[:i + 1])!r} is not a configuration section. "

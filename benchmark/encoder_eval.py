@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .config import StudyConfig, apply_override, from_dict, load_config
+from .config import ConfigError, StudyConfig, apply_override, from_dict, load_config
+from .fingerprint import fingerprint, like_for_like
 from .results import ResultRecord, record_location, write_record
 from .sources import EncoderSource, encoder_record_fields
 
@@ -104,6 +105,7 @@ def evaluate_source(source: EncoderSource, cfg: StudyConfig, *, results_dir: Pat
     epochs = run.get("epochs") or 0.0
     if epochs and run.get("steps") and source.steps is not None:  # an earlier checkpoint of the run
         epochs = epochs * source.steps / run["steps"]
+    conditions = pretrain_conditions(source)
     records = []
     for protocol, dataset, metrics, options, seconds, examples in results:
         record = ResultRecord(
@@ -111,12 +113,33 @@ def evaluate_source(source: EncoderSource, cfg: StudyConfig, *, results_dir: Pat
             seed=cfg.seed, metrics=metrics, method_options=_method_options(source, method),
             protocol_options=dict(options, encoder_source=source.describe()), encoder=encoder_record_fields(source),
             epochs=float(epochs), steps=int(steps or 0), timings={"eval_s": seconds}, overrides=list(overrides),
-            examples=examples)
+            examples=examples, fingerprint=fingerprint(conditions), conditions=conditions)
         write_record(record, results_dir)
         records.append(record)
         log(f"{protocol:8s} {dataset:10s} " + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items())
             + f"  ({seconds:.1f}s)")
     return records
+
+
+def pretrain_conditions(source: EncoderSource) -> dict:
+    """The like-for-like conditions of the encoder's pre-training (`mugbench.fingerprint`), so its
+    records sit in a table like the ones `mugbench run` wrote: those the run recorded, else computed
+    from its study config (runs made before conditions were recorded: ``train.precision`` stays as
+    configured, the world size unknown), else ``{}``: unknown, as for a timm encoder trained
+    elsewhere, which the report then never marks. The evaluation's own preset and ``--set``
+    overrides are not conditions of pre-training and do not enter. An earlier checkpoint of a run
+    adds ``checkpoint.step`` of ``checkpoint.of`` steps: it has not had the run's whole budget.
+    """
+    run = source.run or {}
+    conditions = run.get("conditions")
+    if not isinstance(conditions, dict) or not conditions:
+        try:
+            conditions = like_for_like(from_dict(copy.deepcopy(run["config"]))) if run.get("config") else {}
+        except ConfigError:  # a config from another mugbench version: its conditions are unknown here
+            conditions = {}
+    if conditions and source.steps is not None and run.get("steps") and source.steps != run["steps"]:
+        conditions = dict(conditions, checkpoint={"step": int(source.steps), "of": int(run["steps"])})
+    return conditions
 
 
 def _method_options(source: EncoderSource, method) -> dict:

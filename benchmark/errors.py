@@ -16,6 +16,7 @@ _USER_ERRORS = {
     "mugbench.sources": ("EncoderSourceError",),
     "mugbench.export": ("ExportError",),
     "mugbench.preflight": ("OutputError",),
+    "mugbench.data.transforms": ("ViewDeclarationError",),
 }
 
 

@@ -14,7 +14,7 @@ import torch
 from .sources import EncoderSource, load_source
 
 # Provenance keys copied from run.json into the exported config's "mugbench" block.
-_RUN_KEYS = ("method", "steps", "epochs", "git_commit")
+_RUN_KEYS = ("method", "steps", "epochs", "git_commit", "conditions")
 # Fields of a timm default config that describe timm's released weights, not these.
 _FOREIGN_CFG_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "hf_hub_id", "url")
 # Files that make a folder a `mugbench run` directory (besides checkpoint*.pt).

@@ -2,7 +2,9 @@
 
 A method owns its heads and its loss; the trainer and the evaluation harness know it only
 through this class: ``encoder`` (the shared timm ViT), ``forward(batch) -> {"loss": ...}``,
-the declared ``views`` and ``needs_text``, and optional capabilities found by name.
+``after_step()`` (called after every optimizer step), the declared ``extra_views`` and ``needs_text``,
+and optional capabilities found by name. The first view (``batch["image"]``) is the study's, not the
+method's (`data.transforms.method_view_specs`).
 """
 from __future__ import annotations
 
@@ -55,14 +57,20 @@ class Method(nn.Module):
     """Base class of a pre-training method: the shared encoder plus the method's own heads.
 
     Subclasses set ``Options`` (a dataclass whose ``__post_init__`` raises ValueError on an
-    out-of-range value), ``views``, ``needs_text`` and ``paradigm`` (one of `PARADIGMS`), and
-    implement ``forward``.
+    out-of-range value), ``needs_text``, ``paradigm`` (one of `PARADIGMS`) and, where it uses more
+    than the study's base view, ``extra_views`` (``batch["image_views"][1:]``), and
+    implement ``forward``; they may override ``after_step`` (a no-op here).
     """
 
     name: ClassVar[str] = "?"
     paradigm: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    views: ClassVar[tuple[ViewSpec, ...]] = (ViewSpec(),)
+    # View 0 (batch["image"]) is the study's data.augment for every method, so that methods differ in
+    # their objective only. A method that cannot train on it declares `base_view` with a
+    # `base_view_reason`; both go into every result record of the method.
+    extra_views: ClassVar[tuple[ViewSpec, ...]] = ()
+    base_view: ClassVar[ViewSpec | None] = None  # None: the study's base view
+    base_view_reason: ClassVar[str] = ""  # required with a base_view override
     needs_text: ClassVar[bool] = False
 
     def __init__(self, encoder: nn.Module, text: TextSpec, options: Any):
@@ -74,6 +82,11 @@ class Method(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Return ``{"loss": scalar, <part>: scalar, ...}`` for one batch."""
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called by the trainer (and the bench's loops) right after every optimizer step, on the
+        method itself (never on a DDP / FSDP / compiled wrapper): the place for constraints on the
+        parameters, such as CLIP's cap on the logit scale. The default does nothing."""
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

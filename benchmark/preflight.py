@@ -165,9 +165,19 @@ def check_eval_sets(cfg: StudyConfig, data_root: Path | None) -> None:
     from .study import REAL_EVAL_SETS, check_evaluation
 
     check_evaluation(cfg)
+    missing = []
     for dataset in cfg.eval.datasets:
         if dataset in REAL_EVAL_SETS:
-            catalog.resolve_eval_root(dataset, data_root)
+            try:
+                catalog.resolve_eval_root(dataset, data_root)
+            except catalog.DataNotFoundError as exc:
+                missing.append((dataset, str(exc)))
+    if missing:
+        # The first set's own message (where it was looked for, how to build it), and the names of
+        # the others, so that one run reports every set to fetch rather than one per attempt.
+        others = [name for name, _ in missing[1:]]
+        also = f" The evaluation sets {', '.join(others)} of this study are missing too." if others else ""
+        raise catalog.DataNotFoundError(missing[0][1] + also)
 
 
 def check_run(cfg: StudyConfig, *, data_root: Path | None, needs_text: bool, workdir: Path, results: Path,

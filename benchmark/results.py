@@ -89,10 +89,17 @@ class ResultRecord:
     timings: dict[str, float] = field(default_factory=dict)
     skipped_samples: dict[str, int] = field(default_factory=dict)
     repaired_samples: dict[str, int] = field(default_factory=dict)  # images converted to RGB, kept
+    # Like-for-like conditions of pre-training (mugbench.fingerprint) and their short hash; empty when
+    # unknown (records written before them, encoders mugbench did not train). The report compares them.
+    fingerprint: str = ""
+    conditions: dict[str, Any] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     examples: list[dict[str, Any]] = field(default_factory=list)  # e.g. generated captions beside references
     loss_curve: dict[str, list[float]] = field(default_factory=dict)  # pre-training {"step": [...], "loss": [...]}
     paradigm: str = ""  # the method's family (mugbench.method.PARADIGMS), so a report can group rows
+    # Pre-training views as applied: the study's base view (or the method's declared override and its
+    # reason), the extra views, the policy, the caption filter (mugbench.data.transforms.augmentation_record).
+    augmentation: dict[str, Any] = field(default_factory=dict)
     command: str = field(default_factory=lambda: current_command())
     versions: dict[str, str | None] = field(default_factory=lambda: collect_versions())
     git_commit: str | None = field(default_factory=lambda: git_commit())
@@ -136,6 +143,12 @@ class ResultRecord:
         if bad:
             raise ValueError(f"metric(s) {', '.join(bad)} not finite")
 
+        for key, kind in (("fingerprint", str), ("conditions", dict)):  # the report compares these across rows
+            if key in data and not isinstance(data[key], kind):
+                raise ValueError(f"field {key!r} must be a {kind.__name__}, got {data[key]!r}")
+
+        if not isinstance(data.get("augmentation", {}), dict):  # records before it have none: {}
+            raise ValueError(f"field 'augmentation' must be an object, got {data['augmentation']!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         # Absent provenance stays absent: filling it from *this* process would be a lie.

@@ -27,12 +27,13 @@ class EncoderSourceError(ValueError):
     """A path, timm model name or weights file that does not give an encoder the harness can use."""
 
 
-def write_run_info(run_dir: Path, method: str, cfg, summary=None, tokenizer=None) -> Path:
+def write_run_info(run_dir: Path, method: str, cfg, summary=None, tokenizer=None, conditions=None) -> Path:
     """Write ``run_dir/run.json``: the method, the whole study config and the encoder architecture.
 
     With it a ``checkpoint.pt`` is self-describing: `load_source` rebuilds the encoder (and the
     method) without the preset it was trained with. The tokenizer's compact vocabulary is kept
-    too, so that captioning and retrieval can be evaluated without the pre-training shards.
+    too, so that captioning and retrieval can be evaluated without the pre-training shards, and the
+    run's like-for-like ``conditions`` (`mugbench.fingerprint`), so its later records carry the same ones.
     """
     from .results import atomic_write_text, git_commit
 
@@ -45,6 +46,8 @@ def write_run_info(run_dir: Path, method: str, cfg, summary=None, tokenizer=None
         info.update(steps=summary.steps, epochs=summary.epochs)
     if tokenizer is not None:
         info["vocab"] = tokenizer.vocab  # None for the full BPE vocabulary
+    if conditions:
+        info["conditions"] = conditions
     return atomic_write_text(Path(run_dir) / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
 
 

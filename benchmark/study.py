@@ -22,9 +22,10 @@ from .data.decode import draft_size
 from .data.pipeline import DecodeOptions, load_split_tensors, make_loader
 from .data.tokenizer import TextTokenizer, corpus_vocab
 from .data.toy import prepare_toy, toy_cache_dir
-from .data.transforms import build_eval_transform, build_view_transform
+from .data.transforms import augmentation_record, build_eval_transform, build_view_transform, method_view_specs
 from .eval import CAPABILITY_PROTOCOLS, ENCODER_PROTOCOLS, FEATURE_PROTOCOLS, PROTOCOLS
 from .eval.features import extract_features
+from .fingerprint import fingerprint, like_for_like
 from .method import Method, TextSpec
 from .models.vit import build_encoder
 from .registry import get_method
@@ -110,6 +111,48 @@ def decode_options(cfg: StudyConfig, min_crop_scales: list[float]) -> DecodeOpti
     d = cfg.data
     draft = draft_size(cfg.encoder.img_size, min_crop_scales) if d.decode_draft else None
     return DecodeOptions(min_size=d.min_image_size, draft_to=draft, repair_modes=d.repair_modes)
+
+
+def check_sample_stream(cfg: StudyConfig, methods: list[str]) -> None:
+    """Refuse a study whose one sample stream cannot serve every method: ``data.require_caption=false``
+    keeps caption-less samples, which a method that reads captions cannot train on."""
+    if cfg.data.require_caption:
+        return
+    text = [name for name in methods if get_method(name).needs_text]
+    if text:
+        raise ConfigError(
+            f"data.require_caption=false keeps samples without a caption, but {', '.join(text)} "
+            f"{'reads' if len(text) == 1 else 'read'} captions. Every method of a study trains on the same "
+            f"samples, so either keep data.require_caption=true (every method then skips caption-less "
+            f"samples) or run the image-only methods in a study of their own.")
+
+
+def pretrain_batches(cfg: StudyConfig, data: PretrainData, method_cls: type, tokenizer: TextTokenizer, *,
+                     per_rank: int, steps_per_epoch: int, pin_memory: bool = False):
+    """``batches(epoch) -> DataLoader`` of one method's pre-training, as `run_study` trains it.
+
+    The sample filter is the study's (``data.require_caption``, ``data.min_image_size``, the decoder's
+    checks), the same for every method, so every method sees the same samples in the same order; only
+    the tokenised text (for methods that read captions) and the declared extra views differ. View 0
+    is the study's base view (`method_view_specs`), drawn first from each sample's seeded RNG, so it
+    is the same crop for every method.
+    """
+    d = cfg.data
+    specs = method_view_specs(method_cls, d.augment)
+    transforms = [build_view_transform(v, cfg.encoder.img_size) for v in specs]
+    # Decoded at the size the study's base view needs, the same for every method: the decoded image
+    # is what every view is cropped from, so a per-method size would give methods different pixels.
+    decode = decode_options(cfg, [d.augment.scale[0]])
+    text = tokenizer if method_cls.needs_text else None
+
+    def batches(epoch: int):
+        return make_loader(data.urls, batch_size=per_rank, image_transforms=transforms, tokenizer=text,
+                           need_caption=d.require_caption, shuffle=True, seed=cfg.seed, epoch=epoch,
+                           num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, decode=decode,
+                           resampled=d.resampled, batches_per_epoch=steps_per_epoch * cfg.train.accum_steps,
+                           pin_memory=pin_memory, prefetch_factor=d.prefetch_factor, tally_tail=True)
+
+    return batches
 
 
 def build_tokenizer(cfg: StudyConfig, data: PretrainData) -> TextTokenizer:
@@ -374,6 +417,7 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
               data_root: Path | None = None, overrides: list[str] = (), log=print) -> list[ResultRecord]:
     """Pre-train and evaluate each method like-for-like; write and return the result records."""
     check_evaluation(cfg)
+    check_sample_stream(cfg, methods)
     for dataset in cfg.eval.datasets:  # a missing evaluation set fails now, not after hours of training
         if dataset in REAL_EVAL_SETS:
             catalog.resolve_eval_root(dataset, data_root)
@@ -399,19 +443,12 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
     records = []
     for name in methods:
         method = build_method(name, cfg, spec)
-        transforms = [build_view_transform(v, cfg.encoder.img_size) for v in method.views]
-        needs_text = method.needs_text
-        decode = decode_options(cfg, [v.scale[0] for v in method.views])
-
-        def batches(epoch: int, transforms=transforms, needs_text=needs_text, decode=decode):
-            d = cfg.data
-            return make_loader(data.urls, batch_size=per_rank, image_transforms=transforms,
-                               tokenizer=tokenizer if needs_text else None, need_caption=needs_text,
-                               shuffle=True, seed=cfg.seed, epoch=epoch, num_workers=d.num_workers,
-                               shuffle_buffer=d.shuffle_buffer, decode=decode, resampled=d.resampled,
-                               batches_per_epoch=steps_per_epoch * cfg.train.accum_steps,
-                               pin_memory=d.pin_memory and info.device.type == "cuda",
-                               prefetch_factor=d.prefetch_factor, tally_tail=True)
+        batches = pretrain_batches(cfg, data, type(method), tokenizer, per_rank=per_rank,
+                                   steps_per_epoch=steps_per_epoch,
+                                   pin_memory=cfg.data.pin_memory and info.device.type == "cuda")
+        # The views actually applied and where view 0 came from, in every record of the method.
+        augmentation = dict(augmentation_record(type(method), cfg.data.augment),
+                            require_caption=cfg.data.require_caption)
 
         run_dir = run_dir_for(workdir, cfg, name)
         # One run per folder at a time, held through training and evaluation (a second identical
@@ -429,8 +466,10 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
                 method.load_state_dict(load_newest_checkpoint(run_dir)[0]["model"])
                 method.to(info.device)
             export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
+            # The like-for-like conditions every record of this run carries (and `mugbench eval` reads back).
+            conditions = like_for_like(cfg, device=info.device, world_size=info.world_size)
             # Makes checkpoint.pt self-describing.
-            write_run_info(run_dir, name, cfg, summary=summary, tokenizer=tokenizer)
+            write_run_info(run_dir, name, cfg, summary=summary, tokenizer=tokenizer, conditions=conditions)
             log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
             def artifact_stem(protocol, dataset, name=name):
                 return record_location(results_dir, data.name, cfg.preset, name, protocol, dataset,
@@ -453,7 +492,8 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
                              "peak_memory_mb": summary.peak_memory_mb, "data_share": summary.data_share},
                     loss_curve=summary.loss_curve, paradigm=type(method).paradigm,
                     skipped_samples=summary.skipped, repaired_samples=summary.repaired, overrides=list(overrides),
-                    examples=rest[0] if rest else [],
+                    examples=rest[0] if rest else [], augmentation=augmentation,
+                    fingerprint=fingerprint(conditions), conditions=conditions,
                 )
                 progress.mark(rec, write_record(rec, results_dir))  # a rerun skips it now
                 records.append(rec)

@@ -1,7 +1,8 @@
 """CAP: captioning as the only pre-training signal (VirTex, Desai & Johnson, 2021; CapPa,
 Tschannen et al., 2023, "Image Captioners Are Scalable Vision Learners"). It is MUG's caption
 branch without the reconstruction branch: the encoder sees the whole image (``mask_ratio=0``) and
-a caption decoder cross-attends to all of its tokens.
+a caption decoder cross-attends to all of its tokens. CapPa's parallel prediction is the option
+``parallel_fraction`` (see `CAP`).
 
 This module also holds `CaptioningMixin`, the ``caption`` / ``score_text`` capabilities shared by
 every captioning method (``cap``, ``mug``, ``coca``).
@@ -13,10 +14,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mugbench.data.transforms import ViewSpec
 from mugbench.method import Method, check_range, evaluating
 from mugbench.models.text import CaptionDecoder, caption_log_likelihood, caption_loss, generate_captions
-from mugbench.models.vit import masked_encode
+from mugbench.models.vit import _global_batch_noise, masked_encode
 from mugbench.registry import register_method
 
 Prefix = Union[str, Sequence[str], torch.Tensor, None]
@@ -31,11 +31,13 @@ def encode_tokens(encoder, images: torch.Tensor, mask_ratio: float) -> torch.Ten
     return masked_encode(encoder, images, mask_ratio)[0]
 
 
-def caption_decoder_for(encoder, text, options) -> CaptionDecoder:
+def caption_decoder_for(encoder, text, options, mask_token: bool = False) -> CaptionDecoder:
     """A caption decoder over ``encoder``'s tokens sized by the options ``cap_width``, ``cap_layers``
-    and ``cap_heads`` (``None`` = the study's text-tower size), as cap and mug declare them."""
+    and ``cap_heads`` (``None`` = the study's text-tower size), as cap and mug declare them;
+    ``mask_token`` adds CapPa's mask token for parallel prediction."""
     return CaptionDecoder(text, encoder.embed_dim, width=options.cap_width or text.width,
-                          layers=options.cap_layers or text.layers, heads=options.cap_heads or text.heads)
+                          layers=options.cap_layers or text.layers, heads=options.cap_heads or text.heads,
+                          mask_token=mask_token)
 
 
 class CaptioningMixin:
@@ -93,37 +95,67 @@ class CaptioningMixin:
 
 @register_method("cap")
 class CAP(CaptioningMixin, Method):
-    """Captioner: the shared ViT encodes the image, a caption decoder generates its caption."""
+    """Captioner: the shared ViT encodes the image, a caption decoder generates its caption.
+
+    ``parallel_fraction`` is CapPa's parallel prediction (Tschannen et al., NeurIPS 2023, "Image
+    Captioners Are Scalable Vision Learners Too", Sec. 3): that share of the training captions is
+    decoded from mask tokens only, with no causal mask, so every token is predicted at once from
+    the image (and the caption's padded length) rather than from the words before it; the rest are
+    teacher-forced as usual. The choice is made per caption, as the authors' released code does
+    (big_vision ``proj/cappa``: ``masked_pred_prob=0.75``, one draw per example, every input token
+    masked), from torch's generator, which the trainer seeds identically on every rank: like
+    MAE's masks, draws cover the global batch and each rank keeps its rows, so the choice depends
+    on the seed and step alone, not on the number of processes. Generation and scoring
+    (``caption``, ``score_text``) and evaluation-mode losses stay autoregressive.
+
+    Default ``parallel_fraction=0``: the MUG paper (Zhao et al., TMLR 2024) has no captioning-only
+    baseline; here ``cap`` is MUG's caption branch alone (Algorithm 1's causal, teacher-forced
+    decoder) so that ``cap`` against ``mug`` isolates what the reconstruction branch adds, like
+    for like. CapPa's recipe is ``--set methods.cap.parallel_fraction=0.75``. At 0 the decoder
+    has no mask token and nothing extra is drawn, so runs match those made before the option.
+    """
 
     @dataclass
     class Options:
         """``mask_ratio`` > 0 captions from a masked latent (as MUG does, without reconstruction);
+        ``parallel_fraction``: the share of training captions predicted in parallel (CapPa: 0.75);
         the decoder's size (``None`` = the study's text-tower size), as in MUG."""
 
         mask_ratio: float = 0.0
+        parallel_fraction: float = 0.0
         cap_width: Optional[int] = None
         cap_layers: Optional[int] = None
         cap_heads: Optional[int] = None
 
         def __post_init__(self):
             check_range("cap", "mask_ratio", self.mask_ratio, 0.0, 0.99)
+            check_range("cap", "parallel_fraction", self.parallel_fraction, 0.0, 1.0)
 
     # Text-supervised methods take SLIP's milder crop (as clip does): a tight crop can cut away
     # what the caption describes.
-    views = (ViewSpec(scale=(0.5, 1.0), hflip=False),)  # clip's caption-paired view
     needs_text = True
     paradigm = "multi-modal generative"
 
     def __init__(self, encoder, text, options):
         super().__init__(encoder, text, options)
-        self.caption_decoder = caption_decoder_for(encoder, text, options)
+        self.caption_decoder = caption_decoder_for(encoder, text, options, mask_token=options.parallel_fraction > 0)
 
     def caption_memory(self, images: torch.Tensor, mask_ratio: Optional[float] = None) -> torch.Tensor:
         """Encoder tokens the decoder attends to (``mask_ratio`` default: the training option)."""
         return encode_tokens(self.encoder, images, self.options.mask_ratio if mask_ratio is None else mask_ratio)
 
+    def parallel_rows(self, batch_size: int, device=None) -> torch.Tensor:
+        """Which of this rank's ``batch_size`` captions CapPa predicts in parallel, bool ``[B]``:
+        each with probability ``parallel_fraction``, drawn for the global batch from torch's
+        generator (the same on every rank, so the run does not depend on the process count)."""
+        return _global_batch_noise(batch_size, 1, device)[:, 0] < self.options.parallel_fraction
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """``loss`` = ``caption``, the teacher-forced captioning loss."""
-        t = self.text_spec
-        cap = caption_loss(self.caption_decoder, self.caption_memory(batch["image"]), batch["text"], t.pad_id, t.eot_id)
+        """``loss`` = ``caption``, the captioning loss: teacher-forced, or in training a
+        ``parallel_fraction`` of the captions predicted in parallel (CapPa)."""
+        t, text = self.text_spec, batch["text"]
+        memory = self.caption_memory(batch["image"])
+        parallel = self.parallel_rows(len(text), memory.device) \
+            if self.training and self.options.parallel_fraction > 0 else None
+        cap = caption_loss(self.caption_decoder, memory, text, t.pad_id, t.eot_id, parallel=parallel)
         return {"loss": cap, "caption": cap}

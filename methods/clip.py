@@ -9,12 +9,26 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from mugbench.data.transforms import ViewSpec
 from mugbench.method import Method, check_range
 from mugbench.models.text import build_text_encoder
 from mugbench.models.vit import pooled_features
 from mugbench.registry import register_method
 from mugbench.train.distributed import rank_and_world
+
+# CLIP caps the logit scale at 100 (a temperature of at least 0.01); open_clip clamps the parameter
+# (its logarithm) to [0, ln 100] after every optimizer step.
+MAX_LOG_LOGIT_SCALE = math.log(100.0)
+
+
+def clamp_logit_scale(logit_scale: nn.Parameter) -> None:
+    """Clamp a log logit-scale parameter in place to [0, ln 100], without recording gradients.
+
+    Called after the optimizer step (open_clip's training loop does the same), never in forward:
+    a clamp of the value in forward has a zero gradient once the parameter passes ln 100, and the
+    parameter could then never come back.
+    """
+    with torch.no_grad():
+        logit_scale.clamp_(0.0, MAX_LOG_LOGIT_SCALE)
 
 
 @register_method("clip")
@@ -23,15 +37,14 @@ class CLIP(Method):
 
     @dataclass
     class Options:
-        """CLIP's learnable temperature starts at 0.07 and is capped at 1/100."""
+        """CLIP's learnable temperature starts at 0.07 and is capped at 1/100 (`after_step`)."""
 
         init_temperature: float = 0.07
 
         def __post_init__(self):
-            check_range("clip", "init_temperature", self.init_temperature, 1e-3, 1.0)
+            # 0.01 .. 1: the initial logit scale lies inside the clamp's range [0, ln 100].
+            check_range("clip", "init_temperature", self.init_temperature, 1e-2, 1.0)
 
-    # SLIP's CLIP crop for ViTs on web image-text data, and no flip: captions say "left" and "right".
-    views = (ViewSpec(scale=(0.5, 1.0), hflip=False),)
     needs_text = True
     paradigm = "multi-modal discriminative"
 
@@ -56,9 +69,14 @@ class CLIP(Method):
         return F.normalize(z, dim=-1) if normalize else z
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        scale = self.logit_scale.exp().clamp(max=100.0)
+        """CLIP's symmetric InfoNCE at the learned scale (kept at most 100 by `after_step`)."""
+        scale = self.logit_scale.exp()
         loss = self.contrastive_loss(self.encode_image(batch["image"]), self.encode_text(batch["text"]), scale)
         return {"loss": loss, "contrastive": loss, "logit_scale": scale.detach()}
+
+    def after_step(self) -> None:
+        """Keep the logit scale in [1, 100] (open_clip's clamp of the parameter after each step)."""
+        clamp_logit_scale(self.logit_scale)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

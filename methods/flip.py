@@ -31,7 +31,7 @@ class FLIP(CLIP):
         mask_ratio: float = 0.5
 
         def __post_init__(self):
-            check_range("flip", "init_temperature", self.init_temperature, 1e-3, 1.0)
+            check_range("flip", "init_temperature", self.init_temperature, 1e-2, 1.0)  # as clip's
             # At least a few patches must remain; FLIP itself studies ratios up to 0.75.
             check_range("flip", "mask_ratio", self.mask_ratio, 0.0, 0.95)
 
@@ -45,6 +45,6 @@ class FLIP(CLIP):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """CLIP's symmetric InfoNCE with masked-image embeddings."""
-        scale = self.logit_scale.exp().clamp(max=100.0)  # CLIP's cap of the logit scale at 100
+        scale = self.logit_scale.exp()  # at most 100: CLIP's after_step clamps the parameter
         loss = self.contrastive_loss(self.encode_masked_image(batch["image"]), self.encode_text(batch["text"]), scale)
         return {"loss": loss, "contrastive": loss, "logit_scale": scale.detach()}

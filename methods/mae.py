@@ -6,7 +6,6 @@ from typing import Optional
 
 import torch
 
-from mugbench.data.transforms import ViewSpec
 from mugbench.method import Method, check_range, evaluating
 from mugbench.models.mae_decoder import MaskedDecoder, masked_patch_loss
 from mugbench.models.vit import masked_encode, patchify, unpatchify
@@ -31,7 +30,7 @@ class MAE(Method):
             check_range("mae", "mask_ratio", self.mask_ratio, 0.0, 0.99)
             check_range("mae", "decoder_depth", self.decoder_depth, 1, 64)
 
-    views = (ViewSpec(scale=(0.2, 1.0)),)  # MAE: RandomResizedCrop(0.2-1) + flip
+    # Trains on the study's base view (data.augment), whose default is MAE's RandomResizedCrop(0.2-1).
     needs_text = False
     paradigm = "single-modal generative"
 

@@ -111,13 +111,20 @@ def two_views(batch: dict, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     views = batch.get("image_views")
     if views is None or len(views) < first + 2:
         raise KeyError(f"this method needs batch['image_views'] with at least {first + 2} views "
-                       f"(the loader adds it when a method declares several views)")
+                       f"(the loader adds them for the extra views a method declares)")
     return views[first], views[first + 1]
 
 
 @register_method("simclr")
 class SimCLR(Method):
-    """Two SimCLR-augmented views per image; class token -> 3-layer MLP -> NT-Xent."""
+    """Two SimCLR-augmented views per image; class token -> 3-layer MLP -> NT-Xent.
+
+    The two views are declared as extra views (``image_views[1]`` and ``[2]``), exactly SLIP's SimCLR
+    pair, and the loss ignores the study's base view (``image``): SimCLR's objective compares two
+    strongly augmented views, and the base view is too weak an augmentation to be one of them. So
+    SimCLR declares no base-view override; like every method it gets view 0 from ``data.augment``
+    (unused), and its two SimCLR views are drawn from the same decoded image as SLIP's.
+    """
 
     @dataclass
     class Options:
@@ -134,7 +141,7 @@ class SimCLR(Method):
         def __post_init__(self):
             check_simclr_options("simclr", self)
 
-    views = (SIMCLR_VIEW, SIMCLR_VIEW)
+    extra_views = (SIMCLR_VIEW, SIMCLR_VIEW)
     needs_text = False
     paradigm = "single-modal discriminative"
 
@@ -143,6 +150,6 @@ class SimCLR(Method):
         self.image_mlp = ProjectionMLP(encoder.embed_dim, options.mlp_dim, options.out_dim)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """NT-Xent between the batch's two views."""
-        loss = simclr_loss(self.encoder, self.image_mlp, *two_views(batch), self.options.temperature)
+        """NT-Xent between the batch's two SimCLR views (views 1 and 2; view 0 is the unused base view)."""
+        loss = simclr_loss(self.encoder, self.image_mlp, *two_views(batch, first=1), self.options.temperature)
         return {"loss": loss, "ssl": loss}

@@ -15,7 +15,7 @@ from mugbench.registry import register_method
 
 @register_method("slip")
 class SLIP(CLIP):
-    """CLIP on a lightly cropped view plus ssl_scale x SimCLR on two SimCLR-augmented views.
+    """CLIP on the study's base view plus ssl_scale x SimCLR on two SimCLR-augmented views.
 
     Everything CLIP has (projection, text tower, learnable temperature, ``encode_image`` /
     ``encode_text`` for zero-shot and retrieval) is inherited; SLIP adds the SimCLR head.
@@ -36,13 +36,13 @@ class SLIP(CLIP):
         out_dim: int = 128
 
         def __post_init__(self):
-            check_range("slip", "init_temperature", self.init_temperature, 1e-3, 1.0)
+            check_range("slip", "init_temperature", self.init_temperature, 1e-2, 1.0)  # as clip's
             check_range("slip", "ssl_scale", self.ssl_scale, 0.0, 100.0)
             check_simclr_options("slip", self)
 
-    # View 0 (batch["image"]) is CLIP's view, so CLIP and SLIP see the same caption-paired crops;
-    # views 1 and 2 are SimCLR's pair, as in SLIP's data loader (image, caption, aug1, aug2).
-    views = (CLIP.views[0], SIMCLR_VIEW, SIMCLR_VIEW)
+    # View 0 (batch["image"]) is the study's base view, so CLIP and SLIP see the same caption-paired
+    # crops; views 1 and 2 are SimCLR's pair, as in SLIP's data loader (image, caption, aug1, aug2).
+    extra_views = (SIMCLR_VIEW, SIMCLR_VIEW)
 
     def __init__(self, encoder, text, options):
         super().__init__(encoder, text, options)

@@ -8,10 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from mugbench.config import load_config
+from mugbench.config import AugmentConfig, load_config
 from mugbench.data.tokenizer import TextTokenizer, corpus_vocab
 from mugbench.data.toy import ToyWorld
-from mugbench.data.transforms import build_view_transform
+from mugbench.data.transforms import build_view_transform, method_view_specs
 from mugbench.study import text_spec
 
 
@@ -40,10 +40,13 @@ def spec(smoke_cfg, tokenizer):
     return text_spec(smoke_cfg, tokenizer)
 
 
-def make_batch(method_cls, samples, tokenizer, image_size: int, seed: int = 0) -> dict:
-    """A batch in the loader's format for ``method_cls``'s declared views."""
+def make_batch(method_cls, samples, tokenizer, image_size: int, seed: int = 0,
+               augment: AugmentConfig = AugmentConfig()) -> dict:
+    """A batch in the loader's format for the views ``method_cls`` trains on under the base-view
+    policy ``augment`` (the schema's default unless given)."""
     torch.manual_seed(seed)
-    views = [torch.stack([build_view_transform(v, image_size)(s.image) for s in samples]) for v in method_cls.views]
+    views = [torch.stack([build_view_transform(v, image_size)(s.image) for s in samples])
+             for v in method_view_specs(method_cls, augment)]
     batch = {"image": views[0], "text": tokenizer([s.captions[0] for s in samples]),
              "caption": [s.captions[0] for s in samples], "label": torch.tensor([s.label for s in samples])}
     if len(views) > 1:

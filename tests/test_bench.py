@@ -6,11 +6,14 @@ import dataclasses
 import pytest
 import torch
 
-from mugbench.bench.train_step import record_dataset
+from mugbench.bench.train_step import measure, record_dataset
 from mugbench.cli import main
 from mugbench.config import ConfigError, TrainConfig
 from mugbench.results import load_records
+from mugbench.study import build_method
 from mugbench.train.loop import CompiledOrEager, build_optimizer
+
+from conftest import make_batch
 
 
 def test_bench_writes_a_record_per_method_and_the_plain_vit(tmp_path, capsys):
@@ -84,3 +87,13 @@ def test_optimizer_implementations_take_the_same_step():
     torch.testing.assert_close(updated[0], updated[1])
     with pytest.raises(ConfigError, match="optimizer_impl"):
         build_optimizer(model, dataclasses.replace(cfg, optimizer_impl="turbo"))
+
+
+def test_bench_step_runs_the_methods_after_step(smoke_cfg, spec, toy_samples, tokenizer):
+    """The bench's bare loop takes the trainer's step, ``after_step`` included."""
+    method = build_method("clip", smoke_cfg, spec)
+    calls = []
+    method.after_step = lambda: calls.append(1)
+    batch = make_batch(type(method), toy_samples[:4], tokenizer, smoke_cfg.encoder.img_size)
+    measure("clip", method, batch, smoke_cfg, torch.device("cpu"), steps=2, warmup=1, count_flops=False)
+    assert len(calls) == 3

@@ -1,17 +1,25 @@
 """Captioning: loss fidelity of the caption, MUG and CoCa losses against derivations written out
-here by hand, caption generation (greedy and beam search), caption scoring, MAE/MUG
+here by hand (and CoCa against open_clip's own CoCa model), CoCa's attentional poolers, caption
+generation (greedy and beam search), caption scoring, MAE/MUG
 reconstructions and MUG's choice of latent. Everything runs on tiny tensors in seconds.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from open_clip.coca_model import CoCa as OpenClipCoCa
+from open_clip.loss import CoCaLoss
 from torch import nn
 
 from mugbench.method import MethodOptionError
-from mugbench.models.text import CaptionDecoder, caption_log_likelihood, caption_loss, generate_captions
+from mugbench.models.text import (
+    CaptionDecoder, caption_log_likelihood, caption_loss, caption_targets, full_context, generate_captions,
+)
 from mugbench.models.vit import build_encoder, masked_encode
 from mugbench.registry import get_method
 
@@ -333,9 +341,174 @@ def test_cap_can_caption_from_a_masked_latent(smoke_cfg, spec):
 
 
 def test_coca_options(smoke_cfg, spec, toy_samples, tokenizer):
-    method = _build("coca", smoke_cfg, spec, image_pool="attn")
-    out = method(make_batch(type(method), toy_samples[:4], tokenizer, smoke_cfg.encoder.img_size))
-    assert torch.isfinite(out["loss"]) and "image_pool.query" in method.no_weight_decay()
-    for bad in ({"image_pool": "mean"}, {"caption_loss_weight": 0, "clip_loss_weight": 0}):
+    """The default pools with CoCa's attentional poolers (their queries exempt from weight decay);
+    ``image_pool="token"`` is the raw-tokens approximation, with no poolers at all."""
+    pooled = _build("coca", smoke_cfg, spec)
+    assert pooled.options.image_pool == "coca" and get_method("coca").option_defaults()["attn_queries"] == 256
+    assert {"attn_pool.query", "attn_pool_contrastive.query"} <= pooled.no_weight_decay()
+    raw = _build("coca", smoke_cfg, spec, image_pool="token")
+    out = raw(make_batch(type(raw), toy_samples[:4], tokenizer, smoke_cfg.encoder.img_size))
+    assert torch.isfinite(out["loss"]) and raw.attn_pool is None and raw.attn_pool_contrastive is None
+    assert not any("attn_pool" in name for name, _ in raw.named_parameters())
+    images = torch.randn(2, 3, smoke_cfg.encoder.img_size, smoke_cfg.encoder.img_size)
+    n = (smoke_cfg.encoder.img_size // smoke_cfg.encoder.patch_size) ** 2
+    assert raw.caption_memory(images).shape == (2, 1 + n, smoke_cfg.encoder.embed_dim)  # every encoder token
+    for bad in ({"image_pool": "mean"}, {"image_pool": "attn"}, {"attn_queries": 0},
+                {"caption_loss_weight": 0, "clip_loss_weight": 0}, {"init_temperature": 1e-3}):
         with pytest.raises(MethodOptionError, match="coca"):
             get_method("coca").parse_options(bad)
+
+
+@pytest.mark.parametrize("queries", [5, 16])
+def test_coca_poolers_give_the_contrastive_embedding_and_the_decoder_memory(queries, smoke_cfg, spec, tokenizer):
+    """CoCa's two poolers on the encoder's tokens: one query -> the joint-space embedding
+    ``[B, embed_dim]``; ``attn_queries`` queries -> the decoder's memory ``[B, N, text width]``, which
+    generation and scoring read too (a masked latent is pooled to the same N)."""
+    method = _build("coca", smoke_cfg, spec, attn_queries=queries).eval()
+    images = torch.randn(3, 3, smoke_cfg.encoder.img_size, smoke_cfg.encoder.img_size)
+    assert method.encode_image(images).shape == (3, spec.embed_dim)
+    assert method.caption_memory(images).shape == (3, queries, spec.width)
+    assert method.caption_memory(images, mask_ratio=0.5).shape == (3, queries, spec.width)
+    seen = []
+    method.caption_decoder.decoder.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    method.caption_tokens(images, max_len=2)
+    method.score_text(images, tokenizer(["a red circle"] * 3))
+    assert seen and all(shape[1:] == (queries, spec.width) for shape in seen)
+
+
+# (d) CapPa's parallel prediction in cap ----------------------------------------------------------
+
+def test_parallel_prediction_reads_no_caption_and_attends_to_later_positions(spec):
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(spec, image_dim=8, width=16, layers=2, heads=2, mask_token=True).eval()
+    image_tokens = torch.randn(2, 5, 8)
+    a, b = _captions(spec, [6, 6], width=9, seed=1), _captions(spec, [6, 6], width=9, seed=2)
+    assert (a != b).any()
+    every, none = torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)
+    with torch.no_grad():
+        # Parallel rows read mask tokens only: two different captions of one length, the same logits.
+        assert torch.equal(decoder(image_tokens, a[:, :-1], parallel=every),
+                           decoder(image_tokens, b[:, :-1], parallel=every))
+        # Teacher forcing reads the caption; parallel=False is the plain autoregressive decoder.
+        ar_a = decoder(image_tokens, a[:, :-1])
+        assert not torch.allclose(ar_a, decoder(image_tokens, b[:, :-1]))
+        assert torch.equal(decoder(image_tokens, a[:, :-1], parallel=none), ar_a)
+        # No causal mask: position 0 sees how many mask tokens follow it; the causal decoder does not.
+        assert not torch.allclose(decoder(image_tokens, a[:, :4], parallel=every)[:, 0],
+                                  decoder(image_tokens, a[:, :8], parallel=every)[:, 0])
+        assert torch.allclose(decoder(image_tokens, a[:, :4])[:, 0], decoder(image_tokens, a[:, :8])[:, 0], atol=1e-6)
+        # A mixed batch decodes each row in its own mode and keeps the row order.
+        mixed = decoder(image_tokens, a[:, :-1], parallel=torch.tensor([True, False]))
+        assert torch.allclose(mixed[0], decoder(image_tokens, a[:, :-1], parallel=every)[0], atol=1e-6)
+        assert torch.allclose(mixed[1], ar_a[1], atol=1e-6)
+    with pytest.raises(ValueError, match="mask_token"):
+        CaptionDecoder(spec, image_dim=8, width=16, layers=1, heads=2)(image_tokens, a[:, :-1], parallel=every)
+
+
+def test_cap_parallel_fraction_is_drawn_per_caption_and_reproducible(smoke_cfg, spec):
+    method = _build("cap", smoke_cfg, spec, parallel_fraction=0.75)
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        draws.append(method.parallel_rows(400))
+    assert draws[0].dtype == torch.bool and draws[0].shape == (400,)
+    assert 0.70 <= draws[0].float().mean().item() <= 0.80  # CapPa's 75 %
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    for fraction, share in ((1.0, 1.0), (0.25, None)):
+        torch.manual_seed(0)
+        rows = _build("cap", smoke_cfg, spec, parallel_fraction=fraction).parallel_rows(400).float().mean().item()
+        assert rows == share if share is not None else 0.20 <= rows <= 0.30
+    with pytest.raises(MethodOptionError, match="parallel_fraction"):
+        get_method("cap").parse_options({"parallel_fraction": 1.5})
+
+
+def test_cap_loss_with_parallel_prediction(smoke_cfg, spec, toy_samples, tokenizer):
+    size = smoke_cfg.encoder.img_size
+    images, text = torch.randn(16, 3, size, size), tokenizer([s.captions[0] for s in toy_samples[:16]])
+    pad, eot = spec.pad_id, spec.eot_id
+
+    # The default is the autoregressive captioner: no mask token, no random draw, MUG's caption loss.
+    plain = _build("cap", smoke_cfg, spec).train()
+    assert plain.options.parallel_fraction == 0 and plain.caption_decoder.mask_embedding is None
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    loss = plain({"image": images, "text": text})["loss"]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.allclose(loss, caption_loss(plain.caption_decoder, plain.caption_memory(images), text, pad, eot))
+
+    # With CapPa's 0.75 the training loss mixes both modes over the rows parallel_rows draws.
+    method = _build("cap", smoke_cfg, spec, parallel_fraction=0.75).train()
+    torch.manual_seed(3)
+    loss = method({"image": images, "text": text})["loss"]
+    torch.manual_seed(3)
+    rows = method.parallel_rows(16)
+    assert 0 < rows.sum() < 16
+    memory = method.caption_memory(images)
+    assert torch.allclose(loss, caption_loss(method.caption_decoder, memory, text, pad, eot, parallel=rows), atol=1e-6)
+    assert not torch.allclose(loss, caption_loss(method.caption_decoder, memory, text, pad, eot), atol=1e-4)
+    loss.backward()  # both embeddings learn in a mixed step
+    assert method.caption_decoder.mask_embedding.grad.abs().sum() > 0
+    assert method.caption_decoder.token_embedding.weight.grad.abs().sum() > 0
+    # Evaluation-mode losses and scores stay autoregressive.
+    method.eval()
+    with torch.no_grad():
+        assert torch.allclose(method({"image": images, "text": text})["loss"],
+                              caption_loss(method.caption_decoder, memory, text, pad, eot), atol=1e-6)
+
+
+def test_coca_losses_equal_open_clips_coca_on_the_same_encoder_tokens(smoke_cfg, spec, toy_samples, tokenizer):
+    """Our ``coca`` against open_clip's own ``CoCa`` model (``open_clip.coca_model.CoCa`` with the
+    paper's pooling, ``attentional_pool="parallel"``) at a tiny size.
+
+    What is compared: the weighted contrastive and caption losses (open_clip's ``CoCaLoss`` with
+    weights 1 and 2 applied to open_clip's model outputs) and their sum, to 1e-5. What is shared:
+    the encoder's token sequence before its final norm (open_clip's vision trunk is bypassed and
+    fed exactly these tokens; its ``ln_post`` is a copy of our encoder's final norm, which holds the
+    same place), and copies of the weights of every part that corresponds: the two attentional
+    poolers, the image projection, the unimodal text tower, the multimodal decoder and the logit
+    scale. The encoder is 48 wide and the text 32, so a swapped key/query width would not fit.
+    open_clip's "parallel" pooler leaves the single contrastive query's axis in its image features
+    (``[B, 1, E]``); it is squeezed before the loss.
+    """
+    width, queries, heads = 48, 6, spec.heads
+    encoder = build_encoder(dataclasses.replace(smoke_cfg.encoder, embed_dim=width), seed=0)
+    torch.manual_seed(1)
+    ours = get_method("coca").build(encoder, spec, {"attn_queries": queries}).eval()
+    theirs = OpenClipCoCa(
+        embed_dim=spec.embed_dim, pad_id=spec.pad_id,
+        multimodal_cfg=dict(context_length=spec.context_length, vocab_size=spec.vocab_size, width=spec.width,
+                            heads=spec.heads, layers=spec.layers),
+        text_cfg=dict(context_length=spec.context_length, vocab_size=spec.vocab_size, width=spec.width,
+                      heads=spec.heads, layers=spec.layers, embed_cls=True, output_tokens=True, pad_id=spec.pad_id),
+        vision_cfg=dict(image_size=smoke_cfg.encoder.img_size, patch_size=smoke_cfg.encoder.patch_size, width=width,
+                        layers=1, head_width=width // 2, attentional_pool="parallel", attn_pooler_queries=queries,
+                        attn_pooler_heads=heads, output_tokens=True)).eval()
+    theirs.text.correct_cls_mask = True  # our tower's mask (open_clip keeps the old one for released weights)
+    with torch.no_grad():
+        theirs.text.load_state_dict(ours.caption_decoder.text.state_dict())
+        theirs.text_decoder.load_state_dict(ours.caption_decoder.decoder.state_dict())
+        theirs.visual.attn_pool.load_state_dict(ours.attn_pool.state_dict())
+        theirs.visual.attn_pool_contrastive.load_state_dict(ours.attn_pool_contrastive.state_dict())
+        theirs.visual.proj.copy_(ours.image_proj.weight.T)  # open_clip: pooled @ proj
+        theirs.logit_scale.copy_(ours.logit_scale)
+    theirs.visual.ln_post = copy.deepcopy(ours.encoder.norm)
+    # Bypass open_clip's vision trunk: its input is already the trunk's output.
+    theirs.visual._embeds = lambda x: x
+    theirs.visual.transformer = nn.Identity()
+
+    batch = make_batch(type(ours), toy_samples[:6], tokenizer, smoke_cfg.encoder.img_size)
+    text = full_context(batch["text"], spec)
+    assert torch.equal(caption_targets(text, spec.pad_id, spec.eot_id), text[:, 1:])  # same labels both sides
+    trunk = []
+    ours.encoder.norm.register_forward_pre_hook(lambda mod, args: trunk.append(args[0].detach().clone()))
+    with torch.no_grad():
+        out = ours(batch)
+        latent, memory = theirs._encode_image(trunk[0])
+        assert latent.shape == (6, 1, spec.embed_dim) and memory.shape == (6, queries, spec.width)
+        ref = theirs(None, text, image_latent=latent.squeeze(1), image_embs=memory)
+        contrastive, caption = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=spec.pad_id)(
+            ref["image_features"], ref["text_features"], ref["logits"], ref["labels"], ref["logit_scale"])
+        assert torch.allclose(F.normalize(latent.squeeze(1), dim=-1), ours.encode_image(batch["image"]), atol=1e-6)
+    assert out["contrastive"].item() == pytest.approx(contrastive.item(), abs=1e-5)
+    assert 2.0 * out["caption"].item() == pytest.approx(caption.item(), abs=1e-5)
+    assert out["loss"].item() == pytest.approx((contrastive + caption).item(), abs=1e-5)

@@ -154,3 +154,19 @@ def test_bleu_and_cider_of_references_against_themselves_are_maximal():
     # The scorers see lower-case words without punctuation, as after COCO's PTB tokenizer.
     assert caption_scores(["a RED circle, on the left!"], [["a red circle on the left"]])["bleu4"] == \
         pytest.approx(100.0, abs=1e-4)
+
+
+def test_imagenet_zeroshot_prompts_name_classes_not_wordnet_ids():
+    from mugbench.eval.zeroshot import class_names, prompts_for
+
+    # ImageFolder's sorted WordNet ids are the standard class index: n01440764 is class 0, "tench".
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    names = class_names("imagenet", wnids)
+    assert len(names) == 1000 and names[0] == "tench" and names[1] == "goldfish"
+    assert all(not n.startswith("n0") for n in names)
+    # Anything else keeps its folder names: another set, a subset of classes, unsorted ids.
+    assert class_names("toy-cls", ["circle", "square"]) == ["circle", "square"]
+    assert class_names("imagenet", wnids[:10]) == wnids[:10]
+    assert class_names("imagenet", wnids[::-1]) == wnids[::-1]
+    templates = prompts_for("imagenet")
+    assert len(templates) == 7 and all("{}" in t for t in templates)  # CLIP's seven-prompt ensemble

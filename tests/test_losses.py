@@ -16,6 +16,7 @@ import torch
 from mugbench.models.mae_decoder import masked_patch_loss
 from mugbench.methods.simclr import nt_xent_loss
 from mugbench.study import build_method
+from mugbench.train.loop import build_optimizer
 
 from conftest import make_batch
 
@@ -209,3 +210,30 @@ def test_nt_xent_under_ddp_equals_single_process_on_the_global_batch():
         rows = slice(rank * 3, rank * 3 + 3)
         assert torch.allclose(torch.tensor(ga), a.grad[rows], atol=1e-6)
         assert torch.allclose(torch.tensor(gb), b.grad[rows], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["clip", "flip", "slip", "coca"])
+def test_logit_scale_past_its_cap_keeps_its_gradient_and_is_clamped_after_the_step(
+        name, smoke_cfg, spec, toy_samples, tokenizer):
+    """open_clip's rule for CLIP's cap on the logit scale: the parameter (log scale) is clamped to
+    [0, ln 100] after the optimizer step, and forward uses its exp unclamped, so a parameter that
+    went past ln 100 still gets a gradient (a clamp of the value in forward would give it exactly 0)
+    and the step brings it back to ln 100 exactly."""
+    method = build_method(name, smoke_cfg, spec)
+    batch = make_batch(type(method), toy_samples[:4], tokenizer, smoke_cfg.encoder.img_size)
+    with torch.no_grad():
+        method.logit_scale.fill_(math.log(100.0) + 0.5)
+    out = method(batch)
+    assert out["logit_scale"].item() == pytest.approx(100.0 * math.exp(0.5), rel=1e-5)  # not clamped in forward
+    out["loss"].backward()
+    assert method.logit_scale.grad is not None and method.logit_scale.grad.abs().item() > 0
+    # One trainer-like step: the update moves the parameter by about lr, far less than the 0.5 excess.
+    optimizer = build_optimizer(method, smoke_cfg.train)
+    optimizer.step()
+    assert method.logit_scale.item() > math.log(100.0)
+    method.after_step()
+    assert method.logit_scale.item() == torch.tensor(math.log(100.0)).item()
+    with torch.no_grad():
+        method.logit_scale.fill_(-0.25)  # below 0: a scale under 1 is clamped up to ln 1 = 0
+    method.after_step()
+    assert method.logit_scale.item() == 0.0

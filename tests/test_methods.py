@@ -67,6 +67,18 @@ def test_builds_and_loss_is_finite(name, smoke_cfg, spec, toy_samples, tokenizer
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.encoder.parameters())
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_after_step_exists_and_runs(name, smoke_cfg, spec):
+    """The trainer calls ``after_step()`` after every optimizer step: every method has one, it runs
+    on a freshly built method, and it leaves every parameter inside its constraints unchanged."""
+    method = build_method(name, smoke_cfg, spec)
+    assert callable(getattr(method, "after_step", None))
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    assert method.after_step() is None
+    after = method.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # initial values are within the clamps
+
+
 @pytest.mark.parametrize("name", [m for m in METHODS if get_method(m).needs_text])
 def test_trimmed_captions_give_the_full_context_loss(name, smoke_cfg, spec, toy_samples, tokenizer):
     # The loader trims a batch's trailing padding (a speed-up); the loss must not notice.

@@ -69,7 +69,7 @@ def test_readme_method_example_is_a_working_method(smoke_cfg, spec, toy_samples,
     try:
         exec(compile(source, "README.md", "exec"), module.__dict__)
         method = build_method(name, smoke_cfg, spec)
-        assert len(method.views) == 2
+        assert len(method.extra_views) == 1 and method.base_view is None  # the study's base view + one
         out = method(make_batch(type(method), toy_samples[:8], tokenizer, smoke_cfg.encoder.img_size))
         assert torch.isfinite(out["loss"])
         out["loss"].backward()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -115,3 +116,19 @@ def test_config_types_are_checked_and_numbers_in_text_converted():
     with pytest.raises(ConfigError, match="eval.protocols"):
         load_config("smoke", ["eval.protocols=knn"])
     assert get_method("mae").parse_options({"mask_ratio": "6e-1"}).mask_ratio == pytest.approx(0.6)
+
+
+def test_trainer_runs_after_step_on_the_method_after_each_optimizer_step(smoke_cfg, spec, toy_samples, tokenizer,
+                                                                          tmp_path):
+    """`train` calls ``method.after_step()`` once per optimizer step (not per micro-step); for CLIP
+    that clamps a logit scale pushed past ln 100 back to ln 100 exactly."""
+    method = build_method("clip", smoke_cfg, spec)
+    with torch.no_grad():
+        method.logit_scale.fill_(math.log(100.0) + 1.0)
+    calls = []
+    clamp = method.after_step
+    method.after_step = lambda: (calls.append(len(calls)), clamp())[-1]
+    train(method, _batches(method, toy_samples, tokenizer, smoke_cfg.encoder.img_size), _cfg(epochs=1, accum_steps=3),
+          steps_per_epoch=1, workdir=tmp_path, info=DistInfo(), seed=0)
+    assert len(calls) == 1  # one optimizer step of three accumulated micro-batches
+    assert method.logit_scale.item() == torch.tensor(math.log(100.0)).item()

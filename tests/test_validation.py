@@ -234,8 +234,9 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-@pytest.mark.parametrize("cls", [config_mod.StudyConfig, config_mod.DataConfig, config_mod.EncoderSpec,
-                                 config_mod.TextConfig, config_mod.TrainConfig, config_mod.EvalConfig])
+@pytest.mark.parametrize("cls", [config_mod.StudyConfig, config_mod.DataConfig, config_mod.AugmentConfig,
+                                 config_mod.EncoderSpec, config_mod.TextConfig, config_mod.TrainConfig,
+                                 config_mod.EvalConfig])
 def test_every_numeric_key_declares_its_range(cls):
     hints = typing.get_type_hints(cls)
     numeric = [f for f in dataclasses.fields(cls) if _numeric(hints[f.name], _default(f))]
@@ -278,3 +279,44 @@ def test_range_messages_say_key_value_and_allowed_range():
     # in range, and null where null means "none"
     cfg = load_config("smoke", ["train.grad_clip=null", "train.warmup_epochs=0", "data.max_bad_fraction=1"])
     assert cfg.train.grad_clip is None and cfg.data.max_bad_fraction == 1.0
+
+
+# --- the paper preset evaluates the paper's sets, and refuses to start without them ------------------
+
+PAPER_RUN = ["run", "--preset", "paper", "--methods", "mae"]
+
+
+def test_paper_preset_evaluates_the_papers_protocols():
+    cfg = load_config("paper").eval
+    assert cfg.datasets == ["imagenet", "ade20k", "coco-caps"]
+    assert {"linear", "finetune", "segmentation"} <= set(cfg.protocols)
+    # MAE's linear probe (He et al., 2022) and ViT-B fine-tuning recipe, BEiT/MAE's ADE20K schedule.
+    assert (cfg.linear_solver, cfg.linear_epochs, cfg.linear_batch_size, cfg.linear_lr, cfg.linear_warmup_epochs) \
+        == ("lars", 90, 16384, 0.1, 10)
+    assert (cfg.finetune_epochs, cfg.finetune_batch_size, cfg.finetune_blr, cfg.finetune_layer_decay) \
+        == (100, 1024, 5.0e-4, 0.65)
+    assert (cfg.seg_iters, cfg.seg_crop, cfg.seg_batch_size, cfg.seg_lr) == (160000, 512, 16, 1.0e-4)
+
+
+def test_paper_preset_without_its_pretraining_set_stops_before_any_folder(tmp_path, tmp_path_factory,
+                                                                          capsys, monkeypatch):
+    empty = tmp_path_factory.mktemp("empty-data-root")
+    code, _, err = _cli([*PAPER_RUN, "--data-root", str(empty), *_folders(tmp_path)], tmp_path, capsys, monkeypatch)
+    _assert_user_error(code, err, "'cc3m' was not found", str(empty), "img2dataset")
+    assert list(tmp_path.iterdir()) == [] and list(empty.iterdir()) == []
+
+
+def test_paper_preset_without_its_evaluation_sets_stops_before_any_folder(tmp_path, tmp_path_factory,
+                                                                          capsys, monkeypatch):
+    empty, shards = tmp_path_factory.mktemp("empty-data-root"), tmp_path_factory.mktemp("shards")
+    with tarfile.open(shards / "00000.tar", "w") as tar:  # one img2dataset-style sample
+        for name, payload in (("000000000.txt", b"a photo of a cat"), ("000000000.jpg", b"\xff\xd8\xff")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    code, _, err = _cli([*PAPER_RUN, "--data", str(shards / "00000.tar"), "--data-root", str(empty),
+                         *_folders(tmp_path)], tmp_path, capsys, monkeypatch)
+    # The first missing set's own message, naming the others too: one attempt lists everything to fetch.
+    _assert_user_error(code, err, "Evaluation set 'imagenet' was not found", str(empty / "imagenet"),
+                       "ILSVRC2012", "ade20k, coco-caps")
+    assert list(tmp_path.iterdir()) == [] and list(empty.iterdir()) == []

@@ -20,9 +20,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from ..config import AugmentConfig
 from ..data.decode import draft_size
 from ..data.pipeline import DecodeOptions, make_loader
-from ..data.transforms import ViewSpec, build_view_transform
+from ..data.transforms import base_view_spec, build_view_transform
 
 SIZE_MIXES = {"img2dataset-256": (256, 256), "web-originals": (480, 1200)}
 ASPECTS = (4 / 3, 3 / 2, 1.0, 16 / 9)
@@ -87,9 +88,9 @@ def run(workdir: Path, images: int = 384, image_size: int = 224, workers: int = 
     ``workers=0`` decodes in the measuring process itself: the throughput of one worker.
     """
     torch.set_num_threads(1)  # a loader worker runs single-threaded; so does the baseline here
-    scale = ViewSpec().scale  # MAE's RandomResizedCrop(0.2, 1.0) + flip: the paper's pre-training view
-    transform = build_view_transform(ViewSpec(), image_size)
-    draft = DecodeOptions(draft_to=draft_size(image_size, [scale[0]]))
+    spec = base_view_spec(AugmentConfig())  # every method's default base view: MAE's RandomResizedCrop(0.2, 1.0)
+    transform = build_view_transform(spec, image_size)
+    draft = DecodeOptions(draft_to=draft_size(image_size, [spec.scale[0]]))
     warmup = 2 * batch_size
     out = {}
     for mix, shorter_range in SIZE_MIXES.items():

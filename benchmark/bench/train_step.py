@@ -28,14 +28,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import StudyConfig
 from ..data.tokenizer import TextTokenizer, corpus_vocab, trim_padding
-from ..data.transforms import ViewSpec
+from ..data.transforms import method_view_specs
 from ..models.vit import build_encoder
 from ..registry import get_method
 from ..study import build_method, text_spec
 from ..train.distributed import DistInfo
 from ..models.text import full_context
 from ..train.loop import (
-    CompiledOrEager, autocast, build_optimizer, enable_grad_checkpointing, memory_in_use_mb, train,
+    CompiledOrEager, autocast, build_optimizer, enable_grad_checkpointing, memory_in_use_mb, run_after_step, train,
 )
 
 PLAIN_TIMM = "timm-vit (all tokens)"
@@ -80,10 +80,12 @@ def synthetic_captions(count: int, seed: int = 0) -> list[str]:
 
 
 def synthetic_batch(cfg: StudyConfig, method_cls, tokenizer: TextTokenizer, batch: int, device, seed: int = 0) -> dict:
-    """Random images for every view and tokenised ten-word captions, on ``device``."""
+    """Random images for every view the method trains on (`method_view_specs`: the study's base view
+    plus its extra views) and tokenised ten-word captions, on ``device``."""
     gen = torch.Generator().manual_seed(seed)
     size = cfg.encoder.img_size
-    views = [torch.randn(batch, 3, size, size, generator=gen).to(device) for _ in method_cls.views]
+    views = [torch.randn(batch, 3, size, size, generator=gen).to(device)
+             for _ in method_view_specs(method_cls, cfg.data.augment)]
     captions = synthetic_captions(batch, seed)
     # Trimmed as the loader trims (`trim_padding`), so text towers cost what they cost in training.
     text = trim_padding(tokenizer(captions), tokenizer.pad_id)
@@ -95,9 +97,8 @@ def synthetic_batch(cfg: StudyConfig, method_cls, tokenizer: TextTokenizer, batc
 
 
 class _PlainViT(torch.nn.Module):
-    """The reference step: the shared ViT on every token, mean-pooled, a linear head, cross-entropy."""
-
-    views = (ViewSpec(),)
+    """The reference step: the shared ViT on every token, mean-pooled, a linear head, cross-entropy.
+    It trains on the study's base view alone (no ``extra_views``)."""
 
     def __init__(self, cfg: StudyConfig):
         super().__init__()
@@ -168,9 +169,9 @@ VARIANTS = {
 def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, device, steps: int,
             warmup: int, variant: Variant = Variant(""), count_flops: bool = True) -> StepStats:
     """Steady-state time of the bare loop's step (forward, backward, the recipe's gradient clipping,
-    AdamW), FLOPs of one step (NaN with ``count_flops=False``, for callers that keep only the time:
-    counting costs one more step, a long one at paper scale), peak memory; ``variant`` changes the
-    step (see `VARIANTS`)."""
+    AdamW, the method's ``after_step``), FLOPs of one step (NaN with ``count_flops=False``, for
+    callers that keep only the time: counting costs one more step, a long one at paper scale), peak
+    memory; ``variant`` changes the step (see `VARIANTS`)."""
     module.to(device).train()
     train_cfg = dataclasses.replace(cfg.train, **variant.train)
     if variant.module is not None:
@@ -186,6 +187,7 @@ def measure(name: str, module: torch.nn.Module, batch: dict, cfg: StudyConfig, d
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
         optimizer.step()
+        run_after_step(module)  # as the trainer does, so the measured step is the trained one
         optimizer.zero_grad(set_to_none=True)
 
     flops = float("nan")

@@ -1,6 +1,11 @@
 """Image transforms: augmented training views, the deterministic eval transform, and
 reproducible per-sample augmentation seeding.
 
+Which views a method trains on is decided in one place, `method_view_specs`: view 0 is the
+study's base view (``data.augment``, the same for every method) unless the method declares an
+override with a reason; the method's declared ``extra_views`` follow. `augmentation_record` is
+what a result record says about it.
+
 Everything is built from ``torchvision.transforms.v2``, which draws its randomness from
 torch's global RNG; ``apply_views`` seeds that RNG per sample so augmentations depend
 only on (run seed, epoch, sample key), never on worker count or iteration order.
@@ -9,17 +14,20 @@ only on (run seed, epoch, sample key), never on worker count or iteration order.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision.transforms import v2
 
+if TYPE_CHECKING:
+    from ..config import AugmentConfig
+
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "ViewSpec", "build_view_transform", "build_eval_transform",
-    "sample_seed", "apply_views",
+    "IMAGENET_MEAN", "IMAGENET_STD", "ViewSpec", "ViewDeclarationError", "base_view_spec", "method_view_specs",
+    "augmentation_record", "build_view_transform", "build_eval_transform", "sample_seed", "apply_views",
 ]
 
 
@@ -33,7 +41,8 @@ class ViewSpec:
     0.8*s, hue 0.2*s, applied with p=0.8), random grayscale (``grayscale`` is its
     probability) and Gaussian blur (``blur`` is its probability); typically
     ``ViewSpec(scale=(0.08, 1.0), color_jitter=1.0, grayscale=0.2, blur=0.5)``.
-    A value of 0 disables the corresponding step.
+    A value of 0 disables the corresponding step. ``interpolation`` is the crop's resampling
+    (a torchvision ``InterpolationMode`` value: bicubic, bilinear, nearest).
     """
 
     scale: tuple[float, float] = (0.2, 1.0)
@@ -42,6 +51,56 @@ class ViewSpec:
     color_jitter: float = 0.0
     grayscale: float = 0.0
     blur: float = 0.0
+    interpolation: str = "bicubic"
+
+
+class ViewDeclarationError(TypeError):
+    """A method class whose declared views cannot be used (an old ``views`` tuple, or a base-view
+    override without a reason)."""
+
+
+def base_view_spec(augment: "AugmentConfig", captioned: bool = True) -> ViewSpec:
+    """The study's base view from its ``data.augment`` policy; ``captioned``: the pre-training data
+    has captions (every set mugbench reads does), which turns an ``auto`` flip off."""
+    return ViewSpec(scale=tuple(augment.scale), hflip=augment.flips(captioned), interpolation=augment.interpolation)
+
+
+def _check_declaration(method_cls: type) -> None:
+    name = getattr(method_cls, "name", method_cls.__name__)
+    if hasattr(method_cls, "views"):
+        raise ViewDeclarationError(
+            f"Method {name!r} declares `views`, which mugbench no longer reads: every method's first view is "
+            f"the study's base view (data.augment), so that methods differ only in their objective. Declare "
+            f"only the views you add as `extra_views = (ViewSpec(...), ...)`; a method that cannot train on the "
+            f"base view declares `base_view = ViewSpec(...)` and `base_view_reason = '...'` (recorded).")
+    if getattr(method_cls, "base_view", None) is not None and not str(getattr(method_cls, "base_view_reason", "")).strip():
+        raise ViewDeclarationError(
+            f"Method {name!r} overrides the study's base view (`base_view`) without saying why: set "
+            f"`base_view_reason` to a sentence; it is written into every result record of the method.")
+
+
+def method_view_specs(method_cls: type, augment: "AugmentConfig", captioned: bool = True) -> list[ViewSpec]:
+    """Every view ``method_cls`` trains on, in batch order: view 0 (``batch["image"]``) is the study's
+    base view, or the method's declared ``base_view`` override; then its ``extra_views``.
+
+    The one function the trainer, the bench, the tests and ``mugbench methods`` build views with."""
+    _check_declaration(method_cls)
+    base = getattr(method_cls, "base_view", None) or base_view_spec(augment, captioned)
+    return [base, *getattr(method_cls, "extra_views", ())]
+
+
+def augmentation_record(method_cls: type, augment: "AugmentConfig", captioned: bool = True) -> dict[str, Any]:
+    """What a result record says about a method's augmentation: the views actually applied (as
+    `method_view_specs` gives them), where view 0 came from and why, and the study's policy."""
+    views = method_view_specs(method_cls, augment, captioned)
+    override = getattr(method_cls, "base_view", None) is not None
+    return {
+        "policy": asdict(augment),
+        "base_view": asdict(views[0]),
+        "base_view_source": "method override" if override else "study policy (data.augment)",
+        "base_view_reason": str(getattr(method_cls, "base_view_reason", "")) if override else "",
+        "extra_views": [asdict(v) for v in views[1:]],
+    }
 
 
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
@@ -53,7 +112,7 @@ def build_view_transform(spec: ViewSpec, image_size: int, mean: Sequence[float] 
                          std: Sequence[float] = IMAGENET_STD) -> Callable:
     """A random training view: PIL image -> float tensor [3, image_size, image_size]."""
     steps: list = [v2.RandomResizedCrop(image_size, scale=spec.scale, ratio=spec.ratio,
-                                        interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+                                        interpolation=v2.InterpolationMode(spec.interpolation), antialias=True)]
     if spec.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if spec.color_jitter > 0:

@@ -19,7 +19,7 @@ from .knn import evaluate_knn
 from .linear import evaluate_linear
 from .reconstruction import reconstruction_error, save_reconstruction_grid
 from .retrieval import embed_pairs, recall_at_k
-from .zeroshot import accuracy, embedding_scores, likelihood_scores, prompts_for
+from .zeroshot import accuracy, class_names, embedding_scores, likelihood_scores, prompts_for
 
 
 def knn_protocol(feats, data, cfg, seed):
@@ -70,14 +70,17 @@ def zeroshot_protocol(method, data, cfg, seed, *, tokenizer, device, artifact: P
     """Zero-shot top-1 on the validation images: prompt embeddings where the method has a text
     tower, else caption likelihood of the prompts."""
     templates, val = prompts_for(data["name"]), data["val"]
-    n = cfg.zeroshot_images or len(val["image"])
-    images, labels = val["image"][:n], val["label"][:n]
+    classes = class_names(data["name"], data["classes"])
+    n = min(cfg.zeroshot_images or len(val["image"]), len(val["image"]))
+    # A lazy ImageFolder split stays lazy when whole (slicing it would load every image at once).
+    images = val["image"] if n == len(val["image"]) else val["image"][:n]
+    labels = val["label"][:n]
     if callable(getattr(method, "encode_text", None)):
         mode = "embedding"
-        scores = embedding_scores(method, images, data["classes"], templates, tokenizer, device=device)
+        scores = embedding_scores(method, images, classes, templates, tokenizer, device=device)
     else:
         mode = "likelihood"
-        scores = likelihood_scores(method, images, data["classes"], templates, tokenizer, seed=seed, device=device)
+        scores = likelihood_scores(method, images, classes, templates, tokenizer, seed=seed, device=device)
     return accuracy(scores, labels), {"mode": mode, "prompts": list(templates), "images": len(images)}, []
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import random
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +18,11 @@ from timm.data import Mixup, create_transform
 from timm.layers import DropPath
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
+from timm.utils import random_seed
 
 from ..data.pipeline import make_loader
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .determinism import determinism_note
 from .linear import warmup_cosine
 
 
@@ -108,8 +109,10 @@ def finetune_protocol(encoder: torch.nn.Module, data: dict, cfg, seed: int, *, d
 
 
 def _finetune(encoder: torch.nn.Module, data: dict, cfg, seed: int, *, device):
-    torch.manual_seed(seed)
-    random.seed(seed)  # timm's RandAugment and random erasing draw from Python's RNG
+    # Every RNG the recipe draws from, so the numbers depend on the seed alone, never on the protocols
+    # or methods run before in the same process: torch (init, drop path), Python's (timm's RandAugment
+    # magnitudes, random erasing) and numpy's (timm's Mixup / CutMix, RandAugment's choice of ops).
+    random_seed(seed)
     img_size = int(data["val"]["image"].shape[-1])
     model = classifier_from_encoder(encoder, data["num_classes"], cfg.pool, cfg.finetune_drop_path).to(device)
     batch = cfg.finetune_batch_size
@@ -151,5 +154,5 @@ def _finetune(encoder: torch.nn.Module, data: dict, cfg, seed: int, *, device):
     options = {key: getattr(cfg, f"finetune_{key}") for key in (
         "epochs", "batch_size", "blr", "layer_decay", "weight_decay", "drop_path", "warmup_epochs", "mixup",
         "cutmix", "label_smoothing", "randaug", "reprob")}
-    options.update(pool=cfg.pool, top1_per_epoch=history)
+    options.update(pool=cfg.pool, top1_per_epoch=history, **determinism_note(device))
     return {"top1": max(history), "top1_last": history[-1]}, options

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..results import atomic_write_text
 from ..train.checkpoint import load_checkpoint
+from .determinism import determinism_note
 from .mmseg_compat import ensure_mmseg_importable
 
 # Per dataset type: mmseg dataset class, folders under ``root`` and file suffixes.
@@ -605,6 +606,7 @@ def segmentation_protocol(encoder: nn.Module, data: dict, cfg, seed: int, *, dev
         "optimizer": "adamw(0.9,0.999)", "test_mode": "slide",
         "photometric": bool(data.get("photometric", True)),
         "precision": "bf16" if device.type == "cuda" else "fp32",
+        **determinism_note(device),
     }
     signature = {"options": options, "seed": int(seed), "dataset": data.get("name"), "classes": classes,
                  "encoder_sha256": _fingerprint(encoder)}

@@ -8,6 +8,7 @@ that returns next-token logits ``[B, L, vocab]`` (position ``i`` predicts token 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -51,29 +52,78 @@ def build_text_encoder(text: TextSpec) -> TextTransformer:
 class CaptionDecoder(nn.Module):
     """Autoregressive caption decoder: per layer, causal self-attention over the caption, then
     cross-attention to image tokens (MUG's Algorithm 1; the layers are open_clip's
-    ``MultimodalTransformer``, the CoCa decoder)."""
+    ``MultimodalTransformer``, the CoCa decoder).
 
-    def __init__(self, text: TextSpec, image_dim: int, width: int, layers: int, heads: int):
+    ``mask_token=True`` adds a learned mask-token embedding for CapPa's parallel prediction
+    (Tschannen et al., 2023): rows marked in ``forward``'s ``parallel`` read only mask tokens
+    and attend to every position. Without it the decoder has exactly MUG's parameters.
+    """
+
+    def __init__(self, text: TextSpec, image_dim: int, width: int, layers: int, heads: int,
+                 mask_token: bool = False):
         super().__init__()
         self.token_embedding = nn.Embedding(text.vocab_size, width)
+        # CapPa's extra vocabulary entry, as its own parameter: the vocabulary stays the tokenizer's.
+        self.mask_embedding = nn.Parameter(torch.empty(width)) if mask_token else None
         self.positional_embedding = nn.Parameter(torch.empty(text.context_length, width))
         self.image_proj = nn.Linear(image_dim, width) if image_dim != width else nn.Identity()
         self.decoder = MultimodalTransformer(width=width, layers=layers, heads=heads,
                                              context_length=text.context_length, output_dim=text.vocab_size)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.mask_embedding is not None:
+            nn.init.normal_(self.mask_embedding, std=0.02)  # as the token embeddings
         # open_clip leaves the output projection uninitialised until its parent model inits it.
         nn.init.normal_(self.decoder.text_projection, std=width ** -0.5)
 
-    def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Next-token logits ``[B, L, vocab]`` for input ``tokens [B, L]`` given ``image_tokens [B, T, D]``."""
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        return self.decoder(self.image_proj(image_tokens), x)
+    def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor,
+                parallel: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Next-token logits ``[B, L, vocab]`` for input ``tokens [B, L]`` given ``image_tokens [B, T, D]``.
+
+        ``parallel`` (bool ``[B]``, needs ``mask_token``): those rows are CapPa's parallel
+        prediction, every input a mask token and no causal mask, so position ``i`` predicts token
+        ``i + 1`` from the image and the caption's length alone; the other rows decode as usual.
+        """
+        x = self.token_embedding(tokens)
+        if parallel is not None:
+            if self.mask_embedding is None:
+                raise ValueError("parallel prediction needs a CaptionDecoder built with mask_token=True")
+            # Both embeddings stay in the graph whichever rows are parallel: DDP expects every
+            # parameter to receive a gradient on every rank at every step.
+            x = torch.where(parallel[:, None, None], self.mask_embedding.to(x.dtype), x)
+        x = x + self.positional_embedding[: tokens.shape[1]]
+        memory = self.image_proj(image_tokens)
+        if parallel is None:
+            return self.decoder(memory, x)
+        rows = (~parallel).nonzero()[:, 0], parallel.nonzero()[:, 0]
+        logits = []
+        for causal, idx in zip((True, False), rows):
+            if len(idx):
+                with contextlib.nullcontext() if causal else _bidirectional(self.decoder):
+                    logits.append((idx, self.decoder(memory[idx], x[idx])))
+        order = torch.cat([idx for idx, _ in logits])
+        return torch.cat([out for _, out in logits])[order.argsort()]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Position embeddings are exempt from weight decay."""
         return {"positional_embedding"}
+
+
+@contextlib.contextmanager
+def _bidirectional(transformer: MultimodalTransformer):
+    """Run open_clip's ``MultimodalTransformer`` without its causal self-attention mask.
+
+    Its forward always applies the buffer ``attn_mask`` (an additive ``-inf`` upper triangle);
+    an all-zero mask of the same shape lets every position attend to every other. The causal
+    buffer is restored on exit, also after an error.
+    """
+    causal = transformer.attn_mask
+    transformer.attn_mask = torch.zeros_like(causal)
+    try:
+        yield transformer
+    finally:
+        transformer.attn_mask = causal
 
 
 class CoCaTextDecoder(nn.Module):
@@ -132,10 +182,15 @@ def caption_targets(text: torch.Tensor, pad_id: int, eot_id: Optional[int] = Non
 
 
 def caption_loss(decoder: nn.Module, image_tokens: torch.Tensor, text: torch.Tensor, pad_id: int,
-                 eot_id: Optional[int] = None) -> torch.Tensor:
+                 eot_id: Optional[int] = None, parallel: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Teacher-forced captioning loss: the mean cross-entropy of predicting ``text[:, 1:]`` from
-    ``text[:, :-1]`` over the positions `caption_targets` keeps (padding ignored)."""
-    logits = decoder(image_tokens, text[:, :-1])
+    ``text[:, :-1]`` over the positions `caption_targets` keeps (padding ignored).
+
+    ``parallel`` (bool ``[B]``, for a `CaptionDecoder` with a mask token): those captions are
+    predicted in parallel from mask tokens (CapPa); the mean is over all kept tokens of the batch.
+    """
+    logits = decoder(image_tokens, text[:, :-1]) if parallel is None else \
+        decoder(image_tokens, text[:, :-1], parallel=parallel)
     return F.cross_entropy(logits.transpose(1, 2), caption_targets(text, pad_id, eot_id), ignore_index=pad_id)
 
 

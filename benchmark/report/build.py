@@ -19,6 +19,7 @@ from mugbench.report import plots
 from mugbench.report.frame import (
     BENCH_PROTOCOLS, Selection, describe_encoder, headline_columns, long_frame, study_details, summary_frame,
 )
+from mugbench.report.likeness import unlike_note, unlike_rows
 from mugbench.report.tables import (
     absolute_references, claims_section, latex_table, markdown_table, missing_cells, ranking_section, study_tables,
     tidy,
@@ -83,6 +84,7 @@ class Report:
         self.details = study_details(self.records)
         self.methods = self.frame.attrs["methods"]
         self.studies = self.frame.attrs["studies"]
+        self.unlike = unlike_rows(self.records, by)  # per table: rows not pre-trained like-for-like, and why
 
     def _seeds(self, key) -> list[int]:
         return self.studies.get(key, {}).get("seeds", [])
@@ -96,7 +98,13 @@ class Report:
         columns = headline_columns(table.columns)
         seeds = 1 if self.by == "seed" else len(self._seeds(key))
         refs = absolute_references(self.references, columns)
-        return markdown_table(table, columns, seeds, self.methods, refs, with_margin=self.by == "method")
+        return markdown_table(table, columns, seeds, self.methods, refs, with_margin=self.by == "method",
+                              marked=self.unlike.get(key, {}))
+
+    def unlike_lines(self, key) -> list[str]:
+        """The note below a table naming its rows marked as not like-for-like and what differs."""
+        note = unlike_note(self.unlike.get(key, {}), self.tables[key].index.get_level_values("row"))
+        return note + [""] if note else []
 
     def _study_header(self, key) -> list[str]:
         data, preset = key
@@ -128,7 +136,7 @@ class Report:
         if not self.tables:
             lines += [f"No result records found under {where}" + (" for this selection" if selected else "") + ".", ""]
         for key, table in self.tables.items():
-            lines += self._study_header(key) + [""] + self.main_table(key) + [""]
+            lines += self._study_header(key) + [""] + self.main_table(key) + [""] + self.unlike_lines(key)
             if self.by == "method":
                 ranking = ranking_section(table, headline_columns(table.columns), self.methods)
                 lines += ranking + ([""] if ranking else [])
@@ -138,7 +146,8 @@ class Report:
             lines += ["<details><summary>All metrics</summary>", ""]
             all_columns = list(dict.fromkeys(c[:3] for c in table.columns))
             seeds = 1 if self.by == "seed" else len(self._seeds(key))
-            lines += markdown_table(table, all_columns, seeds, self.methods, with_margin=False) + ["", "</details>", ""]
+            lines += markdown_table(table, all_columns, seeds, self.methods, with_margin=False,
+                                    marked=self.unlike.get(key, {})) + ["", "</details>", ""]
         claims = claims_section({k: (t, self.methods, len(self._seeds(k))) for k, t in self.tables.items()},
                                 self.references) if self.by == "method" else []
         if claims:
@@ -166,7 +175,11 @@ class Report:
             seeds = 1 if self.by == "seed" else len(self._seeds(key))
             caption = (f"Pre-training data {key[0]}, preset {key[1]}: mean ± sample std over {seeds} seed(s); "
                        "best in bold.")
-            parts.append(latex_table(table, columns, seeds, caption, absolute_references(self.references, columns)))
+            marked = self.unlike.get(key, {})
+            if marked:
+                caption += " † = pre-trained under other conditions than the other rows (summary.md says which)."
+            parts.append(latex_table(table, columns, seeds, caption, absolute_references(self.references, columns),
+                                     marked=marked))
         return "\n".join(parts)
 
     def figures(self, figures_dir: Path) -> list[tuple[str, str, Path]]:
@@ -213,7 +226,7 @@ class Report:
                  "what is missing and the published claims: [summary.md](summary.md) "
                  "(also [summary.csv](summary.csv), [summary.tex](summary.tex)).", ""]
         for key, table in self.tables.items():
-            lines += [f"## `{key[0]}` / `{key[1]}`", ""] + self.main_table(key) + [""]
+            lines += [f"## `{key[0]}` / `{key[1]}`", ""] + self.main_table(key) + [""] + self.unlike_lines(key)
             if self.by == "method":
                 ranking = ranking_section(table, headline_columns(table.columns), self.methods)
                 lines += ranking + ([""] if ranking else [])

@@ -10,7 +10,7 @@ needs ``tabulate``, which is not a dependency.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import pandas as pd
 
@@ -19,6 +19,7 @@ from mugbench.report.frame import (
 )
 
 MISSING = "—"
+MARK = "†"  # after a row not pre-trained like-for-like with the rest of its table (report.likeness)
 PROTOCOL_LABELS = {
     "knn": "k-NN", "linear": "linear probe", "finetune": "fine-tune", "segmentation": "segmentation",
     "zeroshot": "zero-shot", "retrieval": "retrieval", "captioning": "captioning", "reconstruction": "reconstruction",
@@ -91,15 +92,17 @@ def _escape_md(text: Any) -> str:
 
 
 def markdown_table(frame: pd.DataFrame, columns: list[tuple[str, str, str]], seeds: int,
-                   methods: dict[str, str], references: Sequence[dict] = (), with_margin: bool = True) -> list[str]:
-    """Markdown lines of one study's table. ``frame`` is indexed by (paradigm, row)."""
+                   methods: dict[str, str], references: Sequence[dict] = (), with_margin: bool = True,
+                   marked: Collection[str] = ()) -> list[str]:
+    """Markdown lines of one study's table. ``frame`` is indexed by (paradigm, row); rows in ``marked``
+    (not pre-trained like-for-like with the rest) get a dagger after their name."""
     header = ["paradigm", "method"] + [column_label(c) for c in columns]
     lines = ["| " + " | ".join(_escape_md(h) for h in header) + " |", "|---|---|" + "---:|" * len(columns)]
     plain = frame.droplevel("paradigm")
     bold = {c: best_rows(plain[c + ("mean",)], c[2]) for c in columns}
     for paradigm, rows in _rows_by_paradigm(frame):
         for i, row in enumerate(rows):
-            cells = [paradigm if i == 0 else "", row]
+            cells = [paradigm if i == 0 else "", f"{row}{MARK}" if row in marked else row]
             for c in columns:
                 text = cell_text(*(plain.at[row, c + (s,)] for s in STATS), seeds)
                 cells.append(f"**{text}**" if row in bold[c] else text)
@@ -238,8 +241,10 @@ def missing_cells(frame: pd.DataFrame, columns: list[tuple], methods: dict[str, 
     return lines
 
 
-def latex_table(frame: pd.DataFrame, columns: list[tuple], seeds: int, caption: str, references=()) -> str:
-    """One study's main table as a booktabs ``table`` (bold best, $\\pm$ std, --- when missing)."""
+def latex_table(frame: pd.DataFrame, columns: list[tuple], seeds: int, caption: str, references=(),
+                marked: Collection[str] = ()) -> str:
+    """One study's main table as a booktabs ``table`` (bold best, $\\pm$ std, --- when missing; a dagger
+    after the rows in ``marked``, not pre-trained like-for-like with the rest)."""
     plain = frame.droplevel("paradigm")
     bold = {c: best_rows(plain[c + ("mean",)], c[2]) for c in columns}
     head = " & ".join(["Paradigm", "Method"] + [_tex(column_label(c)) for c in columns])
@@ -248,7 +253,7 @@ def latex_table(frame: pd.DataFrame, columns: list[tuple], seeds: int, caption: 
     groups = _rows_by_paradigm(frame)
     for g, (paradigm, rows) in enumerate(groups):
         for i, row in enumerate(rows):
-            cells = [_tex(paradigm) if i == 0 else "", _tex(row)]
+            cells = [_tex(paradigm) if i == 0 else "", _tex(f"{row}{MARK}" if row in marked else row)]
             for c in columns:
                 text = cell_text(*(plain.at[row, c + (s,)] for s in STATS), seeds, pm=" $\\pm$ ")
                 text = "---" if text == MISSING else text
@@ -267,7 +272,7 @@ def latex_table(frame: pd.DataFrame, columns: list[tuple], seeds: int, caption: 
 
 
 _TEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "#": "\\#", "_": "\\_", "$": "\\$", "{": "\\{",
-        "}": "\\}", "·": "$\\cdot$", "×": "$\\times$", "−": "--", "—": "---", "±": "$\\pm$"}
+        "}": "\\}", "·": "$\\cdot$", "†": "$^\\dagger$", "×": "$\\times$", "−": "--", "—": "---", "±": "$\\pm$"}
 
 
 def _tex(text: Any) -> str:

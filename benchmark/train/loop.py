@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from timm.utils import random_seed
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, TrainConfig
@@ -118,6 +119,14 @@ class CompiledOrEager:
             except Exception as exc:  # noqa: BLE001
                 self._fall_back(exc)
         return self.module(batch)
+
+
+def run_after_step(method: torch.nn.Module) -> None:
+    """The method's ``after_step`` hook (`Method.after_step`: parameter constraints such as CLIP's
+    logit-scale cap), run after each optimizer step; a plain module without one is left alone."""
+    hook = getattr(method, "after_step", None)
+    if callable(hook):
+        hook()
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> CosineLRScheduler:
@@ -368,8 +377,9 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # One seed on every rank: masks are drawn for the global batch and sliced per rank (random_masking),
-    # so a run does not depend on the number of processes that share its batch.
-    torch.manual_seed(seed)
+    # so a run does not depend on the number of processes that share its batch. Python's and numpy's
+    # RNGs too, so a method plugin that draws from them is not moved by whatever ran before in the process.
+    random_seed(seed)
     found = load_newest_checkpoint(workdir, warn=(lambda msg: print(f"warning: {msg}", file=sys.stderr))
                                    if info.is_main else (lambda msg: None))
     if found:
@@ -437,6 +447,7 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.grad_clip)
                 optimizer.step()
+                run_after_step(method)  # the method itself, not its DDP / compiled wrapper
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 state["step"] = step
