@@ -123,7 +123,7 @@ def test_records_trained_on_cuda_say_they_are_not_bitwise_repeatable():
     assert "atomic adds" in determinism_note(torch.device("cuda", 0))["determinism"]
 
 
-@pytest.mark.study
+@pytest.mark.slow
 def test_smoke_study_twice_gives_identical_records(tmp_path):
     """The issue's acceptance test: the default study at the smoke preset, all 8 methods and every
     protocol, run twice with one seed into fresh folders: identical records (metrics, loss curves,
