@@ -34,8 +34,8 @@ NOT_CONDITIONS = {
     "data": {
         "pin_memory": "page-locked host memory: copies faster, the same batches",
         "prefetch_factor": "how far ahead workers prepare batches, not which batches",
-        "decode_draft": "JPEG reduced-size decode, never below the resolution the method's crops need; the "
-                        "draft size differs per method by design (it follows each method's smallest crop)",
+        "decode_draft": "JPEG reduced-size decode, never below the resolution the study's base-view crops "
+                        "need, the same for every method (study.pretrain_batches)",
     },
     "train": {
         **{name: "speed and memory only (TrainConfig.PERFORMANCE_ONLY): the same training either way"
