@@ -40,6 +40,20 @@ def spec(smoke_cfg, tokenizer):
     return text_spec(smoke_cfg, tokenizer)
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real `mugbench run --evals knn` of mae on the smoke preset for two optimiser steps (~10 s):
+    ``(root, run_dir)``, with ``runs/``, ``results/`` and ``reports/`` under ``root``."""
+    from mugbench.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    argv = ["run", "--preset", "smoke", "--methods", "mae", "--set", "train.epochs=0.25", "--evals", "knn",
+            "--workdir", str(root / "runs"), "--results", str(root / "results"), "--reports", str(root / "reports"),
+            "--cache-dir", str(root / "cache")]
+    assert main(argv) == 0
+    return root, next((root / "runs").glob("toy/smoke/mae-seed0-*"))
+
+
 def make_batch(method_cls, samples, tokenizer, image_size: int, seed: int = 0,
                augment: AugmentConfig = AugmentConfig()) -> dict:
     """A batch in the loader's format for the views ``method_cls`` trains on under the base-view

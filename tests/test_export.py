@@ -27,16 +27,6 @@ def no_hub(monkeypatch):
     monkeypatch.setattr("timm.models._hub.hf_hub_download", refuse, raising=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A real `mugbench run --evals knn` of mae on the smoke preset for two optimiser steps (~10 s)."""
-    root = tmp_path_factory.mktemp("tiny-run")
-    argv = ["run", "--preset", "smoke", "--methods", "mae", "--set", "train.epochs=0.25", "--evals", "knn",
-            "--workdir", str(root / "runs"), "--results", str(root / "results"), "--reports", str(root / "reports"),
-            "--cache-dir", str(root / "cache")]
-    assert main(argv) == 0
-    return root, next((root / "runs").glob("toy/smoke/mae-seed0-*"))
-
 
 def _features(model, seed=0):
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))

@@ -156,23 +156,13 @@ def test_per_seed_rows_are_marked_too():
     assert "- clip · seed 1†: text.width 64 vs 32" in text
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A real `mugbench run --evals knn` of mae on the smoke preset for two optimiser steps (~10 s)."""
-    root = tmp_path_factory.mktemp("fingerprint-run")
-    argv = ["run", "--preset", "smoke", "--methods", "mae", "--set", "train.epochs=0.25", "--evals", "knn",
-            "--workdir", str(root / "runs"), "--results", str(root / "results"), "--reports", str(root / "reports"),
-            "--cache-dir", str(root / "cache")]
-    assert main(argv) == 0
-    return root, next((root / "runs").glob("toy/smoke/mae-seed0-*"))
-
 
 def _records(folder):
     return [json.loads(p.read_text()) for p in sorted(folder.rglob("*.json"))]
 
 
-def test_run_and_eval_of_its_encoder_write_the_same_fingerprint(trained, tmp_path):
-    root, run_dir = trained
+def test_run_and_eval_of_its_encoder_write_the_same_fingerprint(tiny_run, tmp_path):
+    root, run_dir = tiny_run
     (record,) = _records(root / "results")
     expected = conditions("train.epochs=0.25", "eval.protocols=[knn]")
     assert record["conditions"] == expected and record["fingerprint"] == fingerprint(expected)
@@ -184,11 +174,11 @@ def test_run_and_eval_of_its_encoder_write_the_same_fingerprint(trained, tmp_pat
     assert again["fingerprint"] == record["fingerprint"]  # an evaluation setting is no pre-training condition
 
 
-def test_eval_conditions_of_exports_older_runs_earlier_checkpoints_and_timm_models(trained, tmp_path):
+def test_eval_conditions_of_exports_older_runs_earlier_checkpoints_and_timm_models(tiny_run, tmp_path):
     from mugbench.encoder_eval import pretrain_conditions
     from mugbench.sources import load_source
 
-    root, run_dir = trained
+    root, run_dir = tiny_run
     (record,) = _records(root / "results")
     source = load_source(run_dir)
     assert pretrain_conditions(source) == record["conditions"]
