@@ -27,7 +27,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -284,30 +283,20 @@ def record_figure(results_dir: str | os.PathLike, record: ResultRecord) -> Path 
     return path
 
 
-def _umask() -> int:
-    # Linux states the umask in /proc (exact, and safe with threads); elsewhere the value read at import.
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return _IMPORT_UMASK
+def new_temp_file(path: Path) -> tuple[int, str]:
+    """A new, empty ``.NAME.<random>.tmp`` beside ``path``, open for writing: ``(fd, temp path)``.
 
-
-# os.umask can only be read by setting it: done once, here, before any thread of ours writes a file.
-_IMPORT_UMASK = os.umask(0o022)
-os.umask(_IMPORT_UMASK)
-
-
-def new_file_mode() -> int:
-    """The mode ``open()`` would give a new file under the user's umask (0o644 under umask 022).
-
-    ``tempfile.mkstemp`` creates its files 0o600 whatever the umask; the atomic writers give
-    theirs this mode instead, so a results folder shared with collaborators stays readable.
+    Unlike ``tempfile.mkstemp`` (always 0o600) it is created with mode 0o666 and lets the kernel apply
+    the user's umask, as ``open()`` does (0o644 under 022), so a results folder shared with
+    collaborators stays readable. The ".tmp" suffix keeps half-written files out of every
+    "*.json" / "*.md" glob.
     """
-    return 0o666 & ~_umask()
+    while True:
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -319,10 +308,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The ".tmp" suffix keeps half-written files out of every "*.json" / "*.md" glob.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = new_temp_file(path)
     try:
-        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

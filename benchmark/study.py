@@ -75,21 +75,17 @@ def prepare_toy_world(cfg: StudyConfig, cache_dir: Path) -> tuple[Path, dict]:
                              shard_size=d.toy_shard_size)
 
 
-def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=None) -> PretrainData:
+def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=print) -> PretrainData:
     """Find the pre-training shards; ``toy`` is generated on demand, others must exist.
 
     The epoch length of a shard set is ``data.samples_per_epoch`` when set, else counted
     (`shard_count.count_samples`: img2dataset's stats files, or one cached pass over the tar
-    headers); ``log`` (default: print, on rank 0 only) says which.
+    headers); ``log`` says which (`run_study` passes its own, silent on ranks other than 0).
     """
     if cfg.data.name == "toy":
         root, manifest = prepare_toy_world(cfg, cache_dir)
         split = manifest["splits"]["pretrain"]
         return PretrainData("toy", [str(root / s) for s in split["shards"]], split["count"], root / "vocab.json")
-    if log is None:  # one voice per job: the other ranks resolve after rank 0 and find its count cached
-        quiet = torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_rank() != 0
-        log = (lambda *args, **kwargs: None) if quiet else print
     urls = catalog.resolve_pretrain_urls(cfg.data.name, data_root)
     samples, source = cfg.data.samples_per_epoch, "data.samples_per_epoch"
     if not samples and not all(catalog._is_local(u) for u in urls):
@@ -427,7 +423,7 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
     # Rank 0 generates the embedded data and the vocabulary cache; the others then find them cached.
     for turn in (True, False):
         if info.is_main == turn:
-            data = resolve_data(cfg, data_root, cache_dir)
+            data = resolve_data(cfg, data_root, cache_dir, log=log)
             tokenizer = build_tokenizer(cfg, data)
         if info.world_size > 1:
             torch.distributed.barrier()

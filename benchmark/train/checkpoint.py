@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,15 +14,13 @@ from ..models.vit import EncoderSpec, export_state_dict
 
 
 def _atomic(path: Path, write) -> Path:
-    from ..results import new_file_mode  # the one umask reader (import kept here: only _atomic needs it)
+    from ..results import new_temp_file  # the one temp-file maker (umask-respecting, unlike mkstemp)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = new_temp_file(path)
     os.close(fd)
     try:
         write(tmp)
-        # mkstemp made it 0o600; after the write, so whatever way the writer opened the file.
-        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
