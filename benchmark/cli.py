@@ -1,4 +1,4 @@
-"""The `mugbench` command line: run, report, methods, data, eval, export.
+"""The `mugbench` command line: run, report, methods, protocols, data, eval, export.
 
 Heavy imports (torch, timm, open_clip) happen inside the commands, after cheap checks, so
 that a wrong name or a missing data set is reported within seconds.
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="tables only (faster): the figures and README.md are left as they are")
 
     sub.add_parser("methods", help="list registered methods with their needs and capabilities")
+    sub.add_parser("protocols", help="list registered evaluation protocols (what they read, options) and evaluation sets")
 
     data = sub.add_parser("data", help="prepare the embedded data or check a shard set")
     dsub = data.add_subparsers(dest="data_command")
@@ -141,7 +142,7 @@ def _cmd_run(args) -> int:
     methods = parse_method_list(args.methods)
     for name in methods:  # option errors before any training starts
         get_method(name).parse_options(cfg.methods.get(name))
-    from .study import check_sample_stream
+    from .data.pretrain import check_sample_stream
 
     check_sample_stream(cfg, methods)  # one sample filter for every method of the study
     from .preflight import check_run
@@ -149,7 +150,7 @@ def _cmd_run(args) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     # The last check before work: nothing is created on disk until every setting above passed.
     check_run(cfg, data_root=data_root, needs_text=any(get_method(n).needs_text for n in methods),
-              workdir=args.workdir, results=args.results, reports=args.reports, cache=cache_dir)
+              workdir=args.workdir, results=args.results, reports=args.reports, cache=cache_dir, methods=methods)
     from .report import write_report
     from .study import run_study
 
@@ -181,7 +182,9 @@ def _parse_seeds(text: str | None, default: int) -> list[int]:
 
 
 def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    from .train.distributed import rank_and_world
+
+    return rank_and_world()[0] == 0
 
 
 def _cmd_report(args) -> int:
@@ -216,14 +219,31 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_protocols(args) -> int:
+    from .registry import registered_eval_sets, registered_protocols
+
+    print("protocols (in report order; `--set eval.<name>.<option>=...` sets an option):")
+    for name, cls in sorted(registered_protocols().items(), key=lambda kv: (kv[1].order, kv[0])):
+        needs = f", needs {' or '.join(cls.needs)}" if cls.needs else ""
+        role = "transfer (ranked)" if cls.transfer else "capability"
+        opts = ", ".join(f"{k}={v}" for k, v in cls.option_defaults().items()) or "-"
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the summary, unwrapped
+        print(f"{name:14s} \"{cls.display_label()}\": reads {cls.reads}, {cls.set_kind} set{needs}; "
+              f"headline {', '.join(cls.headline) or 'every metric'}; {role}\n{'':15s}{doc}\n{'':15s}options: {opts}")
+    print("\nevaluation sets (folders are under the data root: --data-root or MUGBENCH_DATA):")
+    for name, src in registered_eval_sets().items():
+        print(f"{name:14s} {src.kind:14s} {'generated' if src.folder is None else src.folder}")
+    return 0
+
+
 def _cmd_data(args) -> int:
     if args.data_command == "prepare":
         from .config import load_config
         from .data.catalog import default_cache_dir
-        from .study import prepare_toy_world
+        from .data.toy import prepare_toy_world
 
         cfg = load_config(args.preset, args.overrides)
-        root, manifest = prepare_toy_world(cfg, args.cache_dir or default_cache_dir())
+        root, manifest = prepare_toy_world(cfg.data, args.cache_dir or default_cache_dir())
         counts = ", ".join(f"{k}={v['count']}" for k, v in manifest["splits"].items())
         print(f"toy world ready in {root}: {counts}")
         return 0
@@ -236,7 +256,7 @@ def _cmd_data(args) -> int:
 def _cmd_data_check(args) -> int:
     from .config import DataConfig
     from .data.catalog import default_data_root, resolve_pretrain_urls
-    from .results import atomic_write_text
+    from .files import atomic_write_text
 
     defaults = DataConfig()
     min_size = defaults.min_image_size if args.min_image_size is None else args.min_image_size
@@ -313,7 +333,7 @@ def _cmd_bench(args) -> int:
                   repeats=args.repeats)
     print(format_table(results, args.image_size, args.workers))
     if args.json:
-        from .results import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
     return 0
@@ -364,8 +384,8 @@ def _cmd_bench_train_step(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "report": _cmd_report, "methods": _cmd_methods, "data": _cmd_data, "eval": _cmd_eval,
-            "export": _cmd_export, "bench": _cmd_bench}
+COMMANDS = {"run": _cmd_run, "report": _cmd_report, "methods": _cmd_methods, "protocols": _cmd_protocols,
+            "data": _cmd_data, "eval": _cmd_eval, "export": _cmd_export, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

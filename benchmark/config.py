@@ -241,50 +241,28 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """The uniform evaluation harness's protocols and their options."""
+    """The uniform evaluation harness: which protocols run on which sets, the harness-wide read-out and
+    inference batch, and each protocol's own options.
+
+    In a study file the options sit under the protocol's name (``eval.linear.lrs``, ``--set
+    eval.finetune.epochs=2``), validated by the protocol's ``Options`` (`mugbench.protocol`); here they
+    are ``options`` (protocol name -> options object), filled with defaults for every registered protocol.
+    """
 
     protocols: list = field(default_factory=lambda: ["knn", "linear", "finetune", "segmentation", "zeroshot",
                                                      "retrieval", "captioning", "reconstruction"])
     datasets: list = field(default_factory=lambda: ["toy-cls", "toy-caps", "toy-seg"])
     pool: str = "token"  # class token, as in MAE's linear probe
-    batch_size: int = COUNT.field(256)
-    knn_k: int = COUNT.field(20)
-    knn_temperature: float = POSITIVE.field(0.07)
-    knn_standardize: bool = False  # DINO's k-NN uses raw L2-normalised features
-    linear_epochs: int = COUNT.field(100)
-    linear_lr: float = POSITIVE.field(0.1)
-    linear_batch_size: int = COUNT.field(256)
-    linear_weight_decay: float = NON_NEGATIVE.field(0.0)
-    linear_solver: str = "sgd"  # sgd (momentum, the fast path) | lars (MAE's paper protocol)
-    linear_lrs: list = POSITIVE.field(factory=list)  # base-lr grid trained in one pass; empty = [linear_lr]
-    linear_warmup_epochs: int = COUNT0.field(0)  # MAE's probe: 10 of 90 epochs
-    # End-to-end fine-tuning (MAE's ViT-B recipe, He et al. 2022, Table 9); built from timm's utilities.
-    finetune_epochs: int = COUNT.field(100)
-    finetune_batch_size: int = COUNT.field(1024)
-    finetune_blr: float = POSITIVE.field(5.0e-4)  # lr = blr * batch / 256
-    finetune_layer_decay: float = DECAY.field(0.65)
-    finetune_weight_decay: float = NON_NEGATIVE.field(0.05)
-    finetune_drop_path: float = BELOW_ONE.field(0.1)
-    finetune_warmup_epochs: int = COUNT0.field(5)
-    finetune_mixup: float = NON_NEGATIVE.field(0.8)  # Beta(alpha, alpha) mixing; 0 = off
-    finetune_cutmix: float = NON_NEGATIVE.field(1.0)
-    finetune_label_smoothing: float = BELOW_ONE.field(0.1)
-    finetune_randaug: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; null = none
-    finetune_reprob: float = FRACTION.field(0.25)
-    # Semantic segmentation: UperNet on four ViT blocks (BEiT / MAE's ADE20K setting, mmseg defaults).
-    seg_iters: int = COUNT.field(160000)
-    seg_batch_size: int = COUNT.field(16)
-    seg_crop: int = COUNT.field(512)
-    seg_lr: float = POSITIVE.field(1.0e-4)
-    seg_weight_decay: float = NON_NEGATIVE.field(0.05)
-    seg_layer_decay: float = DECAY.field(0.65)
-    seg_warmup_iters: int = COUNT0.field(1500)
-    seg_channels: int = COUNT.field(512)  # UPerHead width
-    seg_aux_weight: float = NON_NEGATIVE.field(0.4)  # auxiliary FCNHead loss weight
-    zeroshot_images: int = COUNT0.field(0)  # 0 = every validation image; likelihood scoring costs classes x prompts per image
-    caption_beam: int = COUNT.field(1)  # greedy decoding
-    caption_max_len: int = COUNT.field(24)
-    figure_images: int = COUNT.field(8)
+    batch_size: int = COUNT.field(256)  # inference batch of feature extraction and scoring
+    options: dict = field(default_factory=dict)  # protocol name -> its Options (from eval.<name>)
+
+    def options_for(self, protocol: str) -> Any:
+        """The options of ``protocol``: as the study set them, else the protocol's defaults."""
+        if protocol not in self.options:
+            from .registry import get_protocol
+
+            self.options[protocol] = get_protocol(protocol).Options()
+        return self.options[protocol]
 
 
 @dataclass
@@ -301,8 +279,11 @@ class StudyConfig:
     methods: dict = field(default_factory=dict)  # method name -> {option: value}
 
     def to_dict(self) -> dict:
-        """Plain-data form, for result records and checkpoints."""
-        return dataclasses.asdict(self)
+        """Plain-data form, as a study file writes it (protocol options under ``eval.<name>``), for
+        result records and checkpoints; `from_dict` reads it back."""
+        out = dataclasses.asdict(self)
+        out["eval"].update(out["eval"].pop("options"))
+        return out
 
 
 _SECTIONS = {"data": DataConfig, "encoder": EncoderSpec, "text": TextConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -350,6 +331,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {getattr(base, '__name__', base)}.")
 
 
+def build_section(cls, values: dict, where: str):
+    """An instance of the dataclass ``cls`` from the mapping ``values`` (a section of a study file at
+    ``where``): unknown keys, wrong types and values outside a field's `Range` are `ConfigError`s."""
+    return _build(cls, values, where)
+
+
 def _build(cls, values: dict, where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
@@ -362,8 +349,12 @@ def _build(cls, values: dict, where: str):
     values = {k: _validated(known[k], hints[k], v, f"{where}.{k}") for k, v in values.items()}
     try:
         return cls(**values)
+    except ConfigError:
+        raise
     except TypeError as exc:
         raise ConfigError(f"Bad value in section {where!r}: {exc}") from None
+    except ValueError as exc:  # a dataclass's own check (__post_init__) of values that fit together
+        raise ConfigError(str(exc)) from None
 
 
 def _validated(f: dataclasses.Field, hint: Any, value: Any, key: str) -> Any:
@@ -386,6 +377,33 @@ def _validated(f: dataclasses.Field, hint: Any, value: Any, key: str) -> Any:
     return check_range(key, coerced, rng, nullable=nullable, shown=value)
 
 
+def _build_eval(values: dict) -> EvalConfig:
+    """The ``eval`` section: the harness's own keys, and per registered protocol a mapping of its options
+    validated by the protocol (every protocol not mentioned gets its defaults)."""
+    from .registry import registered_protocols
+
+    if not isinstance(values, dict):
+        raise ConfigError(f"eval={values!r} must be a mapping of settings.")
+    protocols = registered_protocols()
+    own = {f.name for f in dataclasses.fields(EvalConfig)} - {"options"}
+    unknown = [k for k in values if k not in own and k not in protocols]
+    if unknown:
+        raise ConfigError(
+            f"Unknown configuration key eval.{unknown[0]}. The keys of 'eval' are {', '.join(sorted(own))} and, "
+            f"for a protocol's options, its name: {', '.join(protocols)} (e.g. eval.linear.lrs). "
+            f"Check the spelling in the preset or in --set; `mugbench protocols` lists every protocol's options.")
+    options = {}
+    for name, protocol in protocols.items():
+        given = values.get(name) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"eval.{name}={given!r} must be a mapping of the protocol's options, e.g. "
+                              f"eval.{name}: {{{next(iter(protocol.option_defaults()), 'option')}: ...}}.")
+        options[name] = protocol.parse_options(given)
+    cfg = _build(EvalConfig, {k: v for k, v in values.items() if k in own}, "eval")
+    cfg.options = options
+    return cfg
+
+
 def _check_shapes(cfg: StudyConfig) -> None:
     """Settings that are each in range but do not fit together (attention heads, patches)."""
     e, t = cfg.encoder, cfg.text
@@ -406,7 +424,9 @@ def from_dict(raw: dict) -> StudyConfig:
     hints = typing.get_type_hints(StudyConfig)
     kwargs: dict[str, Any] = {k: _validated(top[k], hints[k], raw[k], k) for k in ("preset", "seed") if k in raw}
     for name, cls in _SECTIONS.items():
-        kwargs[name] = _build(cls, raw.get(name) or {}, name)
+        if name != "eval":
+            kwargs[name] = _build(cls, raw.get(name) or {}, name)
+    kwargs["eval"] = _build_eval(raw.get("eval") or {})
     kwargs["methods"] = {k: dict(v or {}) for k, v in (raw.get("methods") or {}).items()}
     cfg = StudyConfig(**kwargs)
     _check_shapes(cfg)
@@ -443,7 +463,8 @@ def apply_override(raw: dict, override: str) -> None:
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if child is None and (parts[0] == "methods" and i <= 1 or _is_section(parts[:i + 1])):
+        # methods.<name> and eval.<protocol> are mappings the method or protocol validates.
+        if child is None and (parts[0] in ("methods", "eval") and i <= 1 or _is_section(parts[:i + 1])):
             child = node[part] = {}  # a section the preset leaves out (e.g. data.augment) starts empty
         if not isinstance(child, dict):
             raise ConfigError(

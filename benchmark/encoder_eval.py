@@ -26,7 +26,7 @@ def eval_config(source: EncoderSource, preset: str | None, overrides: list[str])
     The resolution is always the encoder's own, and a run's seed is kept so that its records
     land beside the ones `mugbench run` wrote for it.
     """
-    from .study import check_evaluation
+    from .eval.harness import check_evaluation
 
     run_cfg = (source.run or {}).get("config")
     if preset is None and isinstance(run_cfg, dict):
@@ -55,22 +55,20 @@ def record_identity(source: EncoderSource) -> tuple[str, str]:
     return Path(source.origin).stem, data
 
 
-def rebuild_method(source: EncoderSource, cache_dir: Path, data_root: Path | None, device="cpu"):
+def rebuild_method(source: EncoderSource, device="cpu"):
     """The whole pre-training method with the checkpoint's weights on ``device``, and its tokenizer.
 
-    ``(None, None)`` when the source holds only an encoder. The tokenizer comes from the
-    vocabulary kept in run.json; older runs rebuild it from their pre-training captions.
+    ``(None, None)`` when the source holds only an encoder. The tokenizer is the run's: the vocabulary
+    kept in run.json (None there: open_clip's full BPE).
     """
     if source.method_state is None or not (source.run or {}).get("config") or not source.method:
         return None, None
+    from .data.pretrain import text_spec
     from .data.tokenizer import TextTokenizer
-    from .study import build_method, build_tokenizer, resolve_data, text_spec
+    from .runs import build_method
 
     train_cfg = from_dict(copy.deepcopy(source.run["config"]))
-    if "vocab" in source.run:
-        tokenizer = TextTokenizer(train_cfg.text.context_length, source.run["vocab"])
-    else:
-        tokenizer = build_tokenizer(train_cfg, resolve_data(train_cfg, data_root, cache_dir))
+    tokenizer = TextTokenizer(train_cfg.text.context_length, source.run.get("vocab"))
     method = build_method(source.method, train_cfg, text_spec(train_cfg, tokenizer))
     method.load_state_dict(source.method_state)
     return method.to(device).eval(), tokenizer  # capability protocols expect the method on their device
@@ -80,26 +78,24 @@ def evaluate_source(source: EncoderSource, cfg: StudyConfig, *, results_dir: Pat
                     data_root: Path | None = None, overrides: list[str] = (), device=None,
                     log=print) -> list[ResultRecord]:
     """Run ``cfg``'s protocols on ``source``; write and return one record per (protocol, dataset)."""
-    from .eval import CAPABILITY_PROTOCOLS
-    from .study import EvalSets, evaluate, evaluate_capabilities
+    from .eval.harness import evaluate, skipped_protocols
+    from .evalset import EvalSets
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name, pretrain_data = record_identity(source)
     _note_normalisation(source, log)
-    eval_sets = EvalSets(cfg, cache_dir, data_root)
-    results = [r + ([],) for r in evaluate(source.encoder, cfg, eval_sets, device)]
-    capability = [p for p in cfg.eval.protocols if p in CAPABILITY_PROTOCOLS]
-    method, tokenizer = rebuild_method(source, cache_dir, data_root, device) if capability else (None, None)
-    if method is not None:
-        def artifact_stem(protocol, dataset):
-            return record_location(results_dir, pretrain_data, cfg.preset, name, protocol, dataset,
-                                   cfg.seed).with_suffix("")
-
-        results += evaluate_capabilities(method, cfg, eval_sets, tokenizer, device, artifact_stem)
-    elif capability:
+    capability = skipped_protocols(cfg, source.encoder)  # those that need the whole method
+    method, tokenizer = rebuild_method(source, device) if capability else (None, None)
+    if method is None and capability:
         why = ("its run directory has no run.json to rebuild the method from" if source.method_state is not None
                else "capability protocols need the whole pre-training method: pass a run directory or its checkpoint.pt")
         log(f"[{name}] skipped {', '.join(capability)} ({why})")
+
+    def artifact_stem(protocol, dataset):
+        return record_location(results_dir, pretrain_data, cfg.preset, name, protocol, dataset, cfg.seed).with_suffix("")
+
+    results = evaluate(method if method is not None else source.encoder, cfg, EvalSets(cfg, cache_dir, data_root),
+                       device, artifact_stem=artifact_stem, tokenizer=tokenizer)
     run = source.run or {}
     steps = source.steps if source.steps is not None else run.get("steps", 0)
     epochs = run.get("epochs") or 0.0
@@ -107,17 +103,18 @@ def evaluate_source(source: EncoderSource, cfg: StudyConfig, *, results_dir: Pat
         epochs = epochs * source.steps / run["steps"]
     conditions = pretrain_conditions(source)
     records = []
-    for protocol, dataset, metrics, options, seconds, examples in results:
+    for result in results:
         record = ResultRecord(
-            method=name, protocol=protocol, dataset=dataset, pretrain_data=pretrain_data, preset=cfg.preset,
-            seed=cfg.seed, metrics=metrics, method_options=_method_options(source, method),
-            protocol_options=dict(options, encoder_source=source.describe()), encoder=encoder_record_fields(source),
-            epochs=float(epochs), steps=int(steps or 0), timings={"eval_s": seconds}, overrides=list(overrides),
-            examples=examples, fingerprint=fingerprint(conditions), conditions=conditions)
+            method=name, protocol=result.protocol, dataset=result.dataset, pretrain_data=pretrain_data,
+            preset=cfg.preset, seed=cfg.seed, metrics=result.metrics, method_options=_method_options(source, method),
+            protocol_options=dict(result.options, encoder_source=source.describe()),
+            encoder=encoder_record_fields(source), epochs=float(epochs), steps=int(steps or 0),
+            timings={"eval_s": result.seconds}, overrides=list(overrides), examples=result.examples,
+            fingerprint=fingerprint(conditions), conditions=conditions)
         write_record(record, results_dir)
         records.append(record)
-        log(f"{protocol:8s} {dataset:10s} " + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items())
-            + f"  ({seconds:.1f}s)")
+        log(f"{result.protocol:8s} {result.dataset:10s} " + "  ".join(f"{k}={v:.2f}" for k, v in result.metrics.items())
+            + f"  ({result.seconds:.1f}s)")
     return records
 
 

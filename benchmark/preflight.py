@@ -27,10 +27,9 @@ class OutputError(Exception):
 
 def world_size() -> int:
     """Processes of this job as the launcher (torchrun) announces them; 1 without one."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    from .train.distributed import launched_rank_and_world
+
+    return launched_rank_and_world()[1]
 
 
 def pretrain_samples(cfg: StudyConfig) -> int | None:
@@ -159,19 +158,20 @@ def _unwritable(option: str, folder: Path, exc: OSError) -> str:
             f"before any work. Make the folder writable, or pass {option} with a folder you can write to.")
 
 
-def check_eval_sets(cfg: StudyConfig, data_root: Path | None) -> None:
-    """Unknown protocols and evaluation sets, and real evaluation sets missing under the data root."""
+def check_eval_sets(cfg: StudyConfig, data_root: Path | None, methods: list[str] = ()) -> None:
+    """Unknown protocols and evaluation sets, methods a protocol could not evaluate, and evaluation sets
+    missing under the data root (all of them named at once)."""
     from .data import catalog
-    from .study import REAL_EVAL_SETS, check_evaluation
+    from .eval.harness import check_evaluation
+    from .registry import get_eval_set, get_method
 
-    check_evaluation(cfg)
+    check_evaluation(cfg, [get_method(name) for name in methods])
     missing = []
     for dataset in cfg.eval.datasets:
-        if dataset in REAL_EVAL_SETS:
-            try:
-                catalog.resolve_eval_root(dataset, data_root)
-            except catalog.DataNotFoundError as exc:
-                missing.append((dataset, str(exc)))
+        try:
+            get_eval_set(dataset).locate(data_root)
+        except catalog.DataNotFoundError as exc:
+            missing.append((dataset, str(exc)))
     if missing:
         # The first set's own message (where it was looked for, how to build it), and the names of
         # the others, so that one run reports every set to fetch rather than one per attempt.
@@ -181,11 +181,11 @@ def check_eval_sets(cfg: StudyConfig, data_root: Path | None) -> None:
 
 
 def check_run(cfg: StudyConfig, *, data_root: Path | None, needs_text: bool, workdir: Path, results: Path,
-              reports: Path, cache: Path) -> list[Path]:
+              reports: Path, cache: Path, methods: list[str] = ()) -> list[Path]:
     """Everything `mugbench run` can know to be wrong before training: the evaluation sets, the batch
     split, the free space for the first checkpoint, and the four output folders (created if missing,
     only after everything else passed). Returns the folders it created."""
-    check_eval_sets(cfg, data_root)
+    check_eval_sets(cfg, data_root, methods)
     check_batch_split(cfg, world_size(), pretrain_samples(cfg))
     check_free_space(workdir, checkpoint_bytes(cfg, needs_text))
     return check_folders({"--workdir": workdir, "--results": results, "--reports": reports, "--cache-dir": cache})

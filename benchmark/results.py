@@ -34,6 +34,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write_text
+
 SCHEMA_VERSION = 1
 
 # Sub-folder of the results dir holding published claims; never read as records.
@@ -283,60 +285,6 @@ def record_figure(results_dir: str | os.PathLike, record: ResultRecord) -> Path 
     return path
 
 
-def new_temp_file(path: Path) -> tuple[int, str]:
-    """A new, empty ``.NAME.<random>.tmp`` beside ``path``, open for writing: ``(fd, temp path)``.
-
-    Unlike ``tempfile.mkstemp`` (always 0o600) it is created with mode 0o666 and lets the kernel apply
-    the user's umask, as ``open()`` does (0o644 under 022), so a results folder shared with
-    collaborators stays readable. The ".tmp" suffix keeps half-written files out of every
-    "*.json" / "*.md" glob.
-    """
-    while True:
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
-        except FileExistsError:  # another writer drew the same name: draw again
-            continue
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` so readers see either the old file or the whole new one.
-
-    Each writer uses its own uniquely named temp file in the destination directory (same
-    filesystem, so ``os.replace`` is atomic); concurrent writers of the same path thus
-    never interleave and the last ``os.replace`` wins.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = new_temp_file(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable across a crash; not supported everywhere (Windows).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_record(record: ResultRecord, results_dir: str | os.PathLike) -> Path:

@@ -35,7 +35,8 @@ def write_run_info(run_dir: Path, method: str, cfg, summary=None, tokenizer=None
     too, so that captioning and retrieval can be evaluated without the pre-training shards, and the
     run's like-for-like ``conditions`` (`mugbench.fingerprint`), so its later records carry the same ones.
     """
-    from .results import atomic_write_text, git_commit
+    from .files import atomic_write_text
+    from .results import git_commit
 
     info = {
         "format": RUN_FORMAT, "method": method, "config": cfg.to_dict(),

@@ -12,7 +12,7 @@ from mugbench.config import AugmentConfig, load_config
 from mugbench.data.tokenizer import TextTokenizer, corpus_vocab
 from mugbench.data.toy import ToyWorld
 from mugbench.data.transforms import build_view_transform, method_view_specs
-from mugbench.study import text_spec
+from mugbench.data.pretrain import text_spec
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ from conftest import make_batch
 from mugbench.config import TrainConfig, load_config
 from mugbench.data.tokenizer import TextTokenizer, corpus_vocab
 from mugbench.data.toy import ToyWorld
-from mugbench.study import build_method, text_spec
+from mugbench.data.pretrain import text_spec
+from mugbench.runs import build_method
 from mugbench.train.distributed import init_distributed
 from mugbench.train.loop import train
 

@@ -10,7 +10,7 @@ from mugbench.bench.train_step import measure, record_dataset
 from mugbench.cli import main
 from mugbench.config import ConfigError, TrainConfig
 from mugbench.results import load_records
-from mugbench.study import build_method
+from mugbench.runs import build_method
 from mugbench.train.loop import CompiledOrEager, build_optimizer
 
 from conftest import make_batch

@@ -12,8 +12,9 @@ from mugbench.config import load_config
 from mugbench.data.caption_sets import load_karpathy_split
 from mugbench.data.catalog import DataNotFoundError
 from mugbench.data.transforms import build_eval_transform
-from mugbench.eval import CAPABILITY_PROTOCOLS
-from mugbench.study import EvalSets, build_method
+from mugbench.eval.harness import run_protocol
+from mugbench.evalset import EvalSets
+from mugbench.runs import build_method
 
 
 def _fake_coco(root, n_test=4, n_train=2):
@@ -47,9 +48,10 @@ def test_retrieval_and_captioning_run_on_coco_caps(tmp_path, spec, tokenizer):
     torch.manual_seed(0)
     clip, cap = build_method("clip", cfg, spec).eval(), build_method("cap", cfg, spec).eval()
     kw = dict(tokenizer=tokenizer, device="cpu", artifact=tmp_path / "fig")
-    metrics, options, _ = CAPABILITY_PROTOCOLS["retrieval"].fn(clip, data, cfg.eval, 0, **kw)
-    assert options == {"images": 4, "texts": 20} and all(0 <= v <= 100 for v in metrics.values())
-    metrics, _, examples = CAPABILITY_PROTOCOLS["captioning"].fn(cap, data, cfg.eval, 0, **kw)
+    result = run_protocol("retrieval", clip, data, cfg, **kw)
+    assert result.options == {"images": 4, "texts": 20} and all(0 <= v <= 100 for v in result.metrics.values())
+    result = run_protocol("captioning", cap, data, cfg, **kw)
+    metrics, examples = result.metrics, result.examples
     # Real caption sets know no objects: BLEU and CIDEr only.
     assert set(metrics) == {"bleu4", "cider"} and examples[0]["reference"] == "a photo number 0 variant 0."
 

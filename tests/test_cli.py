@@ -124,7 +124,7 @@ def test_missing_ade20k_fails_before_training_with_instructions(tmp_path):
     (["run", "--preset", "smoke", "--set", "eval.protocols=[knn, lineer]"], "lineer"),
     (["run", "--preset", "nope"], "Unknown preset 'nope'"),
     (["run", "--preset", "smoke", "--data", "nope"], "Unknown pre-training data 'nope'"),
-    (["run", "--preset", "smoke", "--set", "eval.datasets=[toy-cls, nope]"], "Unknown evaluation dataset 'nope'"),
+    (["run", "--preset", "smoke", "--set", "eval.datasets=[toy-cls, nope]"], "Unknown evaluation set 'nope'"),
     (["run", "--preset", "smoke", "--set", "train.epochs=abc"], "train.epochs='abc' has the wrong type"),
     (["run", "--preset", "smoke", "--set", "train.batch_size=1.5"], "expected int"),
 ])
@@ -141,6 +141,22 @@ def test_methods_lists_needs_and_capabilities(tmp_path):
     assert {"mae", "clip", "mug"} <= set(lines)
     assert "image only" in lines["mae"] and "image+text" in lines["clip"]
     assert "encode_text" in lines["clip"] and "encode_image" in lines["clip"]
+
+
+def test_protocols_lists_protocols_with_options_and_the_evaluation_sets(tmp_path):
+    proc = mugbench("protocols", cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    head, sets = proc.stdout.split("\nevaluation sets")
+    lines = {line.split()[0]: line for line in head.splitlines()[1:] if line and not line.startswith(" ")}
+    assert list(lines) == ["knn", "linear", "finetune", "segmentation", "zeroshot", "retrieval", "captioning",
+                           "reconstruction"]  # report order (Protocol.order)
+    assert '"k-NN": reads features, classification set; headline top1; transfer (ranked)' in lines["knn"]
+    assert "reads method, captions set, needs encode_text; headline i2t_r1, t2i_r1; capability" in lines["retrieval"]
+    assert "options: k=20, temperature=0.07" in head and "options: iters=160000," in head
+    assert "Weighted k-NN top-1" in head
+    where = {line.split()[0]: line.split()[1:] for line in sets.splitlines()[1:] if line}
+    assert where["toy-cls"] == ["classification", "generated"] and where["imagenet"] == ["classification", "imagenet"]
+    assert where["ade20k"] == ["segmentation", "ade20k/ADEChallengeData2016"] and where["coco-caps"][0] == "captions"
 
 
 def test_eval_of_an_exported_encoder_reproduces_the_record(smoke_run):

@@ -6,7 +6,6 @@ fresh folders gives identical records. `_scramble` stands in for "whatever ran b
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from pathlib import Path
@@ -17,8 +16,11 @@ import torch
 
 from mugbench.config import load_config
 from mugbench.models.vit import build_encoder
-from mugbench.study import (EvalSets, build_method, build_tokenizer, evaluate, evaluate_capabilities, resolve_data,
-                            run_study, text_spec)
+from mugbench.data.pretrain import build_tokenizer, resolve_data, text_spec
+from mugbench.eval.harness import evaluate
+from mugbench.evalset import EvalSets
+from mugbench.runs import build_method
+from mugbench.study import run_study
 
 # Fields of a record that say when, where and by which process it was made, not what it measured.
 PROVENANCE = {"timings", "run_id", "created", "host", "versions", "git_commit", "command"}
@@ -73,7 +75,7 @@ def test_finetune_gives_the_same_numbers_alone_or_after_other_protocols(cache):
     for state, cfg in ((1, alone), (2, after)):
         _scramble(state)
         out = evaluate(encoder, cfg, EvalSets(cfg, cache), "cpu")
-        results.append(next((m, o) for p, _, m, o, _ in out if p == "finetune"))
+        results.append(next((r.metrics, r.options) for r in out if r.protocol == "finetune"))
     (metrics, options), (metrics_after, options_after) = results
     assert metrics == metrics_after
     assert options["top1_per_epoch"] == options_after["top1_per_epoch"]
@@ -82,16 +84,15 @@ def test_finetune_gives_the_same_numbers_alone_or_after_other_protocols(cache):
 def test_segmentation_trains_the_same_weights_whatever_ran_before(cache, tmp_path):
     """mmengine seeds torch, Python and numpy (its ``randomness``); the head's init, the sampler and
     mmseg's random resize / crop / flip / photometric distortion follow the seed alone."""
-    cfg = _study()
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, protocols=["segmentation"], seg_iters=4))
+    cfg = _study("eval.protocols=[segmentation]", "eval.segmentation.iters=4")
     encoder = build_encoder(cfg.encoder, seed=0)
     runs = []
     for state in (1, 2):
         _scramble(state)
-        out = evaluate(encoder, cfg, EvalSets(cfg, cache), "cpu", tmp_path / str(state))
+        out = evaluate(encoder, cfg, EvalSets(cfg, cache), "cpu", workdir=tmp_path / str(state))
         weights = torch.load(tmp_path / str(state) / "segmentation-toy-seg" / "iter_4.pth",
                              weights_only=True)["state_dict"]
-        runs.append((out[0][2], weights))
+        runs.append((out[0].metrics, weights))
     assert runs[0][0] == runs[1][0]
     assert runs[0][1].keys() == runs[1][1].keys()
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
@@ -107,9 +108,10 @@ def test_capability_protocols_repeat_exactly_whatever_ran_before(cache, tmp_path
     runs = []
     for state in (1, 2):
         _scramble(state)
-        out = evaluate_capabilities(method, cfg, EvalSets(cfg, cache), tokenizer, "cpu",
-                                    lambda p, d, state=state: tmp_path / f"{state}-{p}-{d}")
-        runs.append([(p, d, m, {k: v for k, v in o.items() if k != "figure"}, ex) for p, d, m, o, _, ex in out])
+        out = evaluate(method, cfg, EvalSets(cfg, cache), "cpu", tokenizer=tokenizer,
+                       artifact_stem=lambda p, d, state=state: tmp_path / f"{state}-{p}-{d}")
+        runs.append([(r.protocol, r.dataset, r.metrics, {k: v for k, v in r.options.items() if k != "figure"},
+                      r.examples) for r in out])
     expected = {"mug": {"zeroshot", "captioning", "reconstruction"}, "clip": {"zeroshot", "retrieval"}}[name]
     assert {r[0] for r in runs[0]} == expected
     assert runs[0] == runs[1]

@@ -81,8 +81,6 @@ def test_linear_grid_trains_every_rate_in_one_pass_and_reports_the_best(solver, 
 class _PerfectOrFlat:
     """Stands in for a method's ``reconstruct``: returns the input itself or its flat patches."""
 
-    patch_size = 4
-
     def __init__(self, perfect: bool):
         self.perfect = perfect
 
@@ -96,8 +94,8 @@ class _PerfectOrFlat:
 def test_reconstruction_error_counts_removed_patches_and_has_a_flat_patch_baseline():
     from mugbench.eval.reconstruction import reconstruction_error
     x = torch.randn(3, 3, 8, 8)
-    perfect = reconstruction_error(_PerfectOrFlat(True), x, seed=0)
-    flat = reconstruction_error(_PerfectOrFlat(False), x, seed=0)
+    perfect = reconstruction_error(_PerfectOrFlat(True), x, seed=0, patch_size=4)
+    flat = reconstruction_error(_PerfectOrFlat(False), x, seed=0, patch_size=4)
     assert perfect["masked_mse"] == 0.0 and perfect["flat_patch_mse"] > 0.5
     assert flat["masked_mse"] == pytest.approx(flat["flat_patch_mse"], rel=1e-6)
     # By hand: mean squared deviation from each top-row patch's joint mean.
@@ -128,7 +126,7 @@ def test_recall_of_identical_embeddings_is_perfect_and_matches_a_loop_on_noisy_o
 def test_zeroshot_likelihood_scores_are_per_pair_caption_scores(smoke_cfg, spec, toy_samples, tokenizer):
     from mugbench.data.transforms import build_eval_transform
     from mugbench.eval.zeroshot import accuracy, likelihood_scores
-    from mugbench.study import build_method
+    from mugbench.runs import build_method
     method = build_method("cap", smoke_cfg, spec)
     images = torch.stack([build_eval_transform(smoke_cfg.encoder.img_size)(s.image) for s in toy_samples[:3]])
     classes, templates = ["circle", "star"], ("a {}.", "there is a {}.")
@@ -157,16 +155,16 @@ def test_bleu_and_cider_of_references_against_themselves_are_maximal():
 
 
 def test_imagenet_zeroshot_prompts_name_classes_not_wordnet_ids():
-    from mugbench.eval.zeroshot import class_names, prompts_for
+    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+    from mugbench.evalsets.imagenet import class_words
 
     # ImageFolder's sorted WordNet ids are the standard class index: n01440764 is class 0, "tench".
     wnids = [f"n{i:08d}" for i in range(1000)]
-    names = class_names("imagenet", wnids)
+    names = class_words(wnids)
     assert len(names) == 1000 and names[0] == "tench" and names[1] == "goldfish"
     assert all(not n.startswith("n0") for n in names)
     # Anything else keeps its folder names: another set, a subset of classes, unsorted ids.
-    assert class_names("toy-cls", ["circle", "square"]) == ["circle", "square"]
-    assert class_names("imagenet", wnids[:10]) == wnids[:10]
-    assert class_names("imagenet", wnids[::-1]) == wnids[::-1]
-    templates = prompts_for("imagenet")
-    assert len(templates) == 7 and all("{}" in t for t in templates)  # CLIP's seven-prompt ensemble
+    assert class_words(["circle", "square"]) is None
+    assert class_words(wnids[:10]) is None and class_words(wnids[::-1]) is None
+    assert len(SIMPLE_IMAGENET_TEMPLATES) == 7  # CLIP's seven-prompt ensemble

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from mugbench.cli import main
 from mugbench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mugbench.models.vit import build_encoder
-from mugbench.train.checkpoint import export_encoder, load_encoder
+from mugbench.sources import load_source
+from mugbench.train.checkpoint import export_encoder
 
 TINY_ARGS = '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}'  # the smoke ViT
 
@@ -80,7 +81,7 @@ def test_export_into_a_non_empty_folder_needs_force(smoke_cfg, tmp_path, capsys)
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md", "notes.txt"}
     assert (out / "notes.txt").read_text() == "keep me"  # only the export's own files are written
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
-    assert torch.equal(_features(model), _features(load_encoder(file)))
+    assert torch.equal(_features(model), _features(load_source(file).encoder))
 
 
 @pytest.mark.parametrize("marker", ["run.json", "metrics.jsonl", "checkpoint-00000002.pt", "checkpoint.pt"])
@@ -127,7 +128,7 @@ def test_export_of_a_run_checkpoint(tiny_run, tmp_path, what):
     out = tmp_path / "hub"
     assert main(["export", str(run_dir / "checkpoint.pt" if what == "checkpoint.pt" else run_dir), str(out)]) == 0
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
-    assert torch.equal(_features(model), _features(load_encoder(run_dir / "encoder.safetensors")))
+    assert torch.equal(_features(model), _features(load_source(run_dir / "encoder.safetensors").encoder))
     config = json.loads((out / "config.json").read_text())
     assert config["mugbench"]["method"] == "mae" and config["mugbench"]["pretrain_data"] == "toy"
     card = (out / "README.md").read_text()

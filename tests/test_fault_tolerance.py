@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mugbench.study import build_method
+from mugbench.runs import build_method
 from mugbench.train.checkpoint import load_checkpoint, run_checkpoints
 from mugbench.train.distributed import DistInfo
 from mugbench.train.loop import CheckpointMismatchError, train
@@ -112,34 +112,35 @@ def test_sigkill_mid_training_then_rerun_equals_an_uninterrupted_run(tmp_path):
 def test_rerun_after_a_crash_in_evaluation_goes_on_from_the_protocol_reached(tmp_path, monkeypatch):
     from mugbench import study
     from mugbench.config import load_config
-    from mugbench.eval import EncoderProtocol
+    from mugbench.registry import get_protocol
 
     overrides = ["eval.protocols=[knn, linear, finetune]", "eval.datasets=[toy-cls]"]
     cfg = load_config("smoke", overrides)
     calls = []
     for name in ("knn", "linear"):
-        real = study.FEATURE_PROTOCOLS[name]
-        monkeypatch.setitem(study.FEATURE_PROTOCOLS, name,
-                            lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
-    real_finetune = study.ENCODER_PROTOCOLS["finetune"]
+        protocol = get_protocol(name)
+        monkeypatch.setattr(protocol, "run", lambda self, *a, _real=protocol.run, _name=name, **k:
+                            (calls.append(_name), _real(self, *a, **k))[1])
+    finetune = get_protocol("finetune")
+    real_finetune = finetune.run
 
     def crash(*args, **kwargs):
         raise _Crash
 
     kwargs = dict(workdir=tmp_path / "runs", results_dir=tmp_path / "results", cache_dir=tmp_path / "cache",
                   overrides=overrides, log=lambda *a: None)
-    monkeypatch.setitem(study.ENCODER_PROTOCOLS, "finetune", EncoderProtocol(crash, "classification"))
+    monkeypatch.setattr(finetune, "run", crash)
     with pytest.raises(_Crash):
         study.run_study(cfg, ["mae"], **kwargs)
     assert sorted(calls) == ["knn", "linear"] and len(list((tmp_path / "results").rglob("*.json"))) == 2
-    monkeypatch.setitem(study.ENCODER_PROTOCOLS, "finetune", real_finetune)
+    monkeypatch.setattr(finetune, "run", real_finetune)
     records = study.run_study(cfg, ["mae"], **kwargs)
     assert sorted(calls) == ["knn", "linear"]  # not evaluated again
     assert sorted(r.protocol for r in records) == ["finetune", "knn", "linear"]
     assert len(list((tmp_path / "results").rglob("*.json"))) == 3
     # Other evaluation settings are another evaluation: everything runs again.
-    study.run_study(load_config("smoke", overrides + ["eval.knn_k=5"]), ["mae"],
-                    **dict(kwargs, overrides=overrides + ["eval.knn_k=5"]))
+    study.run_study(load_config("smoke", overrides + ["eval.knn.k=5"]), ["mae"],
+                    **dict(kwargs, overrides=overrides + ["eval.knn.k=5"]))
     assert sorted(calls) == ["knn", "knn", "linear", "linear"]
 
 
@@ -236,7 +237,7 @@ def test_a_second_run_on_a_locked_run_folder_is_refused_at_once(tmp_path, capsys
 
     from mugbench.cli import main
     from mugbench.config import load_config
-    from mugbench.study import run_dir_for
+    from mugbench.runs import run_dir_for
     from mugbench.train.run_lock import RunLockedError, run_lock
 
     run_dir = run_dir_for(tmp_path / "runs", load_config("smoke", []), "mae")  # the folder `_study_args` trains in

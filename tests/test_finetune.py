@@ -1,6 +1,7 @@
 """Fine-tuning protocol: MAE's recipe from timm's utilities learns a trivially separable task."""
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -11,8 +12,15 @@ from PIL import Image
 
 from mugbench.config import load_config
 from mugbench.data.transforms import build_eval_transform
-from mugbench.eval.finetune import classifier_from_encoder, finetune_protocol
+from mugbench.eval.finetune import classifier_from_encoder, finetune
+from mugbench.eval.harness import run_protocol
+from mugbench.evalset import ClassificationSet, EvalSets, LabelledImages, ShardTrainBatches
 from mugbench.models.vit import build_encoder
+from mugbench.protocols.finetune import FineTune
+
+# What a fine-tuning record keeps besides the recipe's options (all of FineTune.Options) on the CPU
+# (on CUDA also the determinism note).
+_RECORD_EXTRAS = {"pool", "top1_per_epoch"}
 
 
 def _tinted(rng: np.random.Generator, blue: bool, size: int = 48) -> Image.Image:
@@ -39,24 +47,37 @@ def _write_tinted(path, count: int, seed: int) -> tuple[str, list[Image.Image], 
 
 
 @pytest.fixture(scope="module")
-def tinted(tmp_path_factory):
+def tinted(tmp_path_factory) -> ClassificationSet:
+    """512 train images in a labelled shard (read back augmented) and 128 val images, red or blue."""
     root = tmp_path_factory.mktemp("tinted")
-    train_url, _, _ = _write_tinted(root / "train.tar", 512, seed=0)
+    train_url, train_images, train_labels = _write_tinted(root / "train.tar", 512, seed=0)
     _, val_images, val_labels = _write_tinted(root / "val.tar", 128, seed=1)
     to_tensor = build_eval_transform(32)
-    return {"train_urls": [train_url], "train_count": 512, "num_classes": 2,
-            "val": {"image": torch.stack([to_tensor(im) for im in val_images]), "label": torch.tensor(val_labels)}}
+
+    def split(images, labels, prefix):
+        return LabelledImages(torch.stack([to_tensor(im) for im in images]), torch.tensor(labels),
+                              [f"{prefix}{i:05d}" for i in range(len(labels))])
+
+    return ClassificationSet(name="tinted", classes=["red", "blue"], train=split(train_images, train_labels, "s"),
+                             val=split(val_images, val_labels, "v"),
+                             train_batches=ShardTrainBatches([train_url], 512))
 
 
 def test_finetuning_a_random_encoder_with_the_full_recipe_separates_red_from_blue(tinted):
-    cfg = load_config("smoke", ["eval.finetune_epochs=3", "eval.finetune_batch_size=32", "eval.finetune_blr=2e-3",
-                                "eval.finetune_warmup_epochs=1"]).eval
-    encoder = build_encoder(load_config("smoke").encoder, seed=0)
+    cfg = load_config("smoke", ["eval.finetune.epochs=3", "eval.finetune.batch_size=32", "eval.finetune.blr=2e-3",
+                                "eval.finetune.warmup_epochs=1"])
+    opts = cfg.eval.options_for("finetune")
+    encoder = build_encoder(cfg.encoder, seed=0)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    metrics, options = finetune_protocol(encoder, tinted, cfg, seed=0, device="cpu")
+    metrics, options = finetune(encoder, tinted, opts, seed=0, device="cpu", pool=cfg.eval.pool,
+                                batch_size=cfg.eval.batch_size)
     assert metrics["top1"] > 90.0, options["top1_per_epoch"]
     assert metrics["top1_last"] <= metrics["top1"] and len(options["top1_per_epoch"]) == 3
     assert options["mixup"] == 0.8 and options["randaug"] == "rand-m9-mstd0.5-inc1"
+    # The record keeps every option of the recipe as set, the read-out, and the per-epoch scores.
+    assert set(options) == {f.name for f in dataclasses.fields(FineTune.Options)} | _RECORD_EXTRAS
+    assert {k: options[k] for k in dataclasses.asdict(opts)} == dataclasses.asdict(opts)
+    assert (options["epochs"], options["blr"], options["pool"]) == (3, 2e-3, cfg.eval.pool)
     # The caller's encoder is untouched: the protocol trains a copy.
     assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
 
@@ -69,3 +90,22 @@ def test_classifier_keeps_the_encoder_weights_and_adds_drop_path():
     assert model.head.out_features == 5 and model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     x = torch.randn(2, 3, 32, 32)
     assert model.eval()(x).shape == (2, 5)
+
+
+def test_the_registered_protocol_fine_tunes_on_the_toy_set(tmp_path):
+    """``finetune`` through the harness on ``toy-cls`` loaded by its registered source: the train split
+    comes back augmented from its shards (every one of its 128 images once per epoch), the record holds
+    the smoke preset's options, and a rerun with the same seed gives the same numbers."""
+    cfg = load_config("smoke", ["eval.finetune.epochs=2"])
+    data = EvalSets(cfg, tmp_path / "cache").get("toy-cls")
+    transform = build_eval_transform(cfg.encoder.img_size)
+    seen = [b["label"] for b in data.train_batches(epoch=0, batch_size=32, transform=transform, seed=0)]
+    assert sum(len(labels) for labels in seen) == data.train_count == 128
+    encoder = build_encoder(cfg.encoder, seed=0)
+    result = run_protocol("finetune", encoder, data, cfg)
+    again = run_protocol("finetune", encoder, data, cfg)
+    assert set(result.metrics) == {"top1", "top1_last"} and result.metrics == again.metrics
+    assert all(0.0 <= v <= 100.0 for v in result.metrics.values())
+    opts = dataclasses.replace(FineTune.Options(), epochs=2, batch_size=32, warmup_epochs=0)  # smoke's
+    assert {k: result.options[k] for k in dataclasses.asdict(opts)} == dataclasses.asdict(opts)
+    assert len(result.options["top1_per_epoch"]) == 2 and result.options["pool"] == cfg.eval.pool

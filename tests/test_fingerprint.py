@@ -37,7 +37,7 @@ CHANGES = [
 # Speed, memory, bookkeeping, evaluation and per-method settings: never a condition of pre-training.
 SAME = ["train.compile=true", "train.optimizer_impl=loop", "train.grad_checkpointing=true", "train.log_every=3",
         "train.ckpt_every=5", "train.keep_checkpoints=1", "train.device=cpu", "train.strategy=fsdp",
-        "data.pin_memory=false", "data.prefetch_factor=2", "data.decode_draft=false", "eval.knn_k=5",
+        "data.pin_memory=false", "data.prefetch_factor=2", "data.decode_draft=false", "eval.knn.k=5",
         "eval.protocols=[knn]", "methods.mae.mask_ratio=0.5", "preset=renamed"]
 
 
@@ -168,7 +168,7 @@ def test_run_and_eval_of_its_encoder_write_the_same_fingerprint(tiny_run, tmp_pa
     assert record["conditions"] == expected and record["fingerprint"] == fingerprint(expected)
     assert json.loads((run_dir / "run.json").read_text())["conditions"] == expected
     argv = ["eval", "--checkpoint", str(run_dir), "--evals", "knn", "--results", str(tmp_path / "res"),
-            "--cache-dir", str(root / "cache"), "--set", "eval.knn_k=5"]
+            "--cache-dir", str(root / "cache"), "--set", "eval.knn.k=5"]
     assert main(argv) == 0
     (again,) = _records(tmp_path / "res")
     assert again["fingerprint"] == record["fingerprint"]  # an evaluation setting is no pre-training condition

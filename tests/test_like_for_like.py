@@ -26,7 +26,8 @@ from mugbench.method import Method
 from mugbench.methods.simclr import SIMCLR_VIEW
 from mugbench.registry import get_method, registered_methods
 from mugbench.results import ResultRecord
-from mugbench.study import PretrainData, build_method, check_sample_stream, pretrain_batches
+from mugbench.data.pretrain import PretrainData, check_sample_stream, pretrain_batches
+from mugbench.runs import build_method
 
 BUILT_IN = ("mae", "simclr", "clip", "slip", "flip", "coca", "cap", "mug")
 # MAE's pre-training crop (He et al. 2022), bicubic, and no flip on captioned data.

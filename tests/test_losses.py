@@ -15,7 +15,7 @@ import torch
 
 from mugbench.models.mae_decoder import masked_patch_loss
 from mugbench.methods.simclr import nt_xent_loss
-from mugbench.study import build_method
+from mugbench.runs import build_method
 from mugbench.train.loop import build_optimizer
 
 from conftest import make_batch

@@ -60,7 +60,7 @@ def test_readme_method_example_is_a_working_method(smoke_cfg, spec, toy_samples,
 
     from conftest import make_batch
     from mugbench import registry
-    from mugbench.study import build_method
+    from mugbench.runs import build_method
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     source = re.search(r"```python\n(# methods/.*?)```", readme, re.S).group(1)
@@ -74,5 +74,5 @@ def test_readme_method_example_is_a_working_method(smoke_cfg, spec, toy_samples,
         assert torch.isfinite(out["loss"])
         out["loss"].backward()
     finally:
-        registry._REGISTRY.pop(name, None)
+        registry.METHODS.unregister(name)
         sys.modules.pop("readme_method", None)

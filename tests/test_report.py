@@ -257,6 +257,61 @@ def test_a_row_missing_a_transfer_column_is_not_placed():
     assert lines[0].startswith("| 1 | mug |")
 
 
+@pytest.fixture
+def probe_two():
+    """A throw-away transfer protocol registered as ``probe2`` for one test, forgotten after."""
+    from mugbench.protocol import Protocol
+    from mugbench.registry import PROTOCOLS, register_protocol
+
+    @register_protocol("probe2")
+    class ProbeTwo(Protocol):
+        """A probe that exists only in this test: the report must place, label and rank it from its class."""
+
+        label, headline, order, transfer = "probe two", ("acc",), 25, True
+
+    yield ProbeTwo
+    PROTOCOLS.unregister("probe2")
+
+
+def test_a_registered_protocol_gets_its_column_label_place_and_ranking(probe_two):
+    # fine-tune ranks as linear does (mug, mae, simclr, clip); probe two the other way round.
+    extra = {"finetune": ("top1", {"mug": 30.0, "mae": 20.0, "simclr": 10.0, "clip": 5.0}),
+             "probe2": ("acc", {"mug": 60.0, "mae": 70.0, "simclr": 80.0, "clip": 90.0})}
+    records = study_records()
+    for protocol, (metric, values) in extra.items():
+        for method, value in values.items():
+            for seed in SEEDS:
+                records.append(make_record(method, protocol=protocol, seed=seed, preset="toy",
+                                           **{metric: value, "loss": 1.0}))
+    # a plugin's protocol that is not installed here: by name, last, every non-baseline metric, unranked
+    records += [make_record("mae", protocol="plugin-x", seed=s, preset="toy", score=3.0, background_score=1.0)
+                for s in SEEDS]
+    text = write_report_text(records)
+    header = next(line for line in text.splitlines() if line.startswith("| paradigm | method |"))
+    assert [c.strip() for c in header.split("|")[3:-1]] == [
+        "linear probe top1 (toy-cls)", "probe two acc (toy-cls)", "fine-tune top1 (toy-cls)",
+        "segmentation mIoU (toy-seg)", "zero-shot top1 (toy-cls)", "plugin-x score (toy-cls)"]
+    assert {m: rows(text)[m].split("|")[4].strip() for m in ("mae", "simclr", "clip", "mug")} == {
+        "mae": "70.0 ± 0.0", "simclr": "80.0 ± 0.0", "clip": "**90.0 ± 0.0**", "mug": "60.0 ± 0.0"}
+    section = text.split("Ranking on transfer")[1].split("Missing from this table")[0]
+    assert section.startswith(" (mean rank over the linear probe, probe two, fine-tune and segmentation columns;")
+    # ranks (linear, probe two, fine-tune, segmentation): mug 1,4,1,1; mae 2,3,2,2; simclr 3,2,3,3; clip 4,1,4,4
+    for line in ("| 1 | mug | 1.75 | 4 of 4 |", "| 2 | mae | 2.25 | 4 of 4 |", "| 3 | simclr | 2.75 | 4 of 4 |",
+                 "| 4 | clip | 3.25 | 4 of 4 |"):
+        assert line in section
+    assert "clip ahead of mae on 1 of 4; clip ahead of simclr on 1 of 4" in section
+
+
+def test_the_ranking_names_its_transfer_protocols_by_their_labels():
+    records = study_records() + [make_record(m, protocol=p, seed=s, preset="toy", top1=v)
+                                 for p in ("knn", "finetune") for m, v in (("mae", 2.0), ("mug", 1.0))
+                                 for s in SEEDS]
+    assert ("Ranking on transfer (mean rank over the k-NN, linear probe, fine-tune and segmentation columns;"
+            in write_report_text(records))
+    assert ("Ranking on transfer (mean rank over the linear probe and segmentation columns;"
+            in write_report_text(study_records()))
+
+
 def test_tables_only_rebuild_leaves_figures_and_index_alone(tmp_path):
     results, reports = tmp_path / "results", tmp_path / "reports"
     for r in study_records():

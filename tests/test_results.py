@@ -187,7 +187,7 @@ def test_written_files_get_the_users_umask_not_0600(tmp_path):
 
     import torch
 
-    from mugbench.results import atomic_write_text
+    from mugbench.files import atomic_write_text
     from mugbench.train.checkpoint import load_checkpoint, save_checkpoint
 
     old = os.umask(0o022)

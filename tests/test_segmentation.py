@@ -17,8 +17,9 @@ from mugbench.config import load_config
 from mugbench.data.toy import prepare_toy
 from mugbench.data.toy_seg import prepare_toy_seg
 from mugbench.eval import mmseg_compat
-from mugbench.eval.segmentation import (ViTPyramid, _prepare_encoder, block_indices, param_groups,
-                                        segmentation_protocol)
+from mugbench.eval.segmentation import (ViTPyramid, _import_mmseg, _prepare_encoder, block_indices, class_names,
+                                        param_groups, segment)
+from mugbench.evalset import EvalSets, SegmentationLayout, SegmentationSet
 from mugbench.models.vit import build_encoder
 
 CLASSES = ["background", "circle", "square", "triangle", "star", "cross", "diamond", "heart", "ring"]
@@ -48,13 +49,22 @@ def binary_seg(toy_seg, tmp_path_factory):
     return out
 
 
-def _data(root, classes) -> dict:
-    return {"name": "toy-seg", "root": root, "classes": list(classes), "reduce_zero_label": False,
-            "ignore_index": 255, "dataset_type": "toy"}
+def _data(root, classes) -> SegmentationSet:
+    """A toy segmentation set at ``root`` (mmseg's plain img_dir / ann_dir layout)."""
+    return SegmentationSet("toy-seg", root, list(classes))
 
 
-def _eval_cfg(**changes):
-    return dataclasses.replace(load_config("smoke").eval, **changes)
+def _options(**changes):
+    """The smoke preset's segmentation options with ``changes`` set as a study would
+    (``--set eval.segmentation.<option>=<value>``)."""
+    return load_config("smoke", [f"eval.segmentation.{k}={v}" for k, v in changes.items()]).eval \
+        .options_for("segmentation")
+
+
+def _segment(encoder, data, options, workdir):
+    """The protocol's algorithm as the harness calls it, on the CPU with seed 0."""
+    return segment(encoder, data, options, seed=0, device="cpu", workdir=workdir,
+                   batch_size=load_config("smoke").eval.batch_size)
 
 
 def _encoder():
@@ -171,13 +181,16 @@ def test_layer_decay_groups():
 def test_protocol_beats_background(binary_seg, tmp_path, capfd):
     enc = _encoder()
     before = {k: v.clone() for k, v in enc.state_dict().items()}
-    cfg = _eval_cfg()
-    metrics, options = segmentation_protocol(enc, _data(binary_seg, ["background", "object"]), cfg, 0,
-                                             device="cpu", workdir=tmp_path / "work")
+    opts = _options()
+    metrics, options = _segment(enc, _data(binary_seg, ["background", "object"]), opts, tmp_path / "work")
     assert set(metrics) == {"mIoU", "aAcc", "mAcc", "background_mIoU"}
     assert all(0.0 <= v <= 100.0 for v in metrics.values())
     assert metrics["mIoU"] > metrics["background_mIoU"] + 10, metrics
-    assert options["iters"] == cfg.seg_iters and options["blocks"] == [0, 0, 0, 1]
+    assert options["iters"] == opts.iters and options["blocks"] == [0, 0, 0, 1]
+    # The record keeps every option as set, and the fixed parts of the setting.
+    assert {k: options[k] for k in dataclasses.asdict(opts)} == dataclasses.asdict(opts)
+    assert set(options) == {*dataclasses.asdict(opts), "head", "blocks", "strides", "schedule", "optimizer",
+                            "test_mode", "photometric", "precision"}
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # caller's encoder untouched
     assert capfd.readouterr().out == ""  # mmengine's logs go to the work_dir
     assert list((tmp_path / "work").glob("*/*.log"))
@@ -200,14 +213,14 @@ def test_protocol_resumes_after_interruption(toy_seg, tmp_path, monkeypatch):
         run_iter(self, data_batch)
 
     monkeypatch.setattr(IterBasedTrainLoop, "run_iter", run_until_killed)
-    data, cfg, work = _data(toy_seg[2], CLASSES), _eval_cfg(seg_iters=20), tmp_path / "work"
+    data, opts, work = _data(toy_seg[2], CLASSES), _options(iters=20), tmp_path / "work"
     kill_at = 12  # checkpoints every 2 iterations (a tenth of the run)
     with pytest.raises(_Killed):
-        segmentation_protocol(_encoder(), data, cfg, 0, device="cpu", workdir=work)
+        _segment(_encoder(), data, opts, work)
     assert trained == list(range(12)) and (work / "iter_12.pth").exists()
 
     kill_at, trained[:] = None, []
-    metrics, _ = segmentation_protocol(_encoder(), data, cfg, 0, device="cpu", workdir=work)
+    metrics, _ = _segment(_encoder(), data, opts, work)
     assert trained == list(range(12, 20))  # resumed, not retrained from 0
     assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_20.pth"]
     assert all(0.0 <= v <= 100.0 for v in metrics.values())
@@ -219,11 +232,11 @@ def test_protocol_resumes_after_interruption(toy_seg, tmp_path, monkeypatch):
 
     # A finished run is not trained again: the stored result comes back.
     trained[:] = []
-    again, _ = segmentation_protocol(_encoder(), data, cfg, 0, device="cpu", workdir=work)
+    again, _ = _segment(_encoder(), data, opts, work)
     assert trained == [] and again == metrics
 
     # Other settings (or another encoder) never resume this work_dir's run: it starts afresh.
-    segmentation_protocol(_encoder(), data, _eval_cfg(seg_iters=6), 0, device="cpu", workdir=work)
+    _segment(_encoder(), data, _options(iters=6), work)
     assert trained == list(range(6))
 
 
@@ -250,10 +263,10 @@ def test_protocol_never_unpickles_a_crafted_checkpoint(toy_seg, tmp_path, where)
     if where == "linked":
         (work / "iter_7.pth").symlink_to(crafted)
     (work / "last_checkpoint").write_text(f"{crafted}\n")
-    data, cfg = _data(toy_seg[2], CLASSES), _eval_cfg(seg_iters=2)
+    data, opts = _data(toy_seg[2], CLASSES), _options(iters=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics, _ = segmentation_protocol(_encoder(), data, cfg, 0, device="cpu", workdir=work)
+        metrics, _ = _segment(_encoder(), data, opts, work)
     assert not marker.exists()
     assert set(metrics) == {"mIoU", "aAcc", "mAcc", "background_mIoU"}
     assert all(0.0 <= v <= 100.0 for v in metrics.values())
@@ -269,20 +282,37 @@ def test_protocol_never_unpickles_a_crafted_checkpoint(toy_seg, tmp_path, where)
 
 def test_protocol_on_ade20k_layout(tmp_path):
     """mmseg's ADE20K dataset class and folders, reduce_zero_label, images larger than the crop
-    (sliding-window inference): a few iterations on made-up images."""
+    (sliding-window inference): a few iterations on made-up images, found under a data root by the
+    registered ``ade20k`` source."""
     rng = np.random.default_rng(0)
+    ade = tmp_path / "data" / "ade20k" / "ADEChallengeData2016"
     for split, count in (("training", 4), ("validation", 2)):
-        (tmp_path / "ade" / "images" / split).mkdir(parents=True)
-        (tmp_path / "ade" / "annotations" / split).mkdir(parents=True)
+        (ade / "images" / split).mkdir(parents=True)
+        (ade / "annotations" / split).mkdir(parents=True)
         for i in range(count):
             image = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
-            Image.fromarray(image).save(tmp_path / "ade" / "images" / split / f"ADE_{i}.jpg")
+            Image.fromarray(image).save(ade / "images" / split / f"ADE_{i}.jpg")
             label = rng.integers(0, 4, (40, 56), dtype=np.uint8)  # 0 = "other", ignored
-            Image.fromarray(label).save(tmp_path / "ade" / "annotations" / split / f"ADE_{i}.png")
-    data = {"name": "ade20k", "root": tmp_path / "ade", "classes": [], "reduce_zero_label": True,
-            "ignore_index": 255, "dataset_type": "ade20k"}
-    metrics, _ = segmentation_protocol(_encoder(), data, _eval_cfg(seg_iters=4, seg_batch_size=2), 0,
-                                       device="cpu", workdir=tmp_path / "work")
+            Image.fromarray(label).save(ade / "annotations" / split / f"ADE_{i}.png")
+    data = EvalSets(load_config("smoke"), tmp_path / "cache", data_root=tmp_path / "data").get("ade20k")
+    assert (data.classes, data.reduce_zero_label, data.val_batch_size) == ([], True, 1)
+    metrics, options = _segment(_encoder(), data, _options(iters=4, batch_size=2), tmp_path / "work")
+    assert (options["iters"], options["batch_size"]) == (4, 2)
     assert all(0.0 <= v <= 100.0 for v in metrics.values())
     # Label 1 becomes class 0 after reduce_zero_label; the floor predicts class 0 on three classes.
     assert metrics["background_mIoU"] == pytest.approx(100 / 3 / 3, abs=3)
+
+
+def test_class_names_come_from_the_set_or_its_mmseg_dataset_class(tmp_path):
+    """A set's own names win; a set without names (ADE20K) takes its mmseg dataset class's 150; a set
+    whose layout names a class mmseg does not register, or that has no names anywhere, is refused
+    with a message naming the set."""
+    _import_mmseg()
+    assert class_names(_data(tmp_path, ["background", "object"])) == ["background", "object"]
+    ade = SegmentationSet("ade20k", tmp_path, [], SegmentationLayout("ADE20KDataset"))
+    names = class_names(ade)
+    assert len(names) == 150 and names[:3] == ["wall", "building", "sky"]
+    with pytest.raises(ValueError, match=r"'odd' names the dataset class 'NoSuchDataset'"):
+        class_names(SegmentationSet("odd", tmp_path, ["a"], SegmentationLayout("NoSuchDataset")))
+    with pytest.raises(ValueError, match=r"'bare' names no classes.*BaseSegDataset"):
+        class_names(SegmentationSet("bare", tmp_path, []))

@@ -18,7 +18,7 @@ from mugbench.data import shard_count
 from mugbench.data.catalog import BadDataError, DataNotFoundError
 from mugbench.data.pipeline import IMAGE_KEYS, SkipCounter, TarSamples
 from mugbench.data.shard_count import count_samples, stats_file
-from mugbench.study import resolve_data
+from mugbench.data.pretrain import resolve_data
 
 
 def _image(fmt: str, colour=(200, 40, 40)) -> bytes:

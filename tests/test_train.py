@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mugbench.config import TrainConfig
-from mugbench.study import build_method
+from mugbench.runs import build_method
 from mugbench.train.checkpoint import load_checkpoint
 from mugbench.train.distributed import DistInfo
 from mugbench.train.loop import NonFiniteLossError, build_optimizer, build_scheduler, train

@@ -20,6 +20,8 @@ import pytest
 from mugbench import config as config_mod
 from mugbench.cli import main
 from mugbench.config import ConfigError, load_config
+from mugbench.protocol import NoOptions
+from mugbench.registry import registered_protocols
 
 SMALL_RUN = ["run", "--preset", "smoke", "--methods", "mae", "--evals", "knn"]
 
@@ -63,7 +65,7 @@ BAD_RUN_VALUES = [
     (["--set", "train.betas=[0.9, 1.0]"], "train.betas=[0.9, 1.0] is out of range: each must be a finite number in [0, 1)"),
     (["--set", "train.grad_clip=0"], "train.grad_clip=0 is out of range: it must be a finite number > 0 or null"),
     (["--set", "data.max_bad_fraction=1.5"], "data.max_bad_fraction=1.5 is out of range: it must be a finite number in [0, 1]"),
-    (["--set", "eval.linear_lrs=[0.1, -1]"], "eval.linear_lrs=[0.1, -1] is out of range"),
+    (["--set", "eval.linear.lrs=[0.1, -1]"], "eval.linear.lrs=[0.1, -1] is out of range"),
     (["--set", "seed=-1"], "seed=-1 is out of range"),
     (["--seeds", "abc"], "'abc' is not a seed"),
     (["--seeds=0,-3"], "-3"),
@@ -98,10 +100,10 @@ def test_eval_model_args_that_load_files_are_refused(model_args, needle, tmp_pat
 
 def test_eval_and_bench_validate_the_config_too(tmp_path, capsys, monkeypatch):
     args = ["eval", "--timm-model", "vit_tiny_patch16_224", "--model-args", '{"img_size": 32, "patch_size": 8}',
-            "--preset", "smoke", "--set", "eval.knn_k=0", "--results", str(tmp_path / "results"),
+            "--preset", "smoke", "--set", "eval.knn.k=0", "--results", str(tmp_path / "results"),
             "--cache-dir", str(tmp_path / "cache")]
     code, _, err = _cli(args, tmp_path, capsys, monkeypatch)
-    _assert_user_error(code, err, "eval.knn_k=0 is out of range: it must be an integer >= 1")
+    _assert_user_error(code, err, "eval.knn.k=0 is out of range: it must be an integer >= 1")
     code, _, err = _cli(["bench", "--preset", "smoke", "--methods", "mae", "--set", "train.batch_size=0",
                          "--results", str(tmp_path / "results")], tmp_path, capsys, monkeypatch)
     _assert_user_error(code, err, "train.batch_size=0 is out of range")
@@ -236,11 +238,12 @@ def _default(f: dataclasses.Field):
 
 @pytest.mark.parametrize("cls", [config_mod.StudyConfig, config_mod.DataConfig, config_mod.AugmentConfig,
                                  config_mod.EncoderSpec, config_mod.TextConfig, config_mod.TrainConfig,
-                                 config_mod.EvalConfig])
+                                 config_mod.EvalConfig,
+                                 *(p.Options for p in registered_protocols().values())])
 def test_every_numeric_key_declares_its_range(cls):
     hints = typing.get_type_hints(cls)
     numeric = [f for f in dataclasses.fields(cls) if _numeric(hints[f.name], _default(f))]
-    assert numeric or cls is config_mod.StudyConfig
+    assert numeric or cls in (config_mod.StudyConfig, NoOptions)
     missing = [f.name for f in numeric if not isinstance(f.metadata.get("range"), config_mod.Range)]
     assert missing == [], f"{cls.__name__}: numeric keys without a declared range: {missing}"
     for f in numeric:
@@ -268,7 +271,7 @@ def test_every_preset_is_in_range(preset):
 def test_range_messages_say_key_value_and_allowed_range():
     cases = {"train.warmup_epochs=-1": "train.warmup_epochs=-1 is out of range: it must be a finite number >= 0",
              "train.min_lr=-1e-6": "train.min_lr=-1e-6 is out of range: it must be a finite number >= 0",
-             "eval.finetune_layer_decay=0": "eval.finetune_layer_decay=0 is out of range: it must be a finite "
+             "eval.finetune.layer_decay=0": "eval.finetune.layer_decay=0 is out of range: it must be a finite "
                                             "number in (0, 1]",
              "data.samples_per_epoch=0": "data.samples_per_epoch=0 is out of range: it must be an integer >= 1 "
                                          "or null"}
@@ -291,11 +294,10 @@ def test_paper_preset_evaluates_the_papers_protocols():
     assert cfg.datasets == ["imagenet", "ade20k", "coco-caps"]
     assert {"linear", "finetune", "segmentation"} <= set(cfg.protocols)
     # MAE's linear probe (He et al., 2022) and ViT-B fine-tuning recipe, BEiT/MAE's ADE20K schedule.
-    assert (cfg.linear_solver, cfg.linear_epochs, cfg.linear_batch_size, cfg.linear_lr, cfg.linear_warmup_epochs) \
-        == ("lars", 90, 16384, 0.1, 10)
-    assert (cfg.finetune_epochs, cfg.finetune_batch_size, cfg.finetune_blr, cfg.finetune_layer_decay) \
-        == (100, 1024, 5.0e-4, 0.65)
-    assert (cfg.seg_iters, cfg.seg_crop, cfg.seg_batch_size, cfg.seg_lr) == (160000, 512, 16, 1.0e-4)
+    linear, finetune, seg = (cfg.options_for(p) for p in ("linear", "finetune", "segmentation"))
+    assert (linear.solver, linear.epochs, linear.batch_size, linear.lr, linear.warmup_epochs) == ("lars", 90, 16384, 0.1, 10)
+    assert (finetune.epochs, finetune.batch_size, finetune.blr, finetune.layer_decay) == (100, 1024, 5.0e-4, 0.65)
+    assert (seg.iters, seg.crop, seg.batch_size, seg.lr) == (160000, 512, 16, 1.0e-4)
 
 
 def test_paper_preset_without_its_pretraining_set_stops_before_any_folder(tmp_path, tmp_path_factory,

@@ -18,14 +18,14 @@ import webdataset as wds
 from PIL import Image
 
 from mugbench.cli import main
-from mugbench.data.catalog import EVAL_SETS, PRETRAIN_SETS, BadDataError, DataNotFoundError, resolve_eval_root, \
-    resolve_pretrain_urls
+from mugbench.data.catalog import PRETRAIN_SETS, BadDataError, DataNotFoundError, resolve_pretrain_urls
 from mugbench.data.check import check_shard_set, distribution
 from mugbench.data.decode import BadImage, decode_rgb, draft_size
 from mugbench.data.pipeline import DecodeOptions, make_loader, split_sample_key
 from mugbench.data.transforms import build_eval_transform
+from mugbench.registry import registered_eval_sets
 from mugbench.train.distributed import DistInfo
-from mugbench.train.loop import _check_bad_fraction
+from mugbench.train.loop import TrainState, _check_bad_fraction
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -225,11 +225,11 @@ def test_distribution_percentiles():
 
 def test_too_many_bad_samples_stop_training_with_counts():
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    state = {"images": 600, "skipped": {"undecodable_image": 380, "truncated_tar": 2}}
-    _check_bad_fraction(state, 0.2, info, "mae", 7)  # 982 samples read: too few to judge
-    _check_bad_fraction(dict(state, images=2000), 0.2, info, "mae", 7)  # 16%: carry on
+    skipped = {"undecodable_image": 380, "truncated_tar": 2}
+    _check_bad_fraction(TrainState(images=600, skipped=skipped), 0.2, info, "mae", 7)  # 982 samples read: too few to judge
+    _check_bad_fraction(TrainState(images=2000, skipped=skipped), 0.2, info, "mae", 7)  # 16%: carry on
     with pytest.raises(BadDataError) as err:
-        _check_bad_fraction(dict(state, images=700), 0.2, info, "mae", 7)
+        _check_bad_fraction(TrainState(images=700, skipped=skipped), 0.2, info, "mae", 7)
     msg = str(err.value)
     assert "382 of the 1082" in msg and "undecodable_image=380" in msg and "--fix-list" in msg
 
@@ -237,14 +237,15 @@ def test_too_many_bad_samples_stop_training_with_counts():
 def test_missing_eval_sets_fail_with_where_and_how(tmp_path):
     hints = {"imagenet": "ImageFolder", "ade20k": "ADEChallengeData2016", "coco-caps": "dataset_coco.json",
              "flickr30k": "dataset_flickr30k.json"}
-    assert set(hints) == set(EVAL_SETS)
+    from_data_root = {n: s for n, s in registered_eval_sets().items() if s.folder is not None}
+    assert set(hints) == set(from_data_root)
     for name, hint in hints.items():
         with pytest.raises(DataNotFoundError) as err:
-            resolve_eval_root(name, tmp_path)
+            from_data_root[name].locate(tmp_path)
         msg = str(err.value)
-        assert name in msg and str(tmp_path / EVAL_SETS[name][0]) in msg and hint in msg and "MUGBENCH_DATA" in msg
+        assert name in msg and str(tmp_path / from_data_root[name].folder) in msg and hint in msg and "MUGBENCH_DATA" in msg
         with pytest.raises(DataNotFoundError, match="none is set"):
-            resolve_eval_root(name, None)
+            from_data_root[name].locate(None)
     for name in PRETRAIN_SETS:
         with pytest.raises(DataNotFoundError, match="img2dataset --url_list"):
             resolve_pretrain_urls(name, tmp_path)
@@ -313,8 +314,8 @@ def test_imagenet_folders_evaluate_with_knn_linear_and_finetune(tmp_path, capsys
             '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}',
             "--datasets", "imagenet", "--evals", "knn,linear,finetune", "--preset", "smoke",
             "--data-root", str(tmp_path / "data"), "--results", str(tmp_path / "results"),
-            "--cache-dir", str(tmp_path / "cache"), "--set", "eval.finetune_batch_size=8",
-            "--set", "eval.knn_k=5"]
+            "--cache-dir", str(tmp_path / "cache"), "--set", "eval.finetune.batch_size=8",
+            "--set", "eval.knn.k=5"]
     assert main(args) == 0, capsys.readouterr().err
     records = {r["protocol"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "results").rglob("*.json"))}
     assert set(records) == {"knn", "linear", "finetune"} and all(r["dataset"] == "imagenet" for r in records.values())

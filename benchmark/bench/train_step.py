@@ -31,7 +31,8 @@ from ..data.tokenizer import TextTokenizer, corpus_vocab, trim_padding
 from ..data.transforms import method_view_specs
 from ..models.vit import build_encoder
 from ..registry import get_method
-from ..study import build_method, text_spec
+from ..data.pretrain import text_spec
+from ..runs import build_method
 from ..train.distributed import DistInfo
 from ..models.text import full_context
 from ..train.loop import (

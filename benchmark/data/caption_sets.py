@@ -15,7 +15,6 @@ from typing import Callable
 import torch
 from PIL import Image
 
-KARPATHY_FILES = {"coco-caps": "dataset_coco.json", "flickr30k": "dataset_flickr30k.json"}
 _DEFAULT_IMAGE_FOLDER = {"flickr30k": "flickr30k-images"}
 
 

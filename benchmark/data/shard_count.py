@@ -212,7 +212,7 @@ def count_samples(urls: Sequence[str], cache_dir: str | os.PathLike,
 
 def _cached_header_count(urls: list[str], cache_dir: Path, log: Callable[[str], None]) -> tuple[int, str]:
     """The header-pass count of ``urls``, from the cache when these exact files were counted before."""
-    from ..results import atomic_write_text  # the project's one atomic writer
+    from ..files import atomic_write_text
 
     source = f"a header pass over {len(urls):,} shard{'s' if len(urls) != 1 else ''}"
     cache = _cache_path(urls, cache_dir)

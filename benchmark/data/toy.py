@@ -24,6 +24,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from ..files import atomic_write, atomic_write_text
+
 # Bump whenever drawing or captioning changes, so cached shards are regenerated.
 GENERATOR_VERSION = 3
 
@@ -448,30 +450,36 @@ def _png_bytes(img: Image.Image) -> bytes:
 def _write_shard(job: tuple) -> str:
     """Write one shard (a process-pool job) to a temp file, then move it into place."""
     root, split, shard_idx, start, stop, seed, native_size = job
-    world = ToyWorld(seed, native_size)
     name = f"{split}-{shard_idx:06d}.tar"
-    tmp = Path(root) / f".{name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as stream:
-        # mtime fixed and encoder disabled: identical parameters give byte-identical tars.
-        # (An int mtime: a float one makes tarfile add a PAX header to every member.)
-        with wds.TarWriter(stream, encoder=False, mtime=0) as sink:
-            for index in range(start, stop):
-                s = world.sample(split, index)
-                key = f"{split.replace('-', '_')}_{index:08d}"
-                meta = {"label": s.label, "captions": s.captions, "objects": s.objects}
-                record = {
-                    "__key__": key,
-                    "png": _png_bytes(s.image),
-                    # Pre-training sees one caption per image, rotating with the index.
-                    "txt": s.captions[index % NUM_CAPTIONS].encode("utf-8"),
-                    "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
-                    "cls": str(s.label).encode("utf-8"),
-                }
-                if split in SEG_SPLITS:
-                    record["seg.png"] = _png_bytes(Image.fromarray(s.mask, "L"))
-                sink.write(record)
-    os.replace(tmp, Path(root) / name)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as stream:
+            _write_samples(stream, ToyWorld(seed, native_size), split, start, stop)
+
+    atomic_write(Path(root) / name, write)
     return name
+
+
+def _write_samples(stream, world: "ToyWorld", split: str, start: int, stop: int) -> None:
+    """Samples ``start`` to ``stop`` of ``split`` as one webdataset tar into ``stream``."""
+    # mtime fixed and encoder disabled: identical parameters give byte-identical tars.
+    # (An int mtime: a float one makes tarfile add a PAX header to every member.)
+    with wds.TarWriter(stream, encoder=False, mtime=0) as sink:
+        for index in range(start, stop):
+            s = world.sample(split, index)
+            key = f"{split.replace('-', '_')}_{index:08d}"
+            meta = {"label": s.label, "captions": s.captions, "objects": s.objects}
+            record = {
+                "__key__": key,
+                "png": _png_bytes(s.image),
+                # Pre-training sees one caption per image, rotating with the index.
+                "txt": s.captions[index % NUM_CAPTIONS].encode("utf-8"),
+                "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+                "cls": str(s.label).encode("utf-8"),
+            }
+            if split in SEG_SPLITS:
+                record["seg.png"] = _png_bytes(Image.fromarray(s.mask, "L"))
+            sink.write(record)
 
 
 def _manifest_params(sizes: dict[str, int], seed: int, native_size: int, shard_size: int) -> dict:
@@ -536,7 +544,13 @@ def prepare_toy(root: Path, sizes: dict[str, int], seed: int = 0, native_size: i
 
     manifest = {"generator_version": GENERATOR_VERSION, "seed": int(seed), "native_size": int(native_size),
                 "classes": list(TOY_CLASSES), "shard_size": int(shard_size), "splits": splits, "params": params}
-    tmp = root / f".manifest.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
+
+
+def prepare_toy_world(data, cache_dir: Path) -> tuple[Path, dict]:
+    """Generate (or find in the cache) the embedded world a study's ``data`` section describes
+    (``toy_sizes``, ``toy_seed``, ``toy_native_size``, ``toy_shard_size``): its folder and manifest."""
+    root = toy_cache_dir(cache_dir, data.toy_sizes, data.toy_seed, data.toy_native_size, data.toy_shard_size)
+    return root, prepare_toy(root, data.toy_sizes, seed=data.toy_seed, native_size=data.toy_native_size,
+                             shard_size=data.toy_shard_size)

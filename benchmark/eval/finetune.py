@@ -4,7 +4,8 @@ He et al. (2022), Table 9 / BEiT's recipe: AdamW, layer-wise lr decay, drop path
 random erasing, Mixup + CutMix with label smoothing, warmup then cosine. Every piece comes
 from timm (``create_transform``, ``Mixup``, ``SoftTargetCrossEntropy``, ``create_optimizer_v2``
 with ``layer_decay``, ``DropPath``), so the harness fine-tunes exactly as timm users expect.
-The encoder keeps the harness's read-out (``eval.pool``) and gets a fresh linear head.
+The encoder keeps the harness's read-out (``eval.pool``) and gets a fresh linear head; the
+recipe's numbers are the protocol's options (``eval.finetune.*``, `mugbench.protocols.finetune`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import random_seed
 
-from ..data.pipeline import make_loader
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .determinism import determinism_note
 from .linear import warmup_cosine
@@ -47,10 +47,11 @@ def classifier_from_encoder(encoder: torch.nn.Module, num_classes: int, pool: st
     return model
 
 
-def train_transform(img_size: int, cfg):
-    """timm's training transform with MAE's fine-tuning augmentation."""
-    transform = create_transform(img_size, is_training=True, auto_augment=cfg.finetune_randaug, color_jitter=None,
-                                 interpolation="bicubic", re_prob=cfg.finetune_reprob, re_mode="pixel", re_count=1,
+def train_transform(img_size: int, options):
+    """timm's training transform with MAE's fine-tuning augmentation (``options``: the protocol's
+    ``FineTune.Options``; its ``randaug`` policy and ``reprob`` random-erasing probability)."""
+    transform = create_transform(img_size, is_training=True, auto_augment=options.randaug, color_jitter=None,
+                                 interpolation="bicubic", re_prob=options.reprob, re_mode="pixel", re_count=1,
                                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
     for step in transform.transforms:
         for op in getattr(step, "ops", ()):
@@ -96,46 +97,47 @@ def flushing_denormals():
         torch.set_flush_denormal(False)
 
 
-def finetune_protocol(encoder: torch.nn.Module, data: dict, cfg, seed: int, *, device, workdir=None):
-    """Fine-tune a copy of ``encoder`` on ``data["train_urls"]`` (labelled shards) and score
-    ``data["val"]`` tensors after every epoch; returns best and last top-1.
+def finetune(encoder: torch.nn.Module, data, options, *, seed: int, device, pool: str, batch_size: int):
+    """Fine-tune a copy of ``encoder`` on ``data``'s augmented train batches and score its val split
+    after every epoch; returns ``(metrics, recorded options)``: best and last top-1 in percent.
 
-    ``data``: ``{"train_urls": [...], "train_count": N, "val": {"image", "label"}, "num_classes": C}``;
-    an ImageFolder set gives ``train_batches(epoch=, batch_size=, transform=, seed=)`` instead of
-    ``train_urls``.
+    ``data`` is a `ClassificationSet` (its ``train_batches`` reads the train split again through
+    ``train_transform``: webdataset shards for the toy set, an ImageFolder for ImageNet);
+    ``options`` the protocol's ``FineTune.Options``; ``pool`` the read-out the new head sits on
+    (``eval.pool``) and ``batch_size`` the scoring batch (``eval.batch_size``).
     """
     with flushing_denormals():
-        return _finetune(encoder, data, cfg, seed, device=device)
+        return _finetune(encoder, data, options, seed=seed, device=device, pool=pool, batch_size=batch_size)
 
 
-def _finetune(encoder: torch.nn.Module, data: dict, cfg, seed: int, *, device):
+# The fine-tuning options a result record keeps (all of ``FineTune.Options``), in this order.
+_RECORDED = ("epochs", "batch_size", "blr", "layer_decay", "weight_decay", "drop_path", "warmup_epochs", "mixup",
+             "cutmix", "label_smoothing", "randaug", "reprob")
+
+
+def _finetune(encoder: torch.nn.Module, data, opts, *, seed: int, device, pool: str, batch_size: int):
+    """`finetune`'s body, run with denormals flushed."""
     # Every RNG the recipe draws from, so the numbers depend on the seed alone, never on the protocols
     # or methods run before in the same process: torch (init, drop path), Python's (timm's RandAugment
     # magnitudes, random erasing) and numpy's (timm's Mixup / CutMix, RandAugment's choice of ops).
     random_seed(seed)
-    img_size = int(data["val"]["image"].shape[-1])
-    model = classifier_from_encoder(encoder, data["num_classes"], cfg.pool, cfg.finetune_drop_path).to(device)
-    batch = cfg.finetune_batch_size
-    lr = cfg.finetune_blr * batch / 256
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.finetune_weight_decay,
-                                    layer_decay=cfg.finetune_layer_decay, betas=(0.9, 0.999))
+    img_size = int(data.val.image.shape[-1])
+    model = classifier_from_encoder(encoder, data.num_classes, pool, opts.drop_path).to(device)
+    batch = opts.batch_size
+    lr = opts.blr * batch / 256  # MAE's linear scaling rule
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=opts.weight_decay,
+                                    layer_decay=opts.layer_decay, betas=(0.9, 0.999))
     mixup, soft_target_loss = None, SoftTargetCrossEntropy()
-    if cfg.finetune_mixup > 0 or cfg.finetune_cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.finetune_mixup, cutmix_alpha=cfg.finetune_cutmix,
-                      label_smoothing=cfg.finetune_label_smoothing, num_classes=data["num_classes"])
-    transform = train_transform(img_size, cfg)
-    steps_per_epoch = max(1, data["train_count"] // batch)
-    total, warmup = cfg.finetune_epochs * steps_per_epoch, cfg.finetune_warmup_epochs * steps_per_epoch
+    if opts.mixup > 0 or opts.cutmix > 0:
+        mixup = Mixup(mixup_alpha=opts.mixup, cutmix_alpha=opts.cutmix, label_smoothing=opts.label_smoothing,
+                      num_classes=data.num_classes)
+    transform = train_transform(img_size, opts)
+    steps_per_epoch = max(1, data.train_count // batch)
+    total, warmup = opts.epochs * steps_per_epoch, opts.warmup_epochs * steps_per_epoch
     history, step = [], 0
-    for epoch in range(cfg.finetune_epochs):
+    for epoch in range(opts.epochs):
         model.train()
-        if "train_batches" in data:  # an ImageFolder set (ImageNet)
-            loader = data["train_batches"](epoch=epoch, batch_size=batch, transform=transform, seed=seed)
-        else:
-            loader = make_loader(data["train_urls"], batch_size=batch, image_transforms=[transform], tokenizer=None,
-                                 need_caption=False, need_label=True, shuffle=True, seed=seed, epoch=epoch,
-                                 shuffle_buffer=data["train_count"])
-        for b in loader:
+        for b in data.train_batches(epoch=epoch, batch_size=batch, transform=transform, seed=seed):
             scale = warmup_cosine(step, total, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale * group.get("lr_scale", 1.0)
@@ -144,15 +146,12 @@ def _finetune(encoder: torch.nn.Module, data: dict, cfg, seed: int, *, device):
                 images, targets = mixup(images, labels)
                 loss = soft_target_loss(model(images), targets)
             else:
-                loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.finetune_label_smoothing)
+                loss = F.cross_entropy(model(images), labels, label_smoothing=opts.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-        history.append(top1(model, data["val"]["image"], data["val"]["label"], batch_size=cfg.batch_size,
-                            device=device))
-    options = {key: getattr(cfg, f"finetune_{key}") for key in (
-        "epochs", "batch_size", "blr", "layer_decay", "weight_decay", "drop_path", "warmup_epochs", "mixup",
-        "cutmix", "label_smoothing", "randaug", "reprob")}
-    options.update(pool=cfg.pool, top1_per_epoch=history, **determinism_note(device))
-    return {"top1": max(history), "top1_last": history[-1]}, options
+        history.append(top1(model, data.val.image, data.val.label, batch_size=batch_size, device=device))
+    recorded = {key: getattr(opts, key) for key in _RECORDED}
+    recorded.update(pool=pool, top1_per_epoch=history, **determinism_note(device))
+    return {"top1": max(history), "top1_last": history[-1]}, recorded

@@ -24,13 +24,13 @@ def _flat_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_error(method, images: torch.Tensor, *, seed: int, batch_size: int = 200,
-                         device="cpu") -> dict[str, float]:
+def reconstruction_error(method, images: torch.Tensor, *, seed: int, patch_size: int,
+                         batch_size: int = 200, device="cpu") -> dict[str, float]:
     """Mean squared error of the predicted pixels on removed patches only, in the input's
     normalised pixel space (masks drawn from ``seed``), beside ``flat_patch_mse``: the error of
     filling each removed patch with its own true mean value. With MAE's per-patch normalised
     targets a reconstruction gets each patch's mean and scale for free, so beating the flat patch
-    is what shows that edges and textures were predicted."""
+    is what shows that edges and textures were predicted. ``patch_size``: the encoder's, in pixels."""
     total, flat, count = 0.0, 0.0, 0.0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -39,7 +39,7 @@ def reconstruction_error(method, images: torch.Tensor, *, seed: int, batch_size:
             out = method.reconstruct(x)
             removed = out["pixel_mask"].expand_as(x)
             total += float(((out["reconstruction"] - x) ** 2 * removed).sum())
-            flat += float(((_flat_patches(x, method.patch_size) - x) ** 2 * removed).sum())
+            flat += float(((_flat_patches(x, patch_size) - x) ** 2 * removed).sum())
             count += float(removed.sum())
     return {"masked_mse": total / max(count, 1.0), "flat_patch_mse": flat / max(count, 1.0)}
 

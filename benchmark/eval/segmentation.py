@@ -5,8 +5,8 @@ mmsegmentation 1.x parts: the encoder's block outputs are rescaled to strides 4/
 (`ViTPyramid`), decoded by ``UPerHead`` plus an auxiliary ``FCNHead`` inside ``EncoderDecoder``,
 trained with mmengine's ``Runner`` (AdamW, layer-wise lr decay, linear warmup then poly decay)
 on mmseg's datasets and transforms, and scored with mmseg's ``IoUMetric``. Numbers not taken
-from the study's `EvalConfig` are those of mmseg's ``mae-base_upernet_8xb2-amp-160k_ade20k``
-config and its ADE20K dataset defaults, cited where used.
+from the protocol's options (``eval.segmentation.*``) are those of mmseg's
+``mae-base_upernet_8xb2-amp-160k_ade20k`` config and its ADE20K dataset defaults, cited where used.
 """
 from __future__ import annotations
 
@@ -31,20 +31,15 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..results import atomic_write_text
+from ..files import atomic_write_text
 from ..train.checkpoint import load_checkpoint
 from .determinism import determinism_note
 from .mmseg_compat import ensure_mmseg_importable
 
-# Per dataset type: mmseg dataset class, folders under ``root`` and file suffixes.
-DATASET_LAYOUTS = {
-    "toy": {"type": "BaseSegDataset", "train": ("img_dir/train", "ann_dir/train"),
-            "val": ("img_dir/val", "ann_dir/val"), "img_suffix": ".png", "seg_map_suffix": ".png"},
-    # mmseg's ADEChallengeData2016 layout (configs/_base_/datasets/ade20k.py).
-    "ade20k": {"type": "ADE20KDataset", "train": ("images/training", "annotations/training"),
-               "val": ("images/validation", "annotations/validation"), "img_suffix": ".jpg",
-               "seg_map_suffix": ".png"},
-}
+# mmseg's ADE20K train pipeline's colour jitter (PhotoMetricDistortion), used on every set.
+_PHOTOMETRIC = True
+# mmseg's loading and augmentation run in the training process (no loader workers), as they always have.
+_LOADER_WORKERS = 0
 _RESULT_FILE, _RUN_FILE = "result.json", "run.json"
 # The names mmengine's CheckpointHook gives this protocol's checkpoints (by_epoch=False).
 _CHECKPOINT_NAME = re.compile(r"^iter_(\d+)\.pth$")
@@ -163,9 +158,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
     return [groups[k] for k in sorted(groups)]
 
 
-def _model_cfg(backbone: dict, num_classes: int, embed_dim: int, crop: int, cfg, ignore_index: int) -> dict:
+def _model_cfg(backbone: dict, num_classes: int, embed_dim: int, crop: int, options, ignore_index: int) -> dict:
     """mmseg's ``EncoderDecoder`` with UPerHead + FCNHead, as mmseg's ``upernet_mae`` base config
-    (pool scales 1-2-3-6, dropout 0.1, aux head on the stride-16 level, half the width)."""
+    (pool scales 1-2-3-6, dropout 0.1, aux head on the stride-16 level, half the width);
+    ``options``: the protocol's ``Segmentation.Options`` (head width, auxiliary loss weight)."""
     from mmengine.config import ConfigDict  # mmseg reads test_cfg by attribute
 
     norm = dict(type="BN", requires_grad=True)  # SyncBN in mmseg's configs; a single process here
@@ -181,14 +177,14 @@ def _model_cfg(backbone: dict, num_classes: int, embed_dim: int, crop: int, cfg,
             size=(crop, crop)),
         backbone=backbone,
         decode_head=dict(type="UPerHead", in_channels=[embed_dim] * 4, in_index=[0, 1, 2, 3],
-                         pool_scales=(1, 2, 3, 6), channels=cfg.seg_channels, dropout_ratio=0.1,
+                         pool_scales=(1, 2, 3, 6), channels=options.channels, dropout_ratio=0.1,
                          num_classes=num_classes, norm_cfg=norm, align_corners=False,
                          ignore_index=ignore_index, loss_decode=ce(1.0)),
         auxiliary_head=dict(type="FCNHead", in_channels=embed_dim, in_index=2,
-                            channels=max(1, cfg.seg_channels // 2), num_convs=1, concat_input=False,
+                            channels=max(1, options.channels // 2), num_convs=1, concat_input=False,
                             dropout_ratio=0.1, num_classes=num_classes, norm_cfg=norm,
                             align_corners=False, ignore_index=ignore_index,
-                            loss_decode=ce(cfg.seg_aux_weight)),
+                            loss_decode=ce(options.aux_weight)),
         train_cfg=dict(),
         # Sliding windows of the crop size with a 2/3 stride (MAE's ADE20K: 512 crop, 341 stride).
         test_cfg=ConfigDict(mode="slide", crop_size=(crop, crop), stride=(max(1, 2 * crop // 3),) * 2),
@@ -215,18 +211,40 @@ def _pipelines(crop: int, reduce_zero_label: bool, photometric: bool) -> tuple[l
     return train, test
 
 
-def _dataset_cfg(data: dict, split: str, pipeline: list) -> dict:
-    """An mmseg dataset config for ``split`` (train | val) of ``data``."""
-    layout = DATASET_LAYOUTS[data.get("dataset_type", "toy")]
-    img_path, seg_path = layout[split]
-    cfg = dict(type=layout["type"], data_root=str(data["root"]),
+def _dataset_cfg(data, split: str, pipeline: list) -> dict:
+    """An mmseg dataset config for ``split`` (train | val) of the `SegmentationSet` ``data``, in its
+    ``layout``. The set's own class names go in as metainfo; a set without them (ADE20K) keeps those
+    of its mmseg dataset class."""
+    layout = data.layout
+    img_path, seg_path = getattr(layout, split)
+    cfg = dict(type=layout.dataset_type, data_root=str(data.root),
                data_prefix=dict(img_path=img_path, seg_map_path=seg_path),
-               img_suffix=layout["img_suffix"], seg_map_suffix=layout["seg_map_suffix"],
-               reduce_zero_label=bool(data.get("reduce_zero_label", False)),
-               ignore_index=int(data.get("ignore_index", 255)), pipeline=pipeline)
-    if layout["type"] == "BaseSegDataset":
-        cfg["metainfo"] = dict(classes=tuple(data["classes"]))
+               img_suffix=layout.img_suffix, seg_map_suffix=layout.seg_map_suffix,
+               reduce_zero_label=bool(data.reduce_zero_label), ignore_index=int(data.ignore_index),
+               pipeline=pipeline)
+    if data.classes:
+        cfg["metainfo"] = dict(classes=tuple(data.classes))
     return cfg
+
+
+def class_names(data) -> list[str]:
+    """The label names of the `SegmentationSet` ``data`` by mask value: its own ``classes``, else those
+    its mmseg dataset class declares (``ADE20KDataset``'s 150). A `ValueError` for a dataset class
+    mmseg does not know, or a set that names no classes on a dataset class that has none."""
+    from mmseg.registry import DATASETS
+
+    dataset_type = data.layout.dataset_type
+    dataset_cls = DATASETS.get(dataset_type)
+    if dataset_cls is None:
+        raise ValueError(f"Segmentation set {data.name!r} names the dataset class {dataset_type!r} in its layout, "
+                         f"which mmsegmentation does not register. Use one of mmseg's dataset classes (such as "
+                         f"BaseSegDataset for a plain img_dir/ann_dir layout, or ADE20KDataset).")
+    names = list(data.classes) or list(getattr(dataset_cls, "METAINFO", {}).get("classes", ()))
+    if not names:
+        raise ValueError(f"Segmentation set {data.name!r} names no classes, and its dataset class {dataset_type} "
+                         f"declares none either: give the set's class names by mask value "
+                         f"(SegmentationSet.classes).")
+    return names
 
 
 class _ResumableInfiniteSampler(torch.utils.data.Sampler):
@@ -508,36 +526,33 @@ def _import_mmseg() -> None:
         register_all_modules(init_default_scope=False)
 
 
-def _build_runner(encoder: nn.Module, data: dict, cfg, seed: int, *, device: torch.device, workdir: Path,
-                  name: str, classes: list, indices: list[int], photometric: bool):
+def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch.device, workdir: Path,
+                  name: str, classes: list, indices: list[int], photometric: bool, val_batch: int):
     """mmengine's Runner for UperNet on a copy of ``encoder``, resuming from ``workdir``."""
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
     from mmseg.registry import MODELS
 
-    crop, ignore_index = int(cfg.seg_crop), int(data.get("ignore_index", 255))
+    crop, ignore_index = int(options.crop), int(data.ignore_index)
     enc = _prepare_encoder(encoder, crop, indices)
     backbone = dict(type=ViTPyramid, encoder=enc, indices=indices)
-    model = MODELS.build(_model_cfg(backbone, len(classes), enc.embed_dim, crop, cfg, ignore_index))
-    groups = param_groups(model, cfg.seg_lr, cfg.seg_weight_decay, cfg.seg_layer_decay, len(enc.blocks))
-    optimizer = torch.optim.AdamW(groups, lr=cfg.seg_lr, betas=(0.9, 0.999), weight_decay=cfg.seg_weight_decay)
+    model = MODELS.build(_model_cfg(backbone, len(classes), enc.embed_dim, crop, options, ignore_index))
+    groups = param_groups(model, options.lr, options.weight_decay, options.layer_decay, len(enc.blocks))
+    optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, 0.999), weight_decay=options.weight_decay)
     # bf16 autocast on CUDA (the study's "auto" precision; MAE's config uses fp16 AMP), fp32 on CPU.
     optim = (AmpOptimWrapper(optimizer=optimizer, dtype="bfloat16") if device.type == "cuda"
              else OptimWrapper(optimizer=optimizer))
-    iters, warmup = int(cfg.seg_iters), min(int(cfg.seg_warmup_iters), int(cfg.seg_iters))
+    iters, warmup = int(options.iters), min(int(options.warmup_iters), int(options.iters))
     # MAE's ADE20K schedule: linear warmup from 1e-6 x lr, then poly (power 1) decay to 0.
     schedule = []
     if warmup:
         schedule.append(dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup))
     if warmup < iters:
         schedule.append(dict(type="PolyLR", power=1.0, eta_min=0.0, begin=warmup, end=iters, by_epoch=False))
-    train_pipe, test_pipe = _pipelines(crop, bool(data.get("reduce_zero_label", False)), photometric)
-    workers = int(data.get("num_workers", 0))
-    loader = dict(num_workers=workers, persistent_workers=workers > 0)
-    is_ade = data.get("dataset_type", "toy") == "ade20k"
-    val_batch = int(data.get("val_batch_size", 1 if is_ade else cfg.batch_size))
+    train_pipe, test_pipe = _pipelines(crop, bool(data.reduce_zero_label), photometric)
+    loader = dict(num_workers=_LOADER_WORKERS, persistent_workers=_LOADER_WORKERS > 0)
     runner = _quiet_runner_cls()(
         model=model, work_dir=str(workdir), experiment_name=name, default_scope="mmseg",
-        train_dataloader=dict(loader, batch_size=cfg.seg_batch_size, dataset=_dataset_cfg(data, "train", train_pipe),
+        train_dataloader=dict(loader, batch_size=options.batch_size, dataset=_dataset_cfg(data, "train", train_pipe),
                               sampler=dict(type=_ResumableInfiniteSampler, shuffle=True)),
         val_dataloader=dict(loader, batch_size=val_batch, dataset=_dataset_cfg(data, "val", test_pipe),
                             sampler=dict(type="DefaultSampler", shuffle=False)),
@@ -566,51 +581,41 @@ def _build_runner(encoder: nn.Module, data: dict, cfg, seed: int, *, device: tor
     return runner
 
 
-def segmentation_protocol(encoder: nn.Module, data: dict, cfg, seed: int, *, device, workdir: Path):
+def segment(encoder: nn.Module, data, options, *, seed: int, device, workdir: Path, batch_size: int):
     """Fine-tune ``encoder`` (a copy) with UperNet on ``data`` and return ``(metrics, options)``.
 
-    ``data``: ``name`` (e.g. ``toy-seg``), ``root`` (mmseg folder layout, see
-    `DATASET_LAYOUTS`), ``classes`` (label names by index; toy: ``["background", *shapes]``;
-    ade20k uses mmseg's ``ADE20KDataset`` classes instead), ``reduce_zero_label`` (toy False,
-    ade20k True), ``ignore_index`` (255), ``dataset_type`` (``toy`` | ``ade20k``);
-    optional ``photometric`` (colour jitter, default True), ``num_workers`` (default 0) and
-    ``val_batch_size`` (default ``cfg.batch_size`` for toy, 1 for ade20k, whose images differ in size).
-    ``cfg`` is the study's `EvalConfig` (``seg_*`` fields). ``workdir`` keeps mmengine's logs
-    and checkpoints: a rerun resumes from the last checkpoint, and after a finished run
-    returns the stored result; a run made there with other settings or another encoder is
-    discarded and training starts afresh.
+    ``data`` is a `SegmentationSet`: ``root`` in its mmseg ``layout`` (dataset class, folders,
+    suffixes), ``classes`` by mask value (toy: ``["background", *shapes]``; empty for ADE20K, whose
+    mmseg dataset class names its 150), ``reduce_zero_label``, ``ignore_index`` and
+    ``val_batch_size`` (None: ``batch_size``, the harness's ``eval.batch_size``; ADE20K validates one
+    image at a time, as its images differ in size). ``options`` is the protocol's
+    ``Segmentation.Options`` (``eval.segmentation.*``). ``workdir`` keeps mmengine's logs and
+    checkpoints: a rerun resumes from the last checkpoint, and after a finished run returns the
+    stored result; a run made there with other settings or another encoder is discarded and
+    training starts afresh.
 
     Metrics (percent, ``IoUMetric``): ``mIoU``, ``aAcc``, ``mAcc`` on the validation split and
     ``background_mIoU``, the mIoU of predicting label 0 everywhere.
     """
     device = torch.device(device)
     workdir = Path(workdir).resolve()
-    crop, indices = int(cfg.seg_crop), block_indices(len(encoder.blocks))
-    if int(cfg.seg_iters) < 1:
-        raise ValueError(f"eval.seg_iters must be at least 1, got {cfg.seg_iters}")
-    dataset_type = data.get("dataset_type", "toy")
-    if dataset_type not in DATASET_LAYOUTS:
-        raise ValueError(f"unknown segmentation dataset_type {dataset_type!r}: use {', '.join(DATASET_LAYOUTS)}")
+    crop, indices = int(options.crop), block_indices(len(encoder.blocks))
+    if int(options.iters) < 1:
+        raise ValueError(f"eval.segmentation.iters must be at least 1, got {options.iters}")
     _import_mmseg()
-    if dataset_type == "ade20k":
-        from mmseg.datasets import ADE20KDataset
-
-        classes = list(ADE20KDataset.METAINFO["classes"])
-    else:
-        classes = list(data["classes"])
-    options = {
-        "head": "UPerHead+FCNHead", "iters": cfg.seg_iters, "batch_size": cfg.seg_batch_size, "crop": crop,
-        "lr": cfg.seg_lr, "weight_decay": cfg.seg_weight_decay, "layer_decay": cfg.seg_layer_decay,
-        "warmup_iters": cfg.seg_warmup_iters, "channels": cfg.seg_channels, "aux_weight": cfg.seg_aux_weight,
+    classes = class_names(data)
+    recorded = {
+        "head": "UPerHead+FCNHead", "iters": options.iters, "batch_size": options.batch_size, "crop": crop,
+        "lr": options.lr, "weight_decay": options.weight_decay, "layer_decay": options.layer_decay,
+        "warmup_iters": options.warmup_iters, "channels": options.channels, "aux_weight": options.aux_weight,
         "blocks": indices, "strides": list(ViTPyramid.strides), "schedule": "linear-warmup+poly1",
-        "optimizer": "adamw(0.9,0.999)", "test_mode": "slide",
-        "photometric": bool(data.get("photometric", True)),
+        "optimizer": "adamw(0.9,0.999)", "test_mode": "slide", "photometric": _PHOTOMETRIC,
         "precision": "bf16" if device.type == "cuda" else "fp32",
         **determinism_note(device),
     }
-    signature = {"options": options, "seed": int(seed), "dataset": data.get("name"), "classes": classes,
+    signature = {"options": recorded, "seed": int(seed), "dataset": data.name, "classes": classes,
                  "encoder_sha256": _fingerprint(encoder)}
-    ignore_index = int(data.get("ignore_index", 255))
+    ignore_index = int(data.ignore_index)
     done = _read_json(workdir / _RESULT_FILE)
     if done is not None and done.get("signature") == signature:
         return done["metrics"], done["options"]
@@ -619,6 +624,7 @@ def segmentation_protocol(encoder: nn.Module, data: dict, cfg, seed: int, *, dev
         _discard_run(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json(workdir / _RUN_FILE, signature)
+    val_batch = int(data.val_batch_size if data.val_batch_size is not None else batch_size)
 
     # Unique per call: mmengine keeps loggers, visualizers and scopes in global tables by name.
     name = f"segmentation_{os.getpid()}_{time.time_ns()}"
@@ -627,8 +633,8 @@ def segmentation_protocol(encoder: nn.Module, data: dict, cfg, seed: int, *, dev
         with _isolated_globals(device), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.manual_seed(seed)  # the pyramid's and heads' init
-            runner = _build_runner(encoder, data, cfg, seed, device=device, workdir=workdir, name=name,
-                                   classes=classes, indices=indices, photometric=options["photometric"])
+            runner = _build_runner(encoder, data, options, seed, device=device, workdir=workdir, name=name,
+                                   classes=classes, indices=indices, photometric=_PHOTOMETRIC, val_batch=val_batch)
             # Both resume from work_dir's newest checkpoint when there is one (``val`` too, if
             # ``train`` started from scratch), read weights-only (QuietRunner.load_or_resume).
             # mmengine prints some notices (checkpoint found / loaded) with print(): into the log.
@@ -651,8 +657,8 @@ def segmentation_protocol(encoder: nn.Module, data: dict, cfg, seed: int, *, dev
                       f"from scratch", stacklevel=2)
     metrics = {k: float(scores[k]) for k in ("mIoU", "aAcc", "mAcc")}
     metrics["background_mIoU"] = floor["mIoU"]
-    _write_json(workdir / _RESULT_FILE, {"signature": signature, "metrics": metrics, "options": options})
-    return metrics, options
+    _write_json(workdir / _RESULT_FILE, {"signature": signature, "metrics": metrics, "options": recorded})
+    return metrics, recorded
 
 
 def _discard_run(workdir: Path) -> None:

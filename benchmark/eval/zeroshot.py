@@ -3,40 +3,15 @@
 Methods with a text tower compare image embeddings with the mean embedding of a class's prompts
 (CLIP's prompt ensembling, Radford et al., 2021). Captioners score each class's prompts under the
 caption decoder and pick the class whose prompts are most likely (generative zero-shot, as in
-CapPa, Tschannen et al., 2023).
+CapPa, Tschannen et al., 2023). The prompt templates and class words belong to the evaluation set
+(`ClassificationSet.prompts`, ``class_names``).
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
 
 from ..method import evaluating
-
-# Prompts per evaluation set; "{}" is the class name. Toy's follow the openers of its captions;
-# ImageNet's are CLIP's seven-prompt ensemble as open_clip ships it (Radford et al., 2021).
-PROMPTS = {
-    "toy-cls": ("a {}.", "a picture of a {}.", "an image of a {}.", "there is a {}.", "a drawing of a {}."),
-    "imagenet": tuple(template("{}") for template in SIMPLE_IMAGENET_TEMPLATES),
-}
-_WORDNET_ID = re.compile(r"^n\d{8}$")
-
-
-def prompts_for(dataset: str) -> tuple[str, ...]:
-    """The prompt templates of an evaluation set (a plain "a photo of a {}." elsewhere)."""
-    return PROMPTS.get(dataset, ("a photo of a {}.",))
-
-
-def class_names(dataset: str, classes: list[str]) -> list[str]:
-    """Words for the prompts. ImageNet's ImageFolder classes are WordNet ids (``n01440764``), which
-    no caption contains: the 1000 ids sorted (ImageFolder's order, the standard class index) map
-    to CLIP's class names from open_clip. Any other set's folder names are used as they are."""
-    if dataset == "imagenet" and len(classes) == len(IMAGENET_CLASSNAMES) \
-            and all(_WORDNET_ID.match(c) for c in classes) and list(classes) == sorted(classes):
-        return list(IMAGENET_CLASSNAMES)
-    return list(classes)
 
 
 @torch.no_grad()

@@ -24,8 +24,9 @@ from mugbench.report.tables import (
     absolute_references, claims_section, latex_table, markdown_table, missing_cells, ranking_section, study_tables,
     tidy,
 )
+from mugbench.files import atomic_write_text
 from mugbench.results import (
-    MalformedRecordWarning, ResultRecord, atomic_write_text, load_records, load_references, record_figure,
+    MalformedRecordWarning, ResultRecord, load_records, load_references, record_figure,
 )
 
 FIGURE_NOTES = {

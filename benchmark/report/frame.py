@@ -1,9 +1,12 @@
 """Result records as pandas frames: selection, grouping and aggregation over seeds.
 
 Everything here reads records only (`mugbench.results.load_records`); the registry is asked
-just two things a record may not say itself: the paradigm of a method whose records predate
-the ``paradigm`` field, and whether a protocol applies to a method at all (so that a missing
-zero-shot cell of MAE reads "not applicable" rather than "missing").
+what a record may not say itself: the paradigm of a method whose records predate the
+``paradigm`` field, whether a protocol applies to a method at all (so that a missing zero-shot
+cell of MAE reads "not applicable" rather than "missing"), and how a protocol is shown (its
+display position, label, headline metrics and whether it counts as transfer). A protocol not
+registered here (a plugin not installed, the bench records' ``train-step``) is shown by name,
+after the registered ones, with every metric as headline, and never ranked as transfer.
 """
 
 from __future__ import annotations
@@ -22,17 +25,7 @@ BENCH_PROTOCOLS = ("train-step", "input-pipeline")
 
 # Display order: the paper's (single-modal, then multi-modal), then anything else by name.
 METHOD_ORDER = ("simclr", "mae", "clip", "slip", "flip", "coca", "cap", "mug")
-PROTOCOL_ORDER = (
-    "knn", "linear", "finetune", "segmentation", "zeroshot", "retrieval", "captioning", "reconstruction",
-)
 OTHER_PARADIGM = "other"
-
-# The metric a paper's main table shows per protocol (the rest go to the full table).
-HEADLINE_METRICS = {
-    "knn": ("top1",), "linear": ("top1",), "finetune": ("top1",), "segmentation": ("mIoU",),
-    "zeroshot": ("top1",), "retrieval": ("i2t_r1", "t2i_r1"), "captioning": ("cider",),
-    "reconstruction": ("masked_mse",),
-}
 # Metrics where smaller is better, matched as substrings ("recon_mse", "val_loss").
 LOWER_IS_BETTER = ("loss", "mse", "error", "perplexity", "ppl", "nll", "fid")
 # Scores a protocol reports beside its metric (what a trivial predictor gets): context, never
@@ -52,6 +45,40 @@ def order_key(order: Sequence[str]):
         return (order.index(name), "") if name in order else (len(order), str(name))
 
     return key
+
+
+def _protocol_class(protocol: str):
+    """The class registered as ``protocol``, or None for a name not registered here."""
+    from mugbench.registry import registered_protocols
+
+    return registered_protocols().get(protocol)
+
+
+def protocol_order_key(protocol: str) -> tuple[int, int, str]:
+    """Sort key for protocols: registered ones by `Protocol.order` (the paper's transfer protocols,
+    then its multi-modal ones), then any other name alphabetically."""
+    cls = _protocol_class(protocol)
+    return (0, cls.order, protocol) if cls is not None else (1, 0, str(protocol))
+
+
+def headline_metrics(protocol: str) -> tuple[str, ...]:
+    """The metrics a main table shows for ``protocol`` (`Protocol.headline`); empty, meaning every
+    non-baseline metric, for a protocol that declares none or is not registered here."""
+    cls = _protocol_class(protocol)
+    return tuple(cls.headline) if cls is not None else ()
+
+
+def protocol_label(protocol: str) -> str:
+    """The column title of ``protocol`` (`Protocol.display_label`), else its name."""
+    cls = _protocol_class(protocol)
+    return cls.display_label() if cls is not None else str(protocol)
+
+
+def is_transfer(protocol: str) -> bool:
+    """Whether ``protocol`` measures the encoder's representation (`Protocol.transfer`), so the report
+    ranks methods on it; False for a protocol not registered here."""
+    cls = _protocol_class(protocol)
+    return cls is not None and bool(cls.transfer)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -106,14 +133,13 @@ def paradigm_of(record: ResultRecord) -> str:
 
 def protocol_applies(method: str, protocol: str) -> bool | None:
     """Whether ``protocol`` can evaluate ``method``; ``None`` when the method is not installed here."""
-    from mugbench.eval import CAPABILITY_PROTOCOLS
-    from mugbench.registry import registered_methods
+    from mugbench.registry import registered_methods, registered_protocols
 
     cls = registered_methods().get(method)
     if cls is None:
         return None
-    needs = CAPABILITY_PROTOCOLS.get(protocol)
-    return True if needs is None else needs.applies_to(cls)
+    protocol_cls = registered_protocols().get(protocol)
+    return True if protocol_cls is None else protocol_cls.applies_to(cls)
 
 
 def _row_label(record: ResultRecord, by: str) -> str:
@@ -166,8 +192,7 @@ def summary_frame(records: Iterable[ResultRecord], by: str = "method") -> pd.Dat
         agg = long.groupby(ROW_LEVELS + COLUMN_LEVELS)["value"].agg(mean="mean", std="std", n="count")
         frame = agg.unstack(COLUMN_LEVELS)
         frame.columns = frame.columns.reorder_levels([1, 2, 3, 0]).set_names(COLUMN_LEVELS + ["stat"])
-        protocol_key = order_key(PROTOCOL_ORDER)
-        frame = frame[sorted(frame.columns, key=lambda c: (protocol_key(c[0]), c[1], c[2], STATS.index(c[3])))]
+        frame = frame[sorted(frame.columns, key=lambda c: (protocol_order_key(c[0]), c[1], c[2], STATS.index(c[3])))]
         methods = dict(zip(long["row"], long["method"]))
         seeds = dict(zip(long["row"], long["seed"]))
         paradigm_key, method_key = order_key(PARADIGMS), order_key(METHOD_ORDER)
@@ -218,7 +243,7 @@ def headline_columns(columns: Iterable[tuple]) -> list[tuple[str, str, str]]:
     seen = list(dict.fromkeys(c[:3] for c in columns))
     keep = []
     for protocol, dataset, metric in seen:
-        wanted = HEADLINE_METRICS.get(protocol)
+        wanted = headline_metrics(protocol)
         if (metric in wanted) if wanted else not is_baseline(metric):
             keep.append((protocol, dataset, metric))
     return keep

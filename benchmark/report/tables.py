@@ -15,15 +15,12 @@ from typing import Any, Collection, Sequence
 import pandas as pd
 
 from mugbench.report.frame import (
-    COLUMN_LEVELS, STATS, finite, headline_columns, is_baseline, lower_is_better, protocol_applies, ranked,
+    COLUMN_LEVELS, STATS, finite, headline_columns, is_baseline, is_transfer, lower_is_better, protocol_applies,
+    protocol_label, protocol_order_key, ranked,
 )
 
 MISSING = "—"
 MARK = "†"  # after a row not pre-trained like-for-like with the rest of its table (report.likeness)
-PROTOCOL_LABELS = {
-    "knn": "k-NN", "linear": "linear probe", "finetune": "fine-tune", "segmentation": "segmentation",
-    "zeroshot": "zero-shot", "retrieval": "retrieval", "captioning": "captioning", "reconstruction": "reconstruction",
-}
 
 
 def fmt(value: float) -> str:
@@ -46,7 +43,7 @@ def fmt_spread(std: float, mean: float) -> str:
 def column_label(column: tuple[str, str, str]) -> str:
     """``k-NN top1 (toy-cls)`` for a (protocol, dataset, metric) column."""
     protocol, dataset, metric = column
-    return f"{PROTOCOL_LABELS.get(protocol, protocol)} {metric} ({dataset})"
+    return f"{protocol_label(protocol)} {metric} ({dataset})"
 
 
 def cell_text(mean: float, std: float, n: float, seeds: int, pm: str = " ± ") -> str:
@@ -166,18 +163,23 @@ def claims_section(tables: dict, references: Sequence[dict]) -> list[str]:
     return lines
 
 
-# Protocols every method gets (the encoder alone is evaluated): the paper's "vision transfer" tasks.
-TRANSFER_PROTOCOLS = ("knn", "linear", "finetune", "segmentation")
 # The paper's qualitative claims, as pairwise comparisons on transfer: multi-modal methods do not beat
 # their single-modal counterparts (CLIP vs MAE and SimCLR), and MUG leads.
 CLAIM_PAIRS = (("clip", "mae"), ("clip", "simclr"), ("mug", "mae"), ("mug", "clip"))
+
+
+def _transfer_names(protocols) -> str:
+    """The transfer protocols a ranking covers, in words: ``a, b and c`` of their labels in display order."""
+    names = sorted(set(protocols), key=protocol_order_key)
+    labels = [protocol_label(n) for n in names]
+    return " and ".join([", ".join(labels[:-1]), labels[-1]]) if len(labels) > 1 else labels[0]
 
 
 def ranking_section(frame: pd.DataFrame, columns: list[tuple], methods: dict[str, str]) -> list[str]:
     """Mean rank of each row over the transfer columns (1 = best), and the paper's pairwise claims
     counted column by column. A row is ranked on the columns it has, and says how many."""
     plain = frame.droplevel("paradigm")
-    transfer = [c for c in columns if c[0] in TRANSFER_PROTOCOLS and not is_baseline(c[2])]
+    transfer = [c for c in columns if is_transfer(c[0]) and not is_baseline(c[2])]
     if not transfer or len(plain) < 2:
         return []
     ranks: dict[str, list[int]] = {row: [] for row in plain.index}
@@ -188,7 +190,7 @@ def ranking_section(frame: pd.DataFrame, columns: list[tuple], methods: dict[str
     # get a place; the others follow, unplaced.
     order = sorted((r for r in ranks if ranks[r]),
                    key=lambda r: (len(ranks[r]) < len(transfer), sum(ranks[r]) / len(ranks[r]), r))
-    lines = ["Ranking on transfer (mean rank over the k-NN, linear-probe, fine-tuning and segmentation columns; "
+    lines = [f"Ranking on transfer (mean rank over the {_transfer_names(c[0] for c in transfer)} columns; "
              "1 = best; a row without every column is not placed):", "",
              "| place | method | mean rank | columns ranked |", "|---:|---|---:|---:|"]
     lines += [f"| {i if len(ranks[row]) == len(transfer) else MISSING} | {row} | "
@@ -302,6 +304,6 @@ def study_tables(frame: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
     return out
 
 
-__all__ = ["MISSING", "TRANSFER_PROTOCOLS", "absolute_references", "ranking_section", "best_rows", "cell_text", "claims_section", "column_label",
+__all__ = ["MISSING", "absolute_references", "ranking_section", "best_rows", "cell_text", "claims_section", "column_label",
            "fmt", "headline_columns", "latex_table", "margin", "markdown_table", "missing_cells", "study_tables",
            "tidy"]

@@ -10,22 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..files import atomic_write
 from ..models.vit import EncoderSpec, export_state_dict
-
-
-def _atomic(path: Path, write) -> Path:
-    from ..results import new_temp_file  # the one temp-file maker (umask-respecting, unlike mkstemp)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = new_temp_file(path)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(path: Path, state: dict) -> Path:
@@ -35,7 +21,7 @@ def save_checkpoint(path: Path, state: dict) -> Path:
     pos ...") is an `OutputError` naming the file, the checkpoint kept and how to resume.
     """
     try:
-        return _atomic(path, lambda tmp: torch.save(state, tmp))
+        return atomic_write(path, lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError) as exc:
         from ..preflight import OutputError  # a user error: the CLI prints it, no traceback
 
@@ -137,12 +123,4 @@ def load_newest_checkpoint(workdir: Path, warn=None) -> tuple[dict, Path] | None
 def export_encoder(path: Path, encoder: torch.nn.Module, spec: EncoderSpec) -> Path:
     """Save the encoder as safetensors with the timm architecture in the metadata."""
     meta = {"timm_name": spec.timm_name, "timm_kwargs": json.dumps(spec.timm_kwargs()), "format": "mugbench-encoder-v1"}
-    return _atomic(path, lambda tmp: save_file(export_state_dict(encoder), tmp, metadata=meta))
-
-
-def load_encoder(path: Path) -> torch.nn.Module:
-    """Rebuild a plain timm ViT (in eval mode) from an exported encoder file; the one loader is
-    `mugbench.sources.load_source`, which also checks the file and says what is wrong with it."""
-    from ..sources import load_source
-
-    return load_source(Path(path)).encoder
+    return atomic_write(path, lambda tmp: save_file(export_state_dict(encoder), tmp, metadata=meta))

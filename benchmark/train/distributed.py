@@ -24,16 +24,26 @@ class DistInfo:
 
 
 def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
+    """(rank, world size) of the initialised process group, else what the launcher announces
+    (`launched_rank_and_world`): the one place the rest of mugbench asks."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return launched_rank_and_world()
+
+
+def launched_rank_and_world() -> tuple[int, int]:
+    """(rank, world size) as torchrun announces them in the environment (``RANK``, ``WORLD_SIZE``), before
+    any process group exists; (0, 1) without a launcher or with values that are not numbers."""
+    try:
+        return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 0, 1
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes in the environment (no-op without torchrun)."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+    if "RANK" in os.environ and launched_rank_and_world()[1] > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if want_cuda else "gloo")

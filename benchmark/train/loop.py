@@ -12,9 +12,10 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, TrainConfig
 from ..data.catalog import BadDataError
-from ..results import atomic_write_text
+from ..files import atomic_write_text
 from .checkpoint import CHECKPOINT_LINK, load_newest_checkpoint, save_run_checkpoint
 from .distributed import DistInfo, gather_full_state, load_full_state, shard_with_fsdp
 
@@ -53,6 +54,42 @@ class TrainSummary:
     peak_memory_mb: float = 0.0  # CUDA: max allocated; CPU: the largest resident set seen at a log step
     data_share: float = 0.0  # fraction of the training time spent waiting for the next batch
     loss_curve: dict = field(default_factory=dict)  # {"step": [...], "loss": [...]}, thinned (`read_loss_curve`)
+
+
+@dataclass
+class TrainState:
+    """A run's progress, summed over every session that trained it: what a checkpoint stores
+    under ``"state"`` (as `to_dict`, plain data, so checkpoints load with ``weights_only=True``)
+    and what a rerun resumes from (`from_dict`). The field order is the checkpoint's key order."""
+
+    # Position: optimiser updates done (the epoch is ``step / steps_per_epoch``, the resume point
+    # within it follows from the deterministic pipeline, so neither is stored).
+    step: int = 0
+    # Timing: training seconds, checkpoint writes excluded.
+    seconds: float = 0.0
+    # Data: images trained on (all ranks), and samples the pipeline skipped or repaired, by kind.
+    images: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    repaired: dict[str, int] = field(default_factory=dict)
+    # Last log step: its loss (rank mean; NaN before the first) and the peak memory seen at log steps (MB).
+    loss: float = float("nan")
+    peak_memory_mb: float = 0.0
+    # Timing: seconds spent waiting for the next batch (the data share of `TrainSummary`).
+    data_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint's ``"state"`` entry: plain Python data only."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> TrainState:
+        """The state a checkpoint's ``"state"`` entry holds; keys that older checkpoints lack
+        (``repaired``, ``peak_memory_mb``, ``data_s``) keep their defaults, unknown keys are ignored."""
+        values = {f.name: saved[f.name] for f in fields(cls) if f.name in saved}
+        for tally in ("skipped", "repaired"):
+            if tally in values:
+                values[tally] = dict(values[tally])
+        return cls(**values)
 
 
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
@@ -180,14 +217,14 @@ class _NonFiniteWatch:
             f"train.grad_clip, or check the data; rerunning resumes from that checkpoint.")
 
 
-def _tally(state: dict, batch: dict) -> None:
+def _tally(state: TrainState, batch: dict) -> None:
     """Add a batch's skipped and repaired counts to the run's totals."""
-    for tally in ("skipped", "repaired"):
+    for counts, tally in ((state.skipped, "skipped"), (state.repaired, "repaired")):
         for kind, n in batch.pop(tally, {}).items():
-            state[tally][kind] = state[tally].get(kind, 0) + int(n)
+            counts[kind] = counts.get(kind, 0) + int(n)
 
 
-def _image_batches(batches: Iterable[dict], state: dict, resume_at: int) -> Iterator[dict]:
+def _image_batches(batches: Iterable[dict], state: TrainState, resume_at: int) -> Iterator[dict]:
     """Yield the batches that hold images; tally the image-less ones (a worker's last skip counts)
     here, unless they came before ``resume_at`` real batches, which the checkpoint already counted.
     Filtered before the ranks agree on having data, so every rank steps in lockstep."""
@@ -261,8 +298,8 @@ def _truncate_log(log_path: Path, step: int) -> None:
         atomic_write_text(log_path, "".join(kept))
 
 
-def _timed_fetches(batches: Iterable[dict], state: dict) -> Iterator[dict]:
-    """``batches``, adding the time spent waiting for each one to ``state["data_s"]``."""
+def _timed_fetches(batches: Iterable[dict], state: TrainState) -> Iterator[dict]:
+    """``batches``, adding the time spent waiting for each one to ``state.data_s``."""
     it = iter(batches)
     while True:
         start = time.perf_counter()
@@ -270,7 +307,7 @@ def _timed_fetches(batches: Iterable[dict], state: dict) -> Iterator[dict]:
             batch = next(it)
         except StopIteration:
             return
-        state["data_s"] = state.get("data_s", 0.0) + time.perf_counter() - start
+        state.data_s = state.data_s + time.perf_counter() - start
         yield batch
 
 
@@ -316,20 +353,300 @@ def _logged_step(row: str) -> float:
 MIN_SAMPLES_FOR_BAD_FRACTION = 1000
 
 
-def _check_bad_fraction(state: dict, limit: float, info: DistInfo, desc: str, step: int) -> None:
+def _check_bad_fraction(state: TrainState, limit: float, info: DistInfo, desc: str, step: int) -> None:
     """Raise `BadDataError` on every rank together when the skipped fraction exceeds ``limit``."""
-    bad = torch.tensor([float(sum(state["skipped"].values()))], device=info.device)
+    bad = torch.tensor([float(sum(state.skipped.values()))], device=info.device)
     if info.world_size > 1:  # skips are counted per rank; the decision must be the same everywhere
         dist.all_reduce(bad)
-    bad, good = int(bad.item()), state["images"]
+    bad, good = int(bad.item()), state.images
     if bad + good < MIN_SAMPLES_FOR_BAD_FRACTION or bad <= limit * (bad + good):
         return
-    kinds = ", ".join(f"{k}={v}" for k, v in sorted(state["skipped"].items()))
+    kinds = ", ".join(f"{k}={v}" for k, v in sorted(state.skipped.items()))
     raise BadDataError(
         f"Training of {desc} stopped at step {step}: {bad} of the {bad + good} samples read so far were bad "
         f"({100 * bad / (bad + good):.1f}%), more than data.max_bad_fraction={limit}. By kind (rank {info.rank}): "
         f"{kinds}. List the bad keys with `mugbench data check DATA --fix-list`, rebuild the broken shards, or "
         f"accept more with --set data.max_bad_fraction=X; rerunning resumes from the last checkpoint.")
+
+
+@dataclass
+class _Run:
+    """What one session of training works with and never saves: the method and its wrappers,
+    the optimiser and schedule, the budget, and where checkpoints and metrics go."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    method: torch.nn.Module  # the method itself: its parameters, state dict and ``after_step``
+    model: torch.nn.Module  # the method, or its DDP wrapper (``no_sync``, ``train()``)
+    step_fn: Callable[[dict], dict]  # the model, or its compiled form: what a step calls
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    fsdp: bool  # sharded: state dicts are gathered to save and scattered to load
+    identity: dict  # method name and full parameter shapes: whose checkpoints are this run's
+    total: int  # optimiser updates in the whole run
+    steps_per_epoch: int
+    workdir: Path
+    desc: str
+    max_bad_fraction: float
+
+    @property
+    def device(self) -> torch.device:
+        """The device this rank trains on."""
+        return self.info.device
+
+    @property
+    def ckpt_path(self) -> Path:
+        """The link to the newest checkpoint."""
+        return self.workdir / CHECKPOINT_LINK
+
+    @property
+    def log_path(self) -> Path:
+        """The run's metrics log, one JSON row per log step."""
+        return self.workdir / "metrics.jsonl"
+
+
+@dataclass
+class _Session:
+    """This session's progress reporting: the non-finite watch, the progress bar, the open
+    metrics log (rank 0 only) and the throughput window since the last log step."""
+
+    watch: _NonFiniteWatch
+    bar: tqdm
+    log: TextIO | None  # rank 0 only
+    window_t: float = field(default_factory=time.perf_counter)
+    window_images: int = 0
+
+    def lap(self) -> tuple[float, int]:
+        """Close the throughput window: its seconds and images; the next one opens now."""
+        now = time.perf_counter()
+        elapsed, images = now - self.window_t, self.window_images
+        self.window_t, self.window_images = now, 0
+        return elapsed, images
+
+    def restart_clock(self) -> float:
+        """Seconds since the window opened; its clock restarts (so a checkpoint write is not
+        counted as training time), its image count does not."""
+        elapsed = time.perf_counter() - self.window_t
+        self.window_t = time.perf_counter()
+        return elapsed
+
+
+def _wrap_for_ranks(method: torch.nn.Module, info: DistInfo, fsdp: bool) -> torch.nn.Module:
+    """Shard ``method`` in place under FSDP, wrap it in DDP with several ranks; the model to call."""
+    if fsdp:
+        shard_with_fsdp(method)  # before the optimizer, which must see the sharded parameters
+        return method
+    if info.world_size > 1:
+        return torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    return method
+
+
+def _prepare(method: torch.nn.Module, cfg: TrainConfig, *, steps_per_epoch: int, workdir: Path, info: DistInfo,
+             desc: str, max_bad_fraction: float) -> _Run:
+    """Check the strategy, move and wrap the method (SyncBatchNorm, activation checkpointing,
+    DDP / FSDP, compile), build the optimiser and schedule: everything a session trains with."""
+    if cfg.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.strategy must be 'ddp' or 'fsdp', not {cfg.strategy!r}.")
+    fsdp = cfg.strategy == "fsdp" and info.world_size > 1
+    workdir.mkdir(parents=True, exist_ok=True)
+    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    method.to(info.device)
+    if info.world_size > 1 and info.device.type == "cuda":
+        # Batch statistics of projection heads over the global batch (SimCLR's "global BN": per-device
+        # statistics leak which views belong together). torch synchronises BatchNorm only on GPUs;
+        # the modules are swapped in place, keeping their parameters, so the method object stays.
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    identity = {"method": desc, "params": _shapes(method)}  # before sharding: the full shapes
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(method)
+    model = _wrap_for_ranks(method, info, fsdp)
+    optimizer = build_optimizer(method, cfg, info.device)
+    scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
+    step_fn = CompiledOrEager(model, cfg.compile_backend, warn=lambda m: print(m, file=sys.stderr)) \
+        if cfg.compile else model
+    return _Run(cfg=cfg, info=info, method=method, model=model, step_fn=step_fn, optimizer=optimizer,
+                scheduler=scheduler, fsdp=fsdp, identity=identity, total=total, steps_per_epoch=steps_per_epoch,
+                workdir=workdir, desc=desc, max_bad_fraction=max_bad_fraction)
+
+
+def _restore(run: _Run, ckpt: dict, path: Path) -> TrainState:
+    """Load a checkpoint of this run (weights, optimiser, this rank's RNGs); its saved state."""
+    _check_identity(run.identity, ckpt, path)
+    if run.fsdp:
+        load_full_state(run.method, run.optimizer, ckpt["model"], ckpt["optimizer"])
+    else:
+        run.method.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    rng = ckpt["rng"][min(run.info.rank, len(ckpt["rng"]) - 1)]
+    torch.set_rng_state(rng["cpu"] if isinstance(rng, dict) else rng)
+    if isinstance(rng, dict) and rng.get("cuda") is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    return TrainState.from_dict(ckpt["state"])
+
+
+def _resume(run: _Run, seed: int) -> TrainState:
+    """Seed every RNG, then take up the newest readable checkpoint if there is one; cut the
+    metrics log back to the step reached and put the schedule there."""
+    state = TrainState()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    # One seed on every rank: masks are drawn for the global batch and sliced per rank (random_masking),
+    # so a run does not depend on the number of processes that share its batch. Python's and numpy's
+    # RNGs too, so a method plugin that draws from them is not moved by whatever ran before in the process.
+    random_seed(seed)
+    found = load_newest_checkpoint(run.workdir, warn=(lambda msg: print(f"warning: {msg}", file=sys.stderr))
+                                   if run.info.is_main else (lambda msg: None))
+    if found:
+        state = _restore(run, *found)
+    if run.info.is_main:  # with or without a checkpoint: a run killed before its first one logged rows too
+        _truncate_log(run.log_path, state.step)
+    run.scheduler.step_update(state.step)
+    return state
+
+
+@contextlib.contextmanager
+def _session(run: _Run, state: TrainState) -> Iterator[_Session]:
+    """Put the model in training mode and open the progress bar and (rank 0) the metrics log
+    for appending; both are closed however the session ends."""
+    watch = _NonFiniteWatch(run.device)
+    with tqdm(total=run.total, initial=state.step, desc=run.desc, disable=not run.info.is_main,
+              dynamic_ncols=True, leave=False) as bar, \
+            (open(run.log_path, "a") if run.info.is_main else contextlib.nullcontext()) as log:
+        run.model.train()
+        yield _Session(watch, bar, log)
+
+
+def _forward_backward(run: _Run, state: TrainState, session: _Session, batch: dict, sync: bool) -> dict:
+    """One micro-step: count the batch, forward under autocast, backward of the loss share of
+    this micro-step; ``sync``: the last micro-step of an update. The step's outputs."""
+    _tally(state, batch)
+    batch = _to_device(batch, run.device)
+    cfg, info = run.cfg, run.info
+    # DDP skips the gradient all-reduce on accumulation micro-steps; FSDP reduces every one.
+    with (contextlib.nullcontext() if sync or info.world_size == 1 or run.fsdp else run.model.no_sync()):
+        with autocast(cfg, run.device):
+            out = run.step_fn(batch)
+        session.watch.observe(out, state.step)
+        (out["loss"] / cfg.accum_steps).backward()
+    n_img = batch["image"].shape[0] * info.world_size
+    state.images += n_img
+    session.window_images += n_img
+    return out
+
+
+def _optimizer_step(run: _Run, state: TrainState) -> None:
+    """Clip, update, apply the method's constraints, clear the gradients, advance the schedule."""
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.method.parameters(), run.cfg.grad_clip)
+    run.optimizer.step()
+    run_after_step(run.method)  # the method itself, not its DDP / compiled wrapper
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    run.scheduler.step_update(state.step)
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    """Whether ``step`` is one of every ``every`` steps, or the last."""
+    return step % every == 0 or step == total
+
+
+def _log_step(run: _Run, state: TrainState, session: _Session, out: dict) -> None:
+    """Stop on a non-finite loss; write the metrics row (loss parts averaged over ranks, learning
+    rate, throughput), update the progress bar; stop when too many samples were bad."""
+    info, step = run.info, state.step
+    session.watch.check(info, run.desc, run.ckpt_path)
+    elapsed, images = session.lap()
+    ips = images / max(elapsed, 1e-9)
+    state.seconds += elapsed
+    row = {"step": step, "epoch": step / run.steps_per_epoch, "lr": run.optimizer.param_groups[0]["lr"],
+           **_mean_over_ranks(out, info), "images_per_s": ips}
+    state.loss = row["loss"]
+    state.peak_memory_mb = max(state.peak_memory_mb, memory_in_use_mb(run.device))
+    if session.log:
+        session.log.write(json.dumps(row) + "\n")
+        session.log.flush()
+    session.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}",
+                            bad=sum(state.skipped.values()), fixed=sum(state.repaired.values()))
+    _check_bad_fraction(state, run.max_bad_fraction, info, run.desc, step)
+
+
+def _rng_states(info: DistInfo) -> list[dict]:
+    """Every rank's generator states (masks and dropout draw from the CPU generator, or the
+    device's on CUDA), gathered in rank order."""
+    device = info.device
+    rngs = [{"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}]
+    if info.world_size > 1:
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, rngs[0])
+        rngs = gathered
+    return rngs
+
+
+def _checkpoint(run: _Run, state: TrainState, session: _Session) -> None:
+    """Stop on a non-finite loss (no checkpoint holds the damage), book the training time, and
+    write the checkpoint (rank 0; every rank takes part in gathering it)."""
+    session.watch.check(run.info, run.desc, run.ckpt_path)
+    state.seconds += session.restart_clock()
+    rngs = _rng_states(run.info)
+    model_state, optimizer_state = (gather_full_state(run.method, run.optimizer) if run.fsdp else
+                                    (run.method.state_dict(), run.optimizer.state_dict()))
+    if run.info.is_main:
+        save_run_checkpoint(run.workdir, {"model": model_state, "optimizer": optimizer_state,
+                                          "state": state.to_dict(), "rng": rngs, "identity": run.identity},
+                            state.step, keep=run.cfg.keep_checkpoints)
+
+
+def _end_short_epoch(run: _Run, state: TrainState, epoch: int, micro_steps: int) -> None:
+    """The epoch's batches ran out before its updates did (samples were skipped): drop a partial
+    accumulation and count the epoch as complete, so the schedule and the resume position stay
+    aligned with the epochs. An epoch without a single batch stops the run (`BadDataError`)."""
+    if micro_steps == 0:
+        raise BadDataError(f"The data pipeline yielded no batch for epoch {epoch} of {run.desc}: every "
+                           f"sample was skipped (by kind: {dict(state.skipped) or 'none'}) or the "
+                           f"shards hold none. Run `mugbench data check SHARDS` to see what is wrong "
+                           f"with them, sample by sample.")
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step = min(run.total, max(state.step, (epoch + 1) * run.steps_per_epoch))
+    run.scheduler.step_update(state.step)
+
+
+def _run_epoch(run: _Run, state: TrainState, session: _Session, batches: Callable[[int], Iterable[dict]]) -> None:
+    """Train the epoch ``state.step`` is in, from where it stands, until the epoch's last update
+    or the run's; log and checkpoint at their steps."""
+    cfg = run.cfg
+    epoch, done = divmod(state.step, run.steps_per_epoch)
+    skip = done * cfg.accum_steps
+    micro = 0
+    epoch_batches = _image_batches(_timed_fetches(batches(epoch), state), state, skip)
+    for i, batch in enumerate(_while_every_rank_has_data(epoch_batches, run.info)):
+        if i < skip:  # resuming mid-epoch: the pipeline is deterministic, so skip what was seen
+            continue
+        micro += 1
+        out = _forward_backward(run, state, session, batch, sync=micro % cfg.accum_steps == 0)
+        if micro % cfg.accum_steps:
+            continue
+        _optimizer_step(run, state)
+        if _due(state.step, cfg.log_every, run.total):
+            _log_step(run, state, session, out)
+        session.bar.update(1)
+        if _due(state.step, cfg.ckpt_every, run.total):
+            _checkpoint(run, state, session)
+        if state.step >= run.total or state.step % run.steps_per_epoch == 0:
+            return
+    _end_short_epoch(run, state, epoch, micro)
+
+
+def _summarize(run: _Run, state: TrainState, resumed_from: int) -> TrainSummary:
+    """The finished run's `TrainSummary` (the loss curve read back from the log on rank 0)."""
+    seconds = state.seconds
+    return TrainSummary(steps=state.step, epochs=state.step / run.steps_per_epoch, seconds=seconds,
+                        images_per_s=state.images / max(seconds, 1e-9), final_loss=state.loss,
+                        skipped=dict(state.skipped), repaired=dict(state.repaired), resumed_from=resumed_from,
+                        peak_memory_mb=state.peak_memory_mb,
+                        data_share=min(1.0, state.data_s / max(seconds, 1e-9)),
+                        loss_curve=read_loss_curve(run.log_path) if run.info.is_main else {})
 
 
 def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg: TrainConfig, *,
@@ -345,156 +662,11 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
     and repaired samples are summed from the batches; once more than ``max_bad_fraction`` of
     the samples read are skipped, training stops with `BadDataError`.
     """
-    if cfg.strategy not in ("ddp", "fsdp"):
-        raise ConfigError(f"train.strategy must be 'ddp' or 'fsdp', not {cfg.strategy!r}.")
-    fsdp = cfg.strategy == "fsdp" and info.world_size > 1
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = workdir / CHECKPOINT_LINK, workdir / "metrics.jsonl"
-    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    device = info.device
-    method.to(device)
-    if info.world_size > 1 and device.type == "cuda":
-        # Batch statistics of projection heads over the global batch (SimCLR's "global BN": per-device
-        # statistics leak which views belong together). torch synchronises BatchNorm only on GPUs;
-        # the modules are swapped in place, keeping their parameters, so the method object stays.
-        torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    identity = {"method": desc, "params": _shapes(method)}  # before sharding: the full shapes
-    if cfg.grad_checkpointing:
-        enable_grad_checkpointing(method)
-    model = method
-    if fsdp:
-        shard_with_fsdp(method)  # before the optimizer, which must see the sharded parameters
-    elif info.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[info.local_rank] if device.type == "cuda" else None)
-    optimizer = build_optimizer(method, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
-    step_fn = CompiledOrEager(model, cfg.compile_backend, warn=lambda m: print(m, file=sys.stderr)) \
-        if cfg.compile else model
-
-    state = {"step": 0, "seconds": 0.0, "images": 0, "skipped": {}, "repaired": {}, "loss": float("nan"),
-             "peak_memory_mb": 0.0, "data_s": 0.0}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    # One seed on every rank: masks are drawn for the global batch and sliced per rank (random_masking),
-    # so a run does not depend on the number of processes that share its batch. Python's and numpy's
-    # RNGs too, so a method plugin that draws from them is not moved by whatever ran before in the process.
-    random_seed(seed)
-    found = load_newest_checkpoint(workdir, warn=(lambda msg: print(f"warning: {msg}", file=sys.stderr))
-                                   if info.is_main else (lambda msg: None))
-    if found:
-        ckpt, path = found
-        _check_identity(identity, ckpt, path)
-        if fsdp:
-            load_full_state(method, optimizer, ckpt["model"], ckpt["optimizer"])
-        else:
-            method.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        state.update(ckpt["state"])
-        rng = ckpt["rng"][min(info.rank, len(ckpt["rng"]) - 1)]
-        torch.set_rng_state(rng["cpu"] if isinstance(rng, dict) else rng)
-        if isinstance(rng, dict) and rng.get("cuda") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
-    if info.is_main:  # with or without a checkpoint: a run killed before its first one logged rows too
-        _truncate_log(log_path, state["step"])
-    resumed_from = state["step"]
-
-    def checkpoint():
-        # Masks and dropout draw from the CPU generator, or the device's on CUDA: both are saved per rank.
-        rngs = [{"cpu": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}]
-        if info.world_size > 1:
-            gathered = [None] * info.world_size
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        model_state, optimizer_state = (gather_full_state(method, optimizer) if fsdp else
-                                        (method.state_dict(), optimizer.state_dict()))
-        if info.is_main:
-            save_run_checkpoint(workdir, {"model": model_state, "optimizer": optimizer_state, "state": dict(state),
-                                          "rng": rngs, "identity": identity}, step, keep=cfg.keep_checkpoints)
-
-    step = state["step"]
-    watch = _NonFiniteWatch(device)
-    scheduler.step_update(step)
-    bar = tqdm(total=total, initial=step, desc=desc, disable=not info.is_main, dynamic_ncols=True, leave=False)
-    log = open(log_path, "a") if info.is_main else None
-    model.train()
-    window_t, window_images = time.perf_counter(), 0
-    try:
-        while step < total:
-            epoch, skip = divmod(step, steps_per_epoch)
-            skip = skip * cfg.accum_steps
-            micro = 0
-            epoch_batches = _image_batches(_timed_fetches(batches(epoch), state), state, skip)
-            for i, batch in enumerate(_while_every_rank_has_data(epoch_batches, info)):
-                if i < skip:  # resuming mid-epoch: the pipeline is deterministic, so skip what was seen
-                    continue
-                _tally(state, batch)
-                batch = _to_device(batch, device)
-                sync = (micro + 1) % cfg.accum_steps == 0
-                # DDP skips the gradient all-reduce on accumulation micro-steps; FSDP reduces every one.
-                with (contextlib.nullcontext() if sync or info.world_size == 1 or fsdp else model.no_sync()):
-                    with autocast(cfg, device):
-                        out = step_fn(batch)
-                    watch.observe(out, step)
-                    (out["loss"] / cfg.accum_steps).backward()
-                micro += 1
-                n_img = batch["image"].shape[0] * info.world_size
-                state["images"] += n_img
-                window_images += n_img
-                if not sync:
-                    continue
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.grad_clip)
-                optimizer.step()
-                run_after_step(method)  # the method itself, not its DDP / compiled wrapper
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                state["step"] = step
-                scheduler.step_update(step)
-                if step % cfg.log_every == 0 or step == total:
-                    watch.check(info, desc, ckpt_path)
-                    now = time.perf_counter()
-                    ips = window_images / max(now - window_t, 1e-9)
-                    state["seconds"] += now - window_t
-                    window_t, window_images = now, 0
-                    row = {"step": step, "epoch": step / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
-                           **_mean_over_ranks(out, info), "images_per_s": ips}
-                    state["loss"] = row["loss"]
-                    state["peak_memory_mb"] = max(state.get("peak_memory_mb", 0.0), memory_in_use_mb(device))
-                    if log:
-                        log.write(json.dumps(row) + "\n")
-                        log.flush()
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}",
-                                    bad=sum(state["skipped"].values()), fixed=sum(state["repaired"].values()))
-                    _check_bad_fraction(state, max_bad_fraction, info, desc, step)
-                bar.update(1)
-                if step % cfg.ckpt_every == 0 or step == total:
-                    watch.check(info, desc, ckpt_path)
-                    state["seconds"] += time.perf_counter() - window_t
-                    window_t = time.perf_counter()
-                    checkpoint()
-                if step >= total or step % steps_per_epoch == 0:
-                    break
-            else:
-                if micro == 0:
-                    raise BadDataError(f"The data pipeline yielded no batch for epoch {epoch} of {desc}: every "
-                                       f"sample was skipped (by kind: {dict(state['skipped']) or 'none'}) or the "
-                                       f"shards hold none. Run `mugbench data check SHARDS` to see what is wrong "
-                                       f"with them, sample by sample.")
-                # A short epoch (samples were skipped): drop a partial accumulation and count the epoch
-                # as complete, so the schedule and the resume position stay aligned with the epochs.
-                optimizer.zero_grad(set_to_none=True)
-                step = state["step"] = min(total, max(step, (epoch + 1) * steps_per_epoch))
-                scheduler.step_update(step)
-    finally:
-        bar.close()
-        if log:
-            log.close()
-    seconds = state["seconds"]
-    return TrainSummary(steps=step, epochs=step / steps_per_epoch, seconds=seconds,
-                        images_per_s=state["images"] / max(seconds, 1e-9), final_loss=state["loss"],
-                        skipped=dict(state["skipped"]), repaired=dict(state.get("repaired", {})),
-                        resumed_from=resumed_from, peak_memory_mb=state.get("peak_memory_mb", 0.0),
-                        data_share=min(1.0, state.get("data_s", 0.0) / max(seconds, 1e-9)),
-                        loss_curve=read_loss_curve(log_path) if info.is_main else {})
+    run = _prepare(method, cfg, steps_per_epoch=steps_per_epoch, workdir=workdir, info=info, desc=desc,
+                   max_bad_fraction=max_bad_fraction)
+    state = _resume(run, seed)
+    resumed_from = state.step
+    with _session(run, state) as session:
+        while state.step < run.total:
+            _run_epoch(run, state, session, batches)
+    return _summarize(run, state, resumed_from)

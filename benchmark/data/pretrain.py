@@ -1,0 +1,135 @@
+"""Pre-training data of a study, as every method reads it: the shards, the tokenizer, and the one
+sample stream and base view that make the comparison like-for-like (DESIGN.md "Like-for-like rules")."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ConfigError, StudyConfig
+from ..method import TextSpec
+from ..registry import get_method
+from . import catalog
+from .decode import draft_size
+from .pipeline import DecodeOptions, make_loader
+from .tokenizer import TextTokenizer, corpus_vocab
+from .toy import prepare_toy_world
+from .transforms import build_view_transform, method_view_specs
+
+
+@dataclass
+class PretrainData:
+    """Resolved pre-training shards."""
+
+    name: str
+    urls: list[str]
+    samples: int
+    vocab_cache: Path
+
+
+def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=print) -> PretrainData:
+    """Find the pre-training shards; ``toy`` is generated on demand, others must exist.
+
+    The epoch length of a shard set is ``data.samples_per_epoch`` when set, else counted
+    (`shard_count.count_samples`: img2dataset's stats files, or one cached pass over the tar
+    headers); ``log`` says which (`run_study` passes its own, silent on ranks other than 0).
+    """
+    if cfg.data.name == "toy":
+        root, manifest = prepare_toy_world(cfg.data, cache_dir)
+        split = manifest["splits"]["pretrain"]
+        return PretrainData("toy", [str(root / s) for s in split["shards"]], split["count"], root / "vocab.json")
+    urls = catalog.resolve_pretrain_urls(cfg.data.name, data_root)
+    samples, source = cfg.data.samples_per_epoch, "data.samples_per_epoch"
+    if not samples and not all(catalog._is_local(u) for u in urls):
+        raise catalog.DataNotFoundError(
+            f"Pre-training data {cfg.data.name!r} is read from remote shards, whose samples cannot be counted "
+            f"before training, so the epoch length is unknown. Set it with --set data.samples_per_epoch=N "
+            f"(img2dataset's NNNNN_stats.json files hold each shard's count of successful downloads).")
+    if not samples:
+        from .shard_count import count_samples  # imported here: only resolve_data counts shards
+
+        samples, source = count_samples(urls, cache_dir, log=log)
+    log(f"samples per epoch: {samples:,} from {source}")
+    key = hashlib.sha1("\n".join(urls).encode()).hexdigest()[:12]
+    return PretrainData(cfg.data.name, urls, samples, cache_dir / "vocab" / f"{key}.json")
+
+
+def decode_options(cfg: StudyConfig, min_crop_scales: list[float]) -> DecodeOptions:
+    """How the pre-training pipeline decodes images for views with these smallest crop scales."""
+    d = cfg.data
+    draft = draft_size(cfg.encoder.img_size, min_crop_scales) if d.decode_draft else None
+    return DecodeOptions(min_size=d.min_image_size, draft_to=draft, repair_modes=d.repair_modes)
+
+
+def check_sample_stream(cfg: StudyConfig, methods: list[str]) -> None:
+    """Refuse a study whose one sample stream cannot serve every method: ``data.require_caption=false``
+    keeps caption-less samples, which a method that reads captions cannot train on."""
+    if cfg.data.require_caption:
+        return
+    text = [name for name in methods if get_method(name).needs_text]
+    if text:
+        raise ConfigError(
+            f"data.require_caption=false keeps samples without a caption, but {', '.join(text)} "
+            f"{'reads' if len(text) == 1 else 'read'} captions. Every method of a study trains on the same "
+            f"samples, so either keep data.require_caption=true (every method then skips caption-less "
+            f"samples) or run the image-only methods in a study of their own.")
+
+
+def pretrain_batches(cfg: StudyConfig, data: PretrainData, method_cls: type, tokenizer: TextTokenizer, *,
+                     per_rank: int, steps_per_epoch: int, pin_memory: bool = False):
+    """``batches(epoch) -> DataLoader`` of one method's pre-training, as `run_study` trains it.
+
+    The sample filter is the study's (``data.require_caption``, ``data.min_image_size``, the decoder's
+    checks), the same for every method, so every method sees the same samples in the same order; only
+    the tokenised text (for methods that read captions) and the declared extra views differ. View 0
+    is the study's base view (`method_view_specs`), drawn first from each sample's seeded RNG, so it
+    is the same crop for every method.
+    """
+    d = cfg.data
+    specs = method_view_specs(method_cls, d.augment)
+    transforms = [build_view_transform(v, cfg.encoder.img_size) for v in specs]
+    # Decoded at the size the study's base view needs, the same for every method: the decoded image
+    # is what every view is cropped from, so a per-method size would give methods different pixels.
+    decode = decode_options(cfg, [d.augment.scale[0]])
+    text = tokenizer if method_cls.needs_text else None
+
+    def batches(epoch: int):
+        return make_loader(data.urls, batch_size=per_rank, image_transforms=transforms, tokenizer=text,
+                           need_caption=d.require_caption, shuffle=True, seed=cfg.seed, epoch=epoch,
+                           num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, decode=decode,
+                           resampled=d.resampled, batches_per_epoch=steps_per_epoch * cfg.train.accum_steps,
+                           pin_memory=pin_memory, prefetch_factor=d.prefetch_factor, tally_tail=True)
+
+    return batches
+
+
+def build_tokenizer(cfg: StudyConfig, data: PretrainData) -> TextTokenizer:
+    """The study's tokenizer: full BPE, or the BPE ids of the training captions (cached)."""
+    if cfg.text.vocab == "full":
+        return TextTokenizer(cfg.text.context_length)
+    if cfg.text.vocab != "corpus":
+        raise ValueError(f"text.vocab must be 'full' or 'corpus', not {cfg.text.vocab!r}")
+    data.vocab_cache.parent.mkdir(parents=True, exist_ok=True)
+    vocab = corpus_vocab(_iter_captions(data.urls), cache=data.vocab_cache)  # lazy: unread on a cache hit
+    return TextTokenizer(cfg.text.context_length, vocab)
+
+
+def _iter_captions(urls: list[str]):
+    """Every caption of every shard, whatever this process's rank: the vocabulary must be the
+    same on all ranks. Read with the training pipeline's own member grouping."""
+    import webdataset as wds
+
+    from .pipeline import SkipCounter, TarSamples
+
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), TarSamples(SkipCounter().tar_handler, only=("txt",)))
+    for sample in samples:
+        if "txt" in sample:
+            yield sample["txt"].decode("utf-8", "replace")
+
+
+def text_spec(cfg: StudyConfig, tok: TextTokenizer) -> TextSpec:
+    """What methods are told about text."""
+    t = cfg.text
+    return TextSpec(vocab_size=tok.vocab_size, context_length=t.context_length, sot_id=tok.sot_id,
+                    eot_id=tok.eot_id, pad_id=tok.pad_id, width=t.width, heads=t.heads, layers=t.layers,
+                    embed_dim=t.embed_dim)

@@ -1,0 +1,1 @@
+"""The built-in evaluation protocols, one module each, registered with ``@register_protocol``."""

@@ -1,0 +1,41 @@
+"""End-to-end fine-tuning with MAE's recipe (`mugbench.eval.finetune`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import BELOW_ONE, COUNT, COUNT0, DECAY, FRACTION, NON_NEGATIVE, POSITIVE
+from ..protocol import EvalContext, Protocol, ProtocolResult
+from ..registry import register_protocol
+
+
+@register_protocol("finetune")
+class FineTune(Protocol):
+    """Fine-tune a copy of the encoder with a new linear head; best and last top-1."""
+
+    reads, set_kind, label, headline, order = "encoder", "classification", "fine-tune", ("top1",), 30
+
+    @dataclass
+    class Options:
+        """MAE's ViT-B recipe (He et al. 2022, Table 9), built from timm's utilities."""
+
+        epochs: int = COUNT.field(100)
+        batch_size: int = COUNT.field(1024)
+        blr: float = POSITIVE.field(5.0e-4)  # lr = blr * batch / 256
+        layer_decay: float = DECAY.field(0.65)
+        weight_decay: float = NON_NEGATIVE.field(0.05)
+        drop_path: float = BELOW_ONE.field(0.1)
+        warmup_epochs: int = COUNT0.field(5)
+        mixup: float = NON_NEGATIVE.field(0.8)  # Beta(alpha, alpha) mixing; 0 = off
+        cutmix: float = NON_NEGATIVE.field(1.0)
+        label_smoothing: float = BELOW_ONE.field(0.1)
+        randaug: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; null = none
+        reprob: float = FRACTION.field(0.25)
+
+    def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
+        """Fine-tune and score the val split after every epoch."""
+        from ..eval.finetune import finetune
+
+        metrics, opts = finetune(subject, data, options, seed=ctx.seed, device=ctx.device, pool=ctx.pool,
+                                 batch_size=ctx.batch_size)
+        return ProtocolResult(metrics, opts)

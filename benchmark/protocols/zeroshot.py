@@ -1,0 +1,40 @@
+"""Zero-shot classification from text (`mugbench.eval.zeroshot`): no labelled training images."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import COUNT0
+from ..eval.zeroshot import accuracy, embedding_scores, likelihood_scores
+from ..protocol import EvalContext, Protocol, ProtocolResult
+from ..registry import register_protocol
+
+
+@register_protocol("zeroshot")
+class ZeroShot(Protocol):
+    """Top-1 from prompt embeddings (a text tower) or from caption likelihood of the prompts (a captioner)."""
+
+    reads, set_kind, label, headline, order = "method", "classification", "zero-shot", ("top1",), 50
+    transfer, needs = False, ("encode_text", "score_text")
+
+    @dataclass
+    class Options:
+        """How many validation images are scored."""
+
+        images: int = COUNT0.field(0)  # 0 = all; likelihood scoring costs classes x prompts per image
+
+    def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
+        """Score every class's prompts (the set's own templates) for the first ``images`` val images."""
+        val, templates = data.val, data.prompts
+        n = min(options.images or len(val.image), len(val.image))
+        # A lazy ImageFolder split stays lazy when whole (slicing it would load every image at once).
+        images = val.image if n == len(val.image) else val.image[:n]
+        words = data.prompt_words()
+        if callable(getattr(subject, "encode_text", None)):
+            mode = "embedding"
+            scores = embedding_scores(subject, images, words, templates, ctx.tokenizer, device=ctx.device)
+        else:
+            mode = "likelihood"
+            scores = likelihood_scores(subject, images, words, templates, ctx.tokenizer, seed=ctx.seed,
+                                       device=ctx.device)
+        return ProtocolResult(accuracy(scores, val.label[:n]),
+                              {"mode": mode, "prompts": list(templates), "images": len(images)})
