@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 DEFAULT_METHODS = "simclr,mae,clip,mug"  # the paper's four paradigms
+# A study's default rows: the paper's four plus the baselines (mugbench.methods.baselines) that bound them,
+# the untrained floor and the label-supervised ceiling (skipped, with a line, on data without labels).
+DEFAULT_STUDY_METHODS = DEFAULT_METHODS + ",random,supervised"
 
 
 def _add_study_args(p: argparse.ArgumentParser, preset_default: str | None = "toy",
@@ -28,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="pre-train each method, evaluate it, record results, print the table")
-    run.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
+    run.add_argument("--methods", default=DEFAULT_STUDY_METHODS,
+                     help=f"comma-separated (default: {DEFAULT_STUDY_METHODS})")
     run.add_argument("--data", default=None, help="toy | cc3m | cc12m | laion400m | shard pattern (default: the preset's)")
     run.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's seed)")
     run.add_argument("--workdir", type=Path, default=Path("runs"), help="checkpoints and logs (default: ./runs)")
@@ -345,8 +349,12 @@ def _cmd_bench_train_step(args) -> int:
 
     cfg = load_config(args.preset, args.overrides + (["train.compile=true"] if args.compile else []))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for name in methods:
-        get_method(name)  # an unknown name fails before anything is measured
+    for name in methods:  # an unknown or untrained method fails before anything is measured
+        if not get_method(name).pretrains:
+            from .config import ConfigError
+
+            raise ConfigError(f"mugbench bench times pre-training steps, and {name!r} has none (it is evaluated "
+                              f"as initialised): leave it out of --methods.")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     from .bench.train_step import VARIANTS
     from .config import ConfigError

@@ -110,6 +110,7 @@ def evaluate_source(source: EncoderSource, cfg: StudyConfig, *, results_dir: Pat
             protocol_options=dict(result.options, encoder_source=source.describe()),
             encoder=encoder_record_fields(source), epochs=float(epochs), steps=int(steps or 0),
             timings={"eval_s": result.seconds}, overrides=list(overrides), examples=result.examples,
+            per_example=result.per_example,
             fingerprint=fingerprint(conditions), conditions=conditions)
         write_record(record, results_dir)
         records.append(record)

@@ -27,11 +27,17 @@ CAPABILITIES = ("encode_image", "encode_text", "caption", "score_text", "reconst
 # reports group their rows by it.
 PARADIGMS = ("single-modal discriminative", "single-modal generative",
              "multi-modal discriminative", "multi-modal generative")
+# The reference rows of every study (`mugbench.methods.baselines`: ``random``, ``supervised``): registered
+# methods like the others, but no pre-training paradigm, so reports can set them apart (never ranked).
+BASELINE = "baseline"
+# Every paradigm a method may declare.
+METHOD_PARADIGMS = PARADIGMS + (BASELINE,)
 
 
 @dataclass(frozen=True)
 class TextSpec:
-    """What a method needs to know about text: the tokenizer's ids and the text towers' size."""
+    """What a method is told about the study's data: the tokenizer's ids, the text towers' size and the
+    class count of the pre-training labels (`mugbench.data.pretrain.text_spec` fills it)."""
 
     vocab_size: int
     context_length: int
@@ -42,6 +48,9 @@ class TextSpec:
     heads: int = 4
     layers: int = 2
     embed_dim: int = 128  # joint image-text embedding size of contrastive methods
+    # Classes of the pre-training samples' labels (``.cls``), for methods that declare ``needs_labels``;
+    # 0: the pre-training set has none (web image-text shards).
+    num_classes: int = 0
 
 
 class MethodOptionError(ValueError):
@@ -57,9 +66,10 @@ class Method(nn.Module):
     """Base class of a pre-training method: the shared encoder plus the method's own heads.
 
     Subclasses set ``Options`` (a dataclass whose ``__post_init__`` raises ValueError on an
-    out-of-range value), ``needs_text``, ``paradigm`` (one of `PARADIGMS`) and, where it uses more
+    out-of-range value), ``needs_text``, ``paradigm`` (one of `METHOD_PARADIGMS`) and, where it uses more
     than the study's base view, ``extra_views`` (``batch["image_views"][1:]``), and
-    implement ``forward``; they may override ``after_step`` (a no-op here).
+    implement ``forward``; they may override ``after_step`` (a no-op here). Baselines set ``pretrains``
+    or ``needs_labels``.
     """
 
     name: ClassVar[str] = "?"
@@ -72,6 +82,12 @@ class Method(nn.Module):
     base_view: ClassVar[ViewSpec | None] = None  # None: the study's base view
     base_view_reason: ClassVar[str] = ""  # required with a base_view override
     needs_text: ClassVar[bool] = False
+    # False: the trainer runs no step; the encoder is exported and evaluated exactly as initialised
+    # (the ``random`` baseline). ``forward`` is then never called.
+    pretrains: ClassVar[bool] = True
+    # True: pre-training batches carry ``label`` (LongTensor [B], the sample's class from the shard's ``.cls``,
+    # ``text_spec.num_classes`` classes); a study whose pre-training set has no labels skips the method.
+    needs_labels: ClassVar[bool] = False
 
     def __init__(self, encoder: nn.Module, text: TextSpec, options: Any):
         super().__init__()

@@ -63,12 +63,15 @@ class EvalContext:
 @dataclass
 class ProtocolResult:
     """One protocol's outcome on one set: ``metrics`` (name -> number), the ``options`` that produced
-    them as the record keeps them (``protocol_options``), and optional ``examples`` (a few generated
-    captions, figure columns) for the report."""
+    them as the record keeps them (``protocol_options``), optional ``examples`` (a few generated
+    captions, figure columns) for the report, and optional ``per_example`` outcomes (metric -> one
+    boolean per evaluation example, in the set's order, e.g. whether each val image was classified
+    right), which let the report compare two methods example by example (a paired bootstrap)."""
 
     metrics: dict[str, float]
     options: dict[str, Any]
     examples: list = field(default_factory=list)
+    per_example: dict[str, Any] = field(default_factory=dict)
 
 
 class Protocol:

@@ -14,6 +14,7 @@ can never be mistaken for something this benchmark measured.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as _dt
 import functools
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .files import atomic_write_text
 
@@ -96,6 +99,9 @@ class ResultRecord:
     conditions: dict[str, Any] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     examples: list[dict[str, Any]] = field(default_factory=list)  # e.g. generated captions beside references
+    # Per evaluation example, for paired statistics between methods on the same examples: metric ->
+    # `pack_outcomes` of a boolean per example in the set's order (e.g. "top1": each val image right or not).
+    per_example: dict[str, dict[str, Any]] = field(default_factory=dict)
     loss_curve: dict[str, list[float]] = field(default_factory=dict)  # pre-training {"step": [...], "loss": [...]}
     paradigm: str = ""  # the method's family (mugbench.method.PARADIGMS), so a report can group rows
     # Pre-training views as applied: the study's base view (or the method's declared override and its
@@ -370,3 +376,22 @@ def load_references(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
             # Always labelled, whatever the file says: these were not produced by a run.
             references.append({**entry, "reference": True, "file": path.name})
     return references
+
+
+def pack_outcomes(outcomes) -> dict[str, Any]:
+    """A boolean per evaluation example, kept compactly in a record: ``{"n": count, "bits": base64}``
+    (numpy's ``packbits``, big-endian bit order; 1,000 examples take 168 characters)."""
+    flags = np.asarray(outcomes, dtype=bool).ravel()
+    return {"n": int(flags.size), "bits": base64.b64encode(np.packbits(flags).tobytes()).decode("ascii")}
+
+
+def unpack_outcomes(packed: dict[str, Any]) -> np.ndarray:
+    """The booleans `pack_outcomes` kept, as a numpy array of ``packed["n"]`` values; `ValueError` for a
+    malformed entry (a hand-edited or truncated record)."""
+    try:
+        n, raw = int(packed["n"]), base64.b64decode(packed["bits"], validate=True)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed per-example outcomes {str(packed)[:80]!r}: {exc}") from None
+    if n < 0 or len(raw) != (n + 7) // 8:
+        raise ValueError(f"per-example outcomes say n={n} but hold {len(raw)} bytes")
+    return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=n).astype(bool)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, StudyConfig
-from .data.pretrain import (PretrainData, build_tokenizer, check_sample_stream, pretrain_batches, resolve_data,
-                            text_spec)
+from .data.pretrain import (PretrainData, build_tokenizer, check_sample_stream, not_applicable, pretrain_batches,
+                            resolve_data, text_spec)
 from .data.transforms import augmentation_record
 from .eval.harness import EvalProgress, EvalResult, check_evaluation, evaluate, locate_eval_sets
 from .evalset import EvalSets
@@ -57,38 +57,65 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
     if steps_per_epoch < 1:
         raise ConfigError(f"{data.samples} samples make no full batch of {cfg.train.batch_size}")
     eval_sets, records = EvalSets(cfg, cache_dir, data_root), []
-    for name in methods:
-        method = build_method(name, cfg, text_spec(cfg, tokenizer))
-        batches = pretrain_batches(cfg, data, type(method), tokenizer, per_rank=cfg.train.batch_size // world,
-                                   steps_per_epoch=steps_per_epoch,
-                                   pin_memory=cfg.data.pin_memory and info.device.type == "cuda")
+    for name in _applicable(methods, data, log):
+        method = build_method(name, cfg, text_spec(cfg, tokenizer, data))
         run_dir = run_dir_for(workdir, cfg, name)
         # One run per folder at a time, held through training and evaluation (a second identical
         # command stops here instead of training into the same checkpoints and log).
         with run_lock(run_dir, info):
-            log(f"[{name}] pre-training on {data.name} ({data.samples} samples, {cfg.train.epochs} epochs) in {run_dir}")
-            summary = train(method, batches, cfg.train, steps_per_epoch=steps_per_epoch, workdir=run_dir, info=info,
-                            seed=cfg.seed, desc=name, max_bad_fraction=cfg.data.max_bad_fraction)
+            if type(method).pretrains:
+                batches = pretrain_batches(cfg, data, type(method), tokenizer, per_rank=cfg.train.batch_size // world,
+                                           steps_per_epoch=steps_per_epoch,
+                                           pin_memory=cfg.data.pin_memory and info.device.type == "cuda")
+                log(f"[{name}] pre-training on {data.name} ({data.samples} samples, {cfg.train.epochs} epochs) "
+                    f"in {run_dir}")
+                summary = train(method, batches, cfg.train, steps_per_epoch=steps_per_epoch, workdir=run_dir,
+                                info=info, seed=cfg.seed, desc=name, max_bad_fraction=cfg.data.max_bad_fraction)
+            else:
+                log(f"[{name}] not pre-trained: its encoder is evaluated as initialised, in {run_dir}")
+                summary = _untrained(method, run_dir, info)
             if info.is_main:
                 records += _finish(name, method, summary, cfg, data, tokenizer, eval_sets, run_dir, info,
                                    results_dir=results_dir, overrides=overrides, log=log)
     return records
 
 
+def _applicable(methods: list[str], data: PretrainData, log) -> list[str]:
+    """The methods that can pre-train on ``data``; each other one is skipped with one log line and no record
+    (a baseline that needs class labels on a set without them is not applicable, not an error)."""
+    kept = []
+    for name in methods:
+        reason = not_applicable(get_method(name), data)
+        if reason:
+            log(f"[{name}] not applicable: {reason}")
+        else:
+            kept.append(name)
+    return kept
+
+
+def _untrained(method, run_dir: Path, info: DistInfo) -> TrainSummary:
+    """The summary of a method that declares ``pretrains=False``: no step, no epoch, no time, no loss. Its
+    encoder moves to the device the protocols evaluate on, as `train` would have moved it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    method.to(info.device)
+    return TrainSummary(steps=0, epochs=0.0, seconds=0.0, images_per_s=0.0, final_loss=float("nan"))
+
+
 def _finish(name: str, method, summary: TrainSummary, cfg: StudyConfig, data: PretrainData, tokenizer,
             eval_sets: EvalSets, run_dir: Path, info: DistInfo, *, results_dir: Path, overrides, log) -> list:
     """Rank 0 after training: export the encoder, describe the run, evaluate, write the records."""
-    if cfg.train.strategy == "fsdp" and info.world_size > 1:
+    if cfg.train.strategy == "fsdp" and info.world_size > 1 and type(method).pretrains:
         # Sharded weights cannot be exported or evaluated on one rank: rebuild the method whole from the
-        # final checkpoint (written at the last step, always).
-        method = build_method(name, cfg, text_spec(cfg, tokenizer))
+        # final checkpoint (written at the last step, always). An untrained method was never sharded.
+        method = build_method(name, cfg, text_spec(cfg, tokenizer, data))
         method.load_state_dict(load_newest_checkpoint(run_dir)[0]["model"])
         method.to(info.device)
     export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
     # The like-for-like conditions every record of this run carries (and `mugbench eval` reads back).
     conditions = like_for_like(cfg, device=info.device, world_size=info.world_size)
     write_run_info(run_dir, name, cfg, summary=summary, tokenizer=tokenizer, conditions=conditions)  # checkpoint.pt's description
-    log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
+    if summary.steps:
+        log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
     progress = EvalProgress(run_dir / "eval" / "progress.json", cfg, overrides, results_dir=results_dir)
     for protocol, dataset in progress.done:
         log(f"[{name}] {protocol} on {dataset}: recorded before the interruption, not run again")
@@ -106,7 +133,8 @@ def _finish(name: str, method, summary: TrainSummary, cfg: StudyConfig, data: Pr
         timings = {"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": result.seconds,
                    "peak_memory_mb": summary.peak_memory_mb, "data_share": summary.data_share}
         record = ResultRecord(protocol=result.protocol, dataset=result.dataset, metrics=result.metrics,
-                              protocol_options=result.options, timings=timings, examples=result.examples, **shared)
+                              protocol_options=result.options, timings=timings, examples=result.examples,
+                              per_example=result.per_example, **shared)
         progress.mark(record, write_record(record, results_dir))  # a rerun skips it now
         records.append(record)
         log(f"[{name}] {result.protocol} on {result.dataset}: "

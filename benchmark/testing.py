@@ -5,8 +5,9 @@ few dozen images generated once per process in a temporary folder) and raises an
 whose message names the plugin and the missing piece:
 
 - `check_method` (name): registered; options parse with their defaults; ``paradigm`` and declared
-  views valid; ``forward`` gives a finite scalar ``loss`` whose gradient reaches the encoder;
-  ``after_step`` runs; every capability it defines works on a small batch; no registered protocol
+  views valid; ``forward`` gives a finite scalar ``loss`` whose gradient reaches the encoder (on a batch
+  with ``label`` too, which ``needs_labels`` methods read); ``after_step`` runs; a method that declares
+  ``pretrains=False`` is instead checked to keep the encoder it was given exactly as initialised; every capability it defines works on a small batch; no registered protocol
   that applies to it finds anything missing (`Protocol.method_problems`).
 - `check_protocol` (name): the class is well formed (`mugbench.protocol.problems_of`); its options
   parse from ``{}`` and round-trip through a study file (``eval.<name>.<option>``); it runs through
@@ -145,7 +146,7 @@ def check_method(name: str) -> None:
 def _check_method_class(who: str, cls: type) -> None:
     """Declarations: a `Method`, options with defaults, a paradigm, usable views."""
     from .data.transforms import ViewSpec, method_view_specs
-    from .method import PARADIGMS, Method
+    from .method import METHOD_PARADIGMS, Method
 
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise _fail(who, f"is registered as {cls!r}, which is not a subclass of mugbench.method.Method")
@@ -155,8 +156,8 @@ def _check_method_class(who: str, cls: type) -> None:
         cls.parse_options({})
     except Exception as exc:  # noqa: BLE001 - any failure of the defaults is the finding
         raise _fail(who, "has Options that do not build from their defaults", exc) from None
-    if cls.paradigm not in PARADIGMS:
-        raise _fail(who, f"declares paradigm {cls.paradigm!r}, not one of {', '.join(PARADIGMS)}")
+    if cls.paradigm not in METHOD_PARADIGMS:
+        raise _fail(who, f"declares paradigm {cls.paradigm!r}, not one of {', '.join(METHOD_PARADIGMS)}")
     try:
         views = method_view_specs(cls, toy().cfg.data.augment)
     except Exception as exc:  # noqa: BLE001
@@ -178,7 +179,8 @@ def _check_protocol_needs(who: str, cls: type) -> None:
 
 
 def _check_training(who: str, name: str, cls: type):
-    """Built around the shared encoder, one forward and backward, then ``after_step``."""
+    """Built around the shared encoder, one forward and backward, then ``after_step``; a method that is not
+    pre-trained (``pretrains=False``) is never called by the trainer, so only its build is checked."""
     from timm.models.vision_transformer import VisionTransformer
 
     from .models.vit import build_encoder
@@ -191,7 +193,11 @@ def _check_training(who: str, name: str, cls: type):
         raise _fail(who, "does not build around the smoke encoder", exc) from None
     if method.encoder is not encoder or not isinstance(method.encoder, VisionTransformer):
         raise _fail(who, "does not keep the shared timm VisionTransformer it was given as .encoder")
+    # The loader's batch, ``label`` included (the class of each toy sample, what ``needs_labels`` asks for).
     batch = tiny_batch(cls, t.samples, t.tokenizer, t.cfg.encoder.img_size, t.cfg.data.augment)
+    if not cls.pretrains:
+        _check_untouched(who, method.encoder, build_encoder(t.cfg.encoder, seed=t.cfg.seed))
+        return method, batch
     try:
         out = method(batch)
     except Exception as exc:  # noqa: BLE001
@@ -216,6 +222,15 @@ def _check_training(who: str, name: str, cls: type):
     if returned is not None:
         raise _fail(who, f"returns {returned!r} from after_step(), which the trainer ignores; return None")
     return method, batch
+
+
+def _check_untouched(who: str, encoder, fresh) -> None:
+    """A method evaluated as initialised leaves the shared encoder's weights as `build_encoder` made them."""
+    ours, ref = encoder.state_dict(), fresh.state_dict()
+    changed = [k for k in ref if k not in ours or not torch.equal(ours[k], ref[k])]
+    if changed:
+        raise _fail(who, f"declares pretrains=False but changes the encoder it was given (first: {changed[0]!r}), "
+                         f"so it would not be evaluated as initialised")
 
 
 def _check_capabilities(who: str, method, batch: dict) -> None:

@@ -21,10 +21,11 @@ def test_torchrun_two_processes_gloo(tmp_path, strategy):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("*.json")]
-    assert sorted(r["method"] for r in records) == ["clip", "mae", "mug", "simclr"]  # rank 0 writes, once
+    # rank 0 writes, once per method of the default study (the baselines included)
+    assert sorted(r["method"] for r in records) == ["clip", "mae", "mug", "random", "simclr", "supervised"]
     for r in records:
-        # the global batch of 32 is split 16 + 16 over the ranks: same 8 steps as one process
-        assert r["steps"] == 8 and r["metrics"]["top1"] >= 0
+        # the global batch of 32 is split 16 + 16 over the ranks: same 8 steps as one process (random: none)
+        assert r["steps"] == (0 if r["method"] == "random" else 8) and r["metrics"]["top1"] >= 0
     for log in (tmp_path / "runs").rglob("metrics.jsonl"):
         rows = [json.loads(line) for line in log.read_text().splitlines()]
         assert rows[-1]["step"] == 8 and all(row["loss"] == row["loss"] for row in rows)

@@ -6,9 +6,13 @@ import math
 import pytest
 import torch
 
+from mugbench.config import load_config
 from mugbench.eval.captioning import caption_scores
-from mugbench.eval.knn import evaluate_knn, knn_predict, standardize
+from mugbench.eval.harness import run_protocol
+from mugbench.eval.knn import evaluate_knn, knn_outcomes, knn_predict, standardize, topk_outcomes
 from mugbench.eval.linear import evaluate_linear
+from mugbench.evalset import ClassificationSet, LabelledImages
+from mugbench.protocol import Features
 
 
 def _clusters(n_per_class: int, num_classes: int, dim: int, noise: float, seed: int):
@@ -55,11 +59,11 @@ def test_standardizing_stops_large_nuisance_dimensions_dominating():
 def test_linear_probe_learns_separable_features_and_is_seeded():
     train, train_y = _clusters(50, 5, 12, 0.3, seed=3)
     val, val_y = _clusters(20, 5, 12, 0.3, seed=3)
-    a, a_grid = evaluate_linear(train, train_y, val, val_y, 5, epochs=20, lr=0.1, batch_size=64, seed=0)
-    b, _ = evaluate_linear(train, train_y, val, val_y, 5, epochs=20, lr=0.1, batch_size=64, seed=0)
+    a, a_grid, _ = evaluate_linear(train, train_y, val, val_y, 5, epochs=20, lr=0.1, batch_size=64, seed=0)
+    b, _, _ = evaluate_linear(train, train_y, val, val_y, 5, epochs=20, lr=0.1, batch_size=64, seed=0)
     assert a["top1"] > 90.0 and a == b and a_grid["best_lr"] == 0.1
-    shuffled, _ = evaluate_linear(train, train_y[torch.randperm(len(train_y))], val, val_y, 5, epochs=20, lr=0.1,
-                                  batch_size=64, seed=0)
+    shuffled, _, _ = evaluate_linear(train, train_y[torch.randperm(len(train_y))], val, val_y, 5, epochs=20, lr=0.1,
+                                     batch_size=64, seed=0)
     assert shuffled["top1"] < 60.0  # labels unrelated to features: no better than chance-ish
 
 
@@ -70,12 +74,84 @@ def test_linear_grid_trains_every_rate_in_one_pass_and_reports_the_best(solver, 
     train, train_y = _clusters(50, 5, 12, 0.3, seed=4)
     val, val_y = _clusters(20, 5, 12, 0.3, seed=4)
     kw = dict(epochs=epochs, batch_size=64, warmup_epochs=2, solver=solver, seed=0)
-    best, grid = evaluate_linear(train, train_y, val, val_y, 5, lrs=[1e-7, rate], **kw)
-    alone, _ = evaluate_linear(train, train_y, val, val_y, 5, lrs=[rate], **kw)
+    best, grid, _ = evaluate_linear(train, train_y, val, val_y, 5, lrs=[1e-7, rate], **kw)
+    alone, _, _ = evaluate_linear(train, train_y, val, val_y, 5, lrs=[rate], **kw)
     # A rate too small to move the head stays near chance (20 %); the grid reports the working one.
     assert grid["grid_top1"]["1e-07"] < 50.0 and grid["best_lr"] == rate and best["top1"] > 80.0
     # Heads train independently: a grid entry equals the run at that rate alone.
     assert grid["grid_top1"][str(rate)] == alone["top1"]
+
+
+def _labels_only(train_y: torch.Tensor, val_y: torch.Tensor, num_classes: int) -> ClassificationSet:
+    """A classification set for the frozen-feature protocols, which read its labels and the features
+    handed to them, never its images (1-pixel placeholders here)."""
+    def split(labels, prefix):
+        return LabelledImages(torch.zeros(len(labels), 3, 1, 1), labels, [f"{prefix}{i}" for i in range(len(labels))])
+
+    return ClassificationSet(name="blobs", classes=[f"c{i}" for i in range(num_classes)], train=split(train_y, "t"),
+                             val=split(val_y, "v"), train_batches=lambda **_: iter(()))
+
+
+def _percent(flags: torch.Tensor) -> float:
+    """The share of right examples in percent, in float64: what a report computes from a record."""
+    return 100.0 * flags.double().mean().item()
+
+
+def test_knn_keeps_whether_each_val_image_was_right_and_their_mean_is_the_metric(smoke_cfg):
+    train, train_y = _clusters(10, 16, 16, 0.3, seed=5)
+    val, val_y = _clusters(4, 16, 16, 0.3, seed=5)  # 64 val images
+    result = run_protocol("knn", Features(train, val), _labels_only(train_y, val_y, 16), smoke_cfg)
+    flags = result.per_example
+    assert set(flags) == set(result.metrics) == {"top1", "top5"}
+    assert 30.0 < result.metrics["top1"] < 90.0 < result.metrics["top5"]  # some right, some wrong
+    opts = smoke_cfg.eval.options_for("knn")
+    scores = knn_predict(train, train_y, val, 16, k=opts.k, temperature=opts.temperature)
+    assert torch.equal(flags["top1"], scores.argmax(1) == val_y)  # image by image, in the val split's order
+    for metric in ("top1", "top5"):
+        assert flags[metric].shape == (64,) and _percent(flags[metric]) == pytest.approx(result.metrics[metric], rel=1e-9)
+    # Accuracy is an exact count, so it equals the outcomes' mean for any count, not only powers of two.
+    few = knn_outcomes(train, train_y, val[:60], val_y[:60], 16)
+    assert evaluate_knn(train, train_y, val[:60], val_y[:60], 16)["top1"] == 100.0 * int(few["top1"].sum()) / 60
+
+
+def test_linear_probe_keeps_the_best_heads_outcome_per_val_image():
+    train, train_y = _clusters(40, 4, 8, 0.8, seed=8)
+    val, val_y = _clusters(16, 4, 8, 0.8, seed=8)  # 64 val images
+    cfg = load_config("smoke", ["eval.linear.lrs=[1e-7, 0.1]", "eval.linear.epochs=10", "eval.linear.batch_size=32"])
+    result = run_protocol("linear", Features(train, val), _labels_only(train_y, val_y, 4), cfg)
+    right = result.per_example["top1"]
+    assert set(result.per_example) == {"top1"} and right.shape == (64,)
+    assert result.options["best_lr"] == 0.1 and 50.0 < result.metrics["top1"] < 90.0  # the near-chance 1e-7 lost
+    assert _percent(right) == pytest.approx(result.metrics["top1"], rel=1e-9)
+    # The reported head's answers: the same rate trained alone (heads train independently) agrees on every image.
+    opts = cfg.eval.options_for("linear")
+    _, _, alone = evaluate_linear(train, train_y, val, val_y, 4, lrs=[0.1], epochs=10, batch_size=32,
+                                  weight_decay=opts.weight_decay, warmup_epochs=opts.warmup_epochs,
+                                  solver=opts.solver, seed=cfg.seed)
+    assert torch.equal(right, alone["top1"])
+
+
+def test_zeroshot_keeps_whether_each_scored_image_was_right(smoke_cfg, spec, toy_samples, tokenizer):
+    from mugbench.data.transforms import build_eval_transform
+    from mugbench.eval.zeroshot import accuracy, embedding_scores
+    from mugbench.runs import build_method
+
+    # Scores of 12 classes: top-1 and top-5 outcomes average to the accuracy, exactly.
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.randn(64, 12, generator=g), torch.randint(0, 12, (64,), generator=g)
+    outcomes, acc = topk_outcomes(scores, labels), accuracy(scores, labels)
+    assert set(outcomes) == set(acc) == {"top1", "top5"}
+    assert all(_percent(outcomes[m]) == pytest.approx(acc[m], rel=1e-9) for m in acc)
+    # The protocol on an untrained CLIP, 4 of 6 val images scored: labels set so images 0 and 2 are right.
+    method = build_method("clip", smoke_cfg, spec)
+    images = torch.stack([build_eval_transform(smoke_cfg.encoder.img_size)(s.image) for s in toy_samples[:6]])
+    classes = ["circle", "star", "square"]
+    data = _labels_only(torch.zeros(1, dtype=torch.long), torch.zeros(6, dtype=torch.long), 3)
+    data.classes, data.val.image = classes, images
+    picked = embedding_scores(method, images[:4], classes, data.prompts, tokenizer).argmax(1)
+    data.val.label[:4] = torch.stack([picked[0], (picked[1] + 1) % 3, picked[2], (picked[3] + 1) % 3])
+    result = run_protocol("zeroshot", method, data, load_config("smoke", ["eval.zeroshot.images=4"]), tokenizer=tokenizer)
+    assert result.per_example["top1"].tolist() == [True, False, True, False] and result.metrics["top1"] == 50.0
 
 
 class _PerfectOrFlat:

@@ -69,10 +69,15 @@ def test_finetuning_a_random_encoder_with_the_full_recipe_separates_red_from_blu
     opts = cfg.eval.options_for("finetune")
     encoder = build_encoder(cfg.encoder, seed=0)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    metrics, options = finetune(encoder, tinted, opts, seed=0, device="cpu", pool=cfg.eval.pool,
-                                batch_size=cfg.eval.batch_size)
+    metrics, options, outcomes = finetune(encoder, tinted, opts, seed=0, device="cpu", pool=cfg.eval.pool,
+                                          batch_size=cfg.eval.batch_size)
     assert metrics["top1"] > 90.0, options["top1_per_epoch"]
     assert metrics["top1_last"] <= metrics["top1"] and len(options["top1_per_epoch"]) == 3
+    # Whether each of the 128 val images was right after the best epoch and after the last: their means
+    # are the two numbers.
+    assert set(outcomes) == set(metrics) and all(flags.shape == (128,) for flags in outcomes.values())
+    for metric, flags in outcomes.items():
+        assert 100.0 * flags.double().mean().item() == pytest.approx(metrics[metric], rel=1e-9)
     assert options["mixup"] == 0.8 and options["randaug"] == "rand-m9-mstd0.5-inc1"
     # The record keeps every option of the recipe as set, the read-out, and the per-epoch scores.
     assert set(options) == {f.name for f in dataclasses.fields(FineTune.Options)} | _RECORD_EXTRAS
@@ -105,6 +110,10 @@ def test_the_registered_protocol_fine_tunes_on_the_toy_set(tmp_path):
     result = run_protocol("finetune", encoder, data, cfg)
     again = run_protocol("finetune", encoder, data, cfg)
     assert set(result.metrics) == {"top1", "top1_last"} and result.metrics == again.metrics
+    assert set(result.per_example) == {"top1", "top1_last"} and len(result.per_example["top1"]) == len(data.val.label)
+    assert all(torch.equal(flags, again.per_example[m]) for m, flags in result.per_example.items())
+    assert all(100.0 * flags.double().mean().item() == pytest.approx(result.metrics[m], rel=1e-9)
+               for m, flags in result.per_example.items())
     assert all(0.0 <= v <= 100.0 for v in result.metrics.values())
     opts = dataclasses.replace(FineTune.Options(), epochs=2, batch_size=32, warmup_epochs=0)  # smoke's
     assert {k: result.options[k] for k in dataclasses.asdict(opts)} == dataclasses.asdict(opts)

@@ -62,7 +62,7 @@ def test_table_cells_are_mean_and_sample_std_with_the_best_in_bold():
 
     text = write_report_text(study_records())
     r = rows(text)
-    assert "| 42.0 ± 2.0 |" in r["mae"]
+    assert "| 42.0 ± 2.0 ≈ |" in r["mae"]  # 5 points behind mug, but Welch's p = 0.064 over 3 seeds: tied
     assert "**47.0 ± 2.6**" in r["mug"]  # mean 47, std of (45, 46, 50)
     assert "**17.2 ± 0.4 (n=2)**" in r["mug"]  # fewer seeds than the table: the count shows
     assert "| — |" in r["mae"]  # no zero-shot for mae: a dash, never 0
@@ -91,6 +91,7 @@ def test_the_papers_claims_sit_beside_our_margins():
     section = text.split("## The paper's margins beside ours")[1].split("##")[0]
     seg = next(line for line in section.splitlines() if "2.0% mIoU" in line)
     assert "| +2.0 |" in seg and "segmentation mIoU (toy-seg)" in seg and "+0.75 (mug leads; next best mae)" in seg
+    assert "| within noise (Welch p = 0.15) |" in seg  # mug (17, 17.5) against mae (16, 16.5, 17)
     assert "| 2 of 3 |" in seg
     fine = next(line for line in section.splitlines() if "0.5% on ImageNet" in line)
     assert "no matching column" in fine  # no fine-tuning records: said, not invented
@@ -124,7 +125,8 @@ def test_csv_and_latex_carry_the_same_numbers(tmp_path):
     assert "toy,toy,single-modal generative,mae,linear,toy-cls,top1,42.0,2.0,3" in csv
     tex = (reports / "summary.tex").read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex and "\\textbf{47.0 $\\pm$ 2.6}" in tex
-    assert "mae & 42.0 $\\pm$ 2.0 & 16.5 $\\pm$ 0.5 & --- \\\\" in tex
+    assert "mae & 42.0 $\\pm$ 2.0 $\\approx$ & 16.5 $\\pm$ 0.5 $\\approx$ & --- \\\\" in tex
+    assert "clip & 35.0 $\\pm$ 2.6 & 14.0 $\\pm$ 0.0 & 21.0 $\\pm$ 1.0 \\\\" in tex  # resolved: no mark
     assert "multi-modal generative & mug" in tex
 
 
@@ -192,7 +194,7 @@ def test_malformed_and_foreign_files_are_listed_and_skipped(tmp_path):
     skipped = text.split("## Files skipped (not records)")[1]
     assert "notes.json" in skipped and "missing required field" in skipped
     assert "broken.json" in skipped
-    assert "| 42.0 ± 2.0 |" in rows(text)["mae"]  # the good records still make the table
+    assert "| 42.0 ± 2.0 ≈ |" in rows(text)["mae"]  # the good records still make the table
 
 
 def test_filters_and_groupings(tmp_path):
@@ -204,7 +206,8 @@ def test_filters_and_groupings(tmp_path):
     assert "preset `toy-long`" not in only and "segmentation mIoU" not in only.split("## The paper")[0]
     assert set(rows(only)) == {"method", "mae", "mug", "*best − runner-up*"}
     by_seed = write_report(results, tmp_path / "r2", by="seed", selection=Selection(studies=("toy",)), figures=False)
-    assert "| 44.0 |" in rows(by_seed)["mae · seed 2"] and "±" not in rows(by_seed)["mae · seed 2"]
+    # one seed per row and no per-example outcomes: no test can compare a row with the best
+    assert "| 44.0 ? |" in rows(by_seed)["mae · seed 2"] and "±" not in rows(by_seed)["mae · seed 2"]
     by_preset = write_report(results, tmp_path / "r3", by="preset", figures=False)
     assert "preset `all presets`" in by_preset
     assert {"mae · toy", "mae · toy-long"} <= set(rows(by_preset))
@@ -253,7 +256,8 @@ def test_a_row_missing_a_transfer_column_is_not_placed():
     records = [r for r in study_records() if not (r.method == "mae" and r.protocol == "segmentation")]
     section = write_report_text(records).split("Ranking on transfer")[1].split("Missing from this table")[0]
     lines = [line for line in section.splitlines() if line.startswith("| ") and "place" not in line]
-    assert lines[-1] == "| — | mae | 2.00 | 1 of 2 |"  # ranked 2nd on linear, yet listed after the complete rows
+    # 2nd on linear but tied with mug there (shares its rank), yet listed after the complete rows, unplaced
+    assert lines[-1] == "| — | mae | 1.00 | 1 of 2 |"
     assert lines[0].startswith("| 1 | mug |")
 
 
@@ -295,8 +299,10 @@ def test_a_registered_protocol_gets_its_column_label_place_and_ranking(probe_two
         "mae": "70.0 ± 0.0", "simclr": "80.0 ± 0.0", "clip": "**90.0 ± 0.0**", "mug": "60.0 ± 0.0"}
     section = text.split("Ranking on transfer")[1].split("Missing from this table")[0]
     assert section.startswith(" (mean rank over the linear probe, probe two, fine-tune and segmentation columns;")
-    # ranks (linear, probe two, fine-tune, segmentation): mug 1,4,1,1; mae 2,3,2,2; simclr 3,2,3,3; clip 4,1,4,4
-    for line in ("| 1 | mug | 1.75 | 4 of 4 |", "| 2 | mae | 2.25 | 4 of 4 |", "| 3 | simclr | 2.75 | 4 of 4 |",
+    # competition ranks (linear, probe two, fine-tune, segmentation), rows tied with a column's best sharing
+    # rank 1 (linear: mae; segmentation: mae, simclr; probe two and fine-tune have no spread: all resolved):
+    # mug 1,4,1,1; mae 1,3,2,1; simclr 3,2,3,1; clip 4,1,4,4 -> mug and mae share the first place
+    for line in ("| 1 | mae | 1.75 | 4 of 4 |", "| 1 | mug | 1.75 | 4 of 4 |", "| 3 | simclr | 2.25 | 4 of 4 |",
                  "| 4 | clip | 3.25 | 4 of 4 |"):
         assert line in section
     assert "clip ahead of mae on 1 of 4; clip ahead of simclr on 1 of 4" in section
@@ -338,7 +344,7 @@ def test_non_finite_metric_records_are_listed_and_left_out_of_every_table(tmp_pa
     text = write_report(results, tmp_path / "reports", figures=False)
     skipped = text.split("## Files skipped (not records)")[1]
     assert "linear-toy-cls-seed3.json" in skipped and "not finite" in skipped
-    assert "| 42.0 ± 2.0 |" in rows(text)["mae"]  # the three finite seeds, n=3: the bad one is not counted
+    assert "| 42.0 ± 2.0 ≈ |" in rows(text)["mae"]  # the three finite seeds, n=3: the bad one is not counted
     assert "seed(s) (0, 1, 2)." in text
     for name in ("summary.md", "summary.csv", "summary.tex"):
         body = (tmp_path / "reports" / name).read_text().split("## Files skipped")[0]
@@ -382,7 +388,8 @@ def test_figure_paths_outside_the_results_folder_are_never_read(tmp_path, monkey
     assert skipped.count("outside the results folder") == 3
     assert "mae/reconstruction/toy-caps seed 1" in skipped
     # the records' numbers still count: mae's two seeds (0.2, 0.3) and mug's one
-    assert "| 0.25 ± 0.07 (n=2) |" in rows(text)["mae"] and "| **0.2 (n=1)** |" in rows(text)["mug"]
+    # (mug's one seed: no test, so mae's cell is unresolved)
+    assert "| 0.25 ± 0.07 (n=2) ? |" in rows(text)["mae"] and "| **0.2 (n=1)** |" in rows(text)["mug"]
 
 
 def test_figure_paths_inside_the_results_folder_still_draw(tmp_path):
@@ -394,3 +401,173 @@ def test_figure_paths_inside_the_results_folder_still_draw(tmp_path):
     text = write_report(results, reports)
     assert (reports / "figures" / "toy-toy-examples.png").exists()
     assert "## Files skipped" not in text
+
+
+# Statistical resolution (issue 18): synthetic columns whose distributions are known.
+
+def column_records(values: dict[str, tuple[float, ...]], protocol="linear", metric="top1", outcomes=None,
+                   paradigms=None):
+    """Records of one column: ``values`` maps a method to one value per seed (seeds 0, 1, ...);
+    ``outcomes`` maps a method to one boolean array per seed, kept packed as the harness keeps them."""
+    from mugbench.results import pack_outcomes
+
+    records = []
+    for method, per_seed in values.items():
+        for seed, value in enumerate(per_seed):
+            r = make_record(method, protocol=protocol, dataset="toy-cls", seed=seed, preset="toy", **{metric: value})
+            if outcomes and method in outcomes:
+                r.per_example = {metric: pack_outcomes(outcomes[method][seed])}
+            r.paradigm = (paradigms or {}).get(method, r.paradigm)
+            records.append(r)
+    return records
+
+
+def linear_cells(text: str) -> dict[str, str]:
+    """The linear-probe cell of each row of the first table."""
+    return {row: line.split("|")[3].strip() for row, line in rows(text).items() if row in ("simclr", "mae", "clip",
+                                                                                         "mug", "random", "supervised")}
+
+
+def test_a_clear_win_is_bold_and_the_other_row_unmarked():
+    text = write_report_text(column_records({"mae": (60.0, 60.5, 59.5), "mug": (40.0, 40.4, 39.6)}))
+    assert linear_cells(text) == {"mae": "**60.0 ± 0.5**", "mug": "40.0 ± 0.4"}  # Welch p ~ 1e-5: resolved
+    note = next(line for line in text.splitlines() if line.startswith("≈ = tied"))
+    assert "Welch's t-test over the seeds (the table has 3" in note and "α = 0.05" in note
+    assert "bootstrap" not in note  # no per-example outcomes kept: that test is not claimed
+
+
+def test_a_clear_tie_is_marked_tied_with_the_best():
+    text = write_report_text(column_records({"mae": (50.0, 50.6, 49.4), "mug": (49.6, 49.0, 49.9)}))
+    assert linear_cells(text) == {"mae": "**50.0 ± 0.6**", "mug": "49.5 ± 0.5 ≈"}  # Welch p ~ 0.3
+
+
+def test_one_seed_only_is_marked_unresolved_not_ranked_as_different():
+    text = write_report_text(column_records({"mae": (60.0,), "mug": (40.0,)}))
+    assert linear_cells(text) == {"mae": "**60.0**", "mug": "40.0 ?"}
+    assert "? = unresolved, no test applies" in text
+    ranking = text.split("Ranking on transfer")[1].split("\n\n")[0]
+    assert "? = a rank rests on a column where no test could compare the row with the best" in ranking
+    assert "| 2 | mug | 2.00 ? | 1 of 1 |" in text
+
+
+def _outcomes(p: float, n: int = 1000, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random(n) < p
+
+
+def test_per_example_outcomes_resolve_or_tie_by_a_paired_bootstrap():
+    from mugbench.report.resolution import BOOTSTRAP, TIED, RESOLVED, Sample, bootstrap_interval, compare
+
+    right = _outcomes(0.6)
+    nearly = right.copy()
+    nearly[:5] = ~nearly[:5]  # the same examples right or wrong but five: no resolvable difference
+    far = _outcomes(0.3, seed=1)
+    one_seed = {"mae": (100 * right.mean(),), "mug": (100 * nearly.mean(),), "clip": (100 * far.mean(),)}
+    text = write_report_text(column_records(one_seed, outcomes={"mae": [right], "mug": [nearly], "clip": [far]}))
+    cells = linear_cells(text)
+    assert cells["mug"].endswith(" ≈") and cells["clip"] == f"{100 * far.mean():.1f}"  # resolved: unmarked
+    assert "a paired bootstrap over evaluation examples" in text and "Welch" not in text.split("≈ = tied")[1][:200]
+    # identical outcomes: the interval is exactly zero, a tie; the samples' seeds are averaged first
+    same = Sample(np.array([60.0]), np.stack([right]).astype(float))
+    assert bootstrap_interval(same, same) == (0.0, 0.0) and compare(same, same).status == TIED
+    two_seeds = Sample(np.array([60.0, 30.0]), np.stack([right, far]).astype(float))
+    low, high = bootstrap_interval(same, two_seeds)
+    assert 0 < low < (right.mean() - (right.mean() + far.mean()) / 2) < high
+    assert compare(same, Sample(np.array([30.0]), np.stack([far]).astype(float))).tests == (BOOTSTRAP,)
+    assert compare(same, Sample(np.array([30.0]), np.stack([far]).astype(float))).status == RESOLVED
+
+
+def test_a_difference_is_resolved_only_when_every_applicable_test_rejects():
+    # Welch over 3 seeds rejects (far apart, small spread), but the per-example outcomes are identical:
+    # the bootstrap does not reject, so the row is tied.
+    right = _outcomes(0.5)
+    records = column_records({"mae": (60.0, 60.5, 59.5), "mug": (40.0, 40.4, 39.6)},
+                             outcomes={"mae": [right] * 3, "mug": [right] * 3})
+    text = write_report_text(records)
+    assert linear_cells(text)["mug"] == "40.0 ± 0.4 ≈"
+    assert "Welch's t-test over the seeds" in text and "paired bootstrap over evaluation examples" in text
+    # outcomes of different lengths cannot be paired: only Welch applies, and it resolves
+    records = column_records({"mae": (60.0, 60.5, 59.5), "mug": (40.0, 40.4, 39.6)},
+                             outcomes={"mae": [right] * 3, "mug": [right[:900]] * 3})
+    assert linear_cells(write_report_text(records))["mug"] == "40.0 ± 0.4"
+
+
+def test_methods_tied_with_the_best_share_its_place_in_the_ranking():
+    records = []
+    for protocol in ("knn", "linear"):
+        records += column_records({"mae": (50.0, 50.6, 49.4), "mug": (49.6, 49.0, 49.9), "clip": (30.0, 30.2, 29.8)},
+                                  protocol=protocol)
+    section = write_report_text(records).split("Ranking on transfer")[1].split("Missing from this table")[0]
+    assert "rows tied with a column's best (≈ in the table) share its rank there" in section
+    assert "| 1 | mae | 1.00 | 2 of 2 |" in section and "| 1 | mug | 1.00 | 2 of 2 |" in section
+    assert "| 3 | clip | 3.00 | 2 of 2 |" in section  # competition ranking: after the two rows ahead
+
+
+def baseline_study():
+    """mae and mug with the baseline rows: supervised scores highest, random lowest."""
+    paradigms = {"random": "baseline", "supervised": "baseline"}
+    return column_records({"mae": (50.0, 50.5, 49.5), "mug": (40.0, 40.4, 39.6), "random": (20.0, 20.2, 19.8),
+                           "supervised": (70.0, 70.3, 69.7)}, paradigms=paradigms)
+
+
+def test_baseline_rows_are_a_group_of_their_own_never_bold_or_ranked():
+    text = write_report_text(baseline_study())
+    table = rows(text)
+    assert list(table)[1:] == ["mae", "mug", "random", "supervised", "*best − runner-up*"]  # baselines last
+    assert table["random"].startswith("| baseline | random |") and table["supervised"].startswith("|  | supervised |")
+    cells = linear_cells(text)
+    assert cells["mae"] == "**50.0 ± 0.5**"  # the best method, though supervised scores higher
+    assert cells["supervised"] == "70.0 ± 0.3" and cells["random"] == "20.0 ± 0.2"  # no bold, no mark
+    assert "+10.0 (mae over mug)" in table["*best − runner-up*"]
+    section = text.split("Ranking on transfer")[1].split("<details>")[0]
+    assert "| 1 | mae |" in section and "| 2 | mug |" in section
+    assert "random |" not in section and "supervised |" not in section
+    assert "baseline rows (random, supervised) are reference points" in text
+
+
+def test_the_full_table_shows_each_gain_over_random():
+    full = write_report_text(baseline_study()).split("<summary>All metrics</summary>")[1].split("</details>")[0]
+    cells = {line.split("|")[2].strip(): line.split("|")[3].strip() for line in full.splitlines()
+             if line.startswith("| ") and "method" not in line}
+    assert cells == {"mae": "**50.0 ± 0.5** (+30.0)", "mug": "40.0 ± 0.4 (+20.0)", "random": "20.0 ± 0.2",
+                     "supervised": "70.0 ± 0.3 (+50.0)"}
+    assert "(+x) after a cell: its gain over the `random` row" in full
+    # a lower-is-better metric: the gain is random's value minus the row's
+    mse = write_report_text(column_records({"mae": (0.2, 0.2), "random": (0.5, 0.5)}, protocol="reconstruction",
+                                           metric="masked_mse", paradigms={"random": "baseline"}))
+    assert "0.2 ± 0.0 (+0.3)" in mse.split("<summary>All metrics</summary>")[1]
+
+
+def test_a_column_the_best_method_does_not_lift_above_random_is_named():
+    records = column_records({"mae": (21.0, 20.0, 19.0), "mug": (20.0, 19.0, 18.0), "random": (20.0, 20.2, 19.8)},
+                             paradigms={"random": "baseline"})
+    text = write_report_text(records)
+    assert "Not resolved above `random` (α = 0.05)" in text and "linear probe top1 (toy-cls) (best mae, +0.0" in text
+    assert "Not resolved above" not in write_report_text(baseline_study())
+
+
+def test_a_best_learning_rate_at_the_edge_of_its_grid_is_noted():
+    records = column_records({"mae": (50.0, 50.5, 49.5), "mug": (40.0, 40.4, 39.6)})
+    for r in records:
+        best = 1.0 if r.method == "mae" else 0.1  # mae's optimum is the top of the grid, mug's inside it
+        r.protocol_options = {"lrs": [0.01, 0.1, 1.0], "best_lr": best, "grid_top1": {}}
+    text = write_report_text(records)
+    note = text.split("Learning rate at an edge of its grid")[1].split("\n\n")[1]
+    assert note == ("- linear probe (toy-cls): best rate 1, the largest of the grid 0.01, 0.1, 1, "
+                    "for mae (seeds 0, 1, 2)")
+    for r in records:
+        r.protocol_options["best_lr"] = 0.1
+    assert "Learning rate at an edge" not in write_report_text(records)
+
+
+def test_the_gain_figure_starts_each_bar_at_the_random_floor(tmp_path):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    for r in baseline_study():
+        write_record(r, results)
+    write_report(results, reports)
+    assert (reports / "figures" / "toy-toy-gain.png").stat().st_size > 5_000
+    index = (reports / "README.md").read_text()
+    assert "![gain](figures/toy-toy-gain.png)" in index and "starts at the `random` row's mean" in index
+    for r in study_records():  # no random row: no such figure
+        write_record(r, tmp_path / "other")
+    write_report(tmp_path / "other", tmp_path / "reports2")
+    assert not (tmp_path / "reports2" / "figures" / "toy-toy-gain.png").exists()

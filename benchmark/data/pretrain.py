@@ -13,7 +13,7 @@ from . import catalog
 from .decode import draft_size
 from .pipeline import DecodeOptions, make_loader
 from .tokenizer import TextTokenizer, corpus_vocab
-from .toy import prepare_toy_world
+from .toy import TOY_CLASSES, prepare_toy_world
 from .transforms import build_view_transform, method_view_specs
 
 
@@ -25,6 +25,9 @@ class PretrainData:
     urls: list[str]
     samples: int
     vocab_cache: Path
+    # Classes of the samples' labels (``.cls``): the toy world's class list; 0 for shard sets, whose
+    # samples carry no labels mugbench knows of (image-text web data).
+    num_classes: int = 0
 
 
 def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=print) -> PretrainData:
@@ -37,7 +40,8 @@ def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=
     if cfg.data.name == "toy":
         root, manifest = prepare_toy_world(cfg.data, cache_dir)
         split = manifest["splits"]["pretrain"]
-        return PretrainData("toy", [str(root / s) for s in split["shards"]], split["count"], root / "vocab.json")
+        return PretrainData("toy", [str(root / s) for s in split["shards"]], split["count"], root / "vocab.json",
+                            num_classes=len(manifest["classes"]))
     urls = catalog.resolve_pretrain_urls(cfg.data.name, data_root)
     samples, source = cfg.data.samples_per_epoch, "data.samples_per_epoch"
     if not samples and not all(catalog._is_local(u) for u in urls):
@@ -83,9 +87,14 @@ def pretrain_batches(cfg: StudyConfig, data: PretrainData, method_cls: type, tok
     checks), the same for every method, so every method sees the same samples in the same order; only
     the tokenised text (for methods that read captions) and the declared extra views differ. View 0
     is the study's base view (`method_view_specs`), drawn first from each sample's seeded RNG, so it
-    is the same crop for every method.
+    is the same crop for every method. Methods that declare ``needs_labels`` also get ``label`` (the
+    shard's ``.cls``); the loader would skip a sample without one, so they only run on data whose every
+    sample has a label (``data.num_classes > 0``: the toy world), where the stream stays the same.
     """
     d = cfg.data
+    if method_cls.needs_labels and not data.num_classes:
+        raise ConfigError(f"Method {method_cls.name!r} trains on class labels, but the pre-training data "
+                          f"{data.name!r} has none: leave it out of this study (run_study skips it).")
     specs = method_view_specs(method_cls, d.augment)
     transforms = [build_view_transform(v, cfg.encoder.img_size) for v in specs]
     # Decoded at the size the study's base view needs, the same for every method: the decoded image
@@ -95,7 +104,8 @@ def pretrain_batches(cfg: StudyConfig, data: PretrainData, method_cls: type, tok
 
     def batches(epoch: int):
         return make_loader(data.urls, batch_size=per_rank, image_transforms=transforms, tokenizer=text,
-                           need_caption=d.require_caption, shuffle=True, seed=cfg.seed, epoch=epoch,
+                           need_caption=d.require_caption, need_label=method_cls.needs_labels, shuffle=True,
+                           seed=cfg.seed, epoch=epoch,
                            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, decode=decode,
                            resampled=d.resampled, batches_per_epoch=steps_per_epoch * cfg.train.accum_steps,
                            pin_memory=pin_memory, prefetch_factor=d.prefetch_factor, tally_tail=True)
@@ -127,9 +137,25 @@ def _iter_captions(urls: list[str]):
             yield sample["txt"].decode("utf-8", "replace")
 
 
-def text_spec(cfg: StudyConfig, tok: TextTokenizer) -> TextSpec:
-    """What methods are told about text."""
+def text_spec(cfg: StudyConfig, tok: TextTokenizer, data: PretrainData | None = None) -> TextSpec:
+    """What methods are told about text, and the pre-training labels' class count: ``data``'s, else (a
+    method rebuilt from its run, a test) what `pretrain_num_classes` knows from the study alone."""
     t = cfg.text
+    classes = data.num_classes if data is not None else pretrain_num_classes(cfg)
     return TextSpec(vocab_size=tok.vocab_size, context_length=t.context_length, sot_id=tok.sot_id,
                     eot_id=tok.eot_id, pad_id=tok.pad_id, width=t.width, heads=t.heads, layers=t.layers,
-                    embed_dim=t.embed_dim)
+                    embed_dim=t.embed_dim, num_classes=classes)
+
+
+def pretrain_num_classes(cfg: StudyConfig) -> int:
+    """The class count of the pre-training labels without reading the data: the toy world's generator
+    has a fixed class list (its manifest's ``classes``); other sets have no labels (0)."""
+    return len(TOY_CLASSES) if cfg.data.name == "toy" else 0
+
+
+def not_applicable(method_cls: type, data: PretrainData) -> str | None:
+    """Why ``method_cls`` cannot pre-train on ``data`` (one line), or None: a method that trains on class
+    labels, on a set without them."""
+    if method_cls.needs_labels and not data.num_classes:
+        return f"{data.name} has no class labels"
+    return None

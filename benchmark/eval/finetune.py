@@ -73,14 +73,18 @@ def _posterize(img: Image.Image, bits: int, **_) -> Image.Image:
 
 
 @torch.no_grad()
-def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, device) -> float:
-    """Top-1 accuracy in percent of ``model`` on preprocessed ``images``."""
+def right_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
+                    device) -> torch.Tensor:
+    """Whether ``model``'s top-1 class is each preprocessed image's label: a CPU bool tensor, in order."""
     model.eval()
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        logits = model(images[i:i + batch_size].to(device))
-        correct += (logits.argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
-    return 100.0 * correct / max(1, len(images))
+    right = [model(images[i:i + batch_size].to(device)).argmax(1).cpu() == labels[i:i + batch_size]
+             for i in range(0, len(images), batch_size)]
+    return torch.cat(right) if right else torch.zeros(0, dtype=torch.bool)
+
+
+def top1(right: torch.Tensor) -> float:
+    """Top-1 accuracy in percent from `right_per_image` (an exact count over the images, 0 for none)."""
+    return 100.0 * int(right.sum()) / max(1, len(right))
 
 
 @contextlib.contextmanager
@@ -99,12 +103,14 @@ def flushing_denormals():
 
 def finetune(encoder: torch.nn.Module, data, options, *, seed: int, device, pool: str, batch_size: int):
     """Fine-tune a copy of ``encoder`` on ``data``'s augmented train batches and score its val split
-    after every epoch; returns ``(metrics, recorded options)``: best and last top-1 in percent.
+    after every epoch; returns ``(metrics, recorded options, outcomes)``: best and last top-1 in percent.
 
     ``data`` is a `ClassificationSet` (its ``train_batches`` reads the train split again through
     ``train_transform``: webdataset shards for the toy set, an ImageFolder for ImageNet);
     ``options`` the protocol's ``FineTune.Options``; ``pool`` the read-out the new head sits on
-    (``eval.pool``) and ``batch_size`` the scoring batch (``eval.batch_size``).
+    (``eval.pool``) and ``batch_size`` the scoring batch (``eval.batch_size``). A third value holds
+    the per-image outcomes behind the two numbers: ``{"top1": right, "top1_last": right}``, whether
+    each val image was right after the best epoch (the first to reach the best top-1) and the last.
     """
     with flushing_denormals():
         return _finetune(encoder, data, options, seed=seed, device=device, pool=pool, batch_size=batch_size)
@@ -151,7 +157,10 @@ def _finetune(encoder: torch.nn.Module, data, opts, *, seed: int, device, pool: 
             loss.backward()
             optimizer.step()
             step += 1
-        history.append(top1(model, data.val.image, data.val.label, batch_size=batch_size, device=device))
+        right = right_per_image(model, data.val.image, data.val.label, batch_size=batch_size, device=device)
+        if not history or top1(right) > max(history):  # the first epoch of the max, as max(history) reports it
+            best = right
+        history.append(top1(right))
     recorded = {key: getattr(opts, key) for key in _RECORDED}
     recorded.update(pool=pool, top1_per_epoch=history, **determinism_note(device))
-    return {"top1": max(history), "top1_last": history[-1]}, recorded
+    return {"top1": max(history), "top1_last": history[-1]}, recorded, {"top1": best, "top1_last": right}

@@ -23,7 +23,7 @@ from ..method import Method
 from ..protocol import EvalContext, Features, Protocol
 from ..registry import UnknownNameError, get_eval_set, get_protocol
 from ..files import atomic_write_text
-from ..results import ResultRecord, record_path
+from ..results import ResultRecord, pack_outcomes, record_path
 from .features import extract_features
 
 # The order protocols run in: one feature pass serves every feature protocol of a set first.
@@ -41,6 +41,7 @@ class EvalResult:
     options: dict[str, Any]
     seconds: float
     examples: list = field(default_factory=list)
+    per_example: dict = field(default_factory=dict)  # metric -> `pack_outcomes` form, as records keep it
 
 
 def check_evaluation(cfg: StudyConfig, methods: list[type] = ()) -> None:
@@ -106,7 +107,8 @@ def evaluate(subject: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, de
             result = protocol().run(target, data, cfg.eval.options_for(protocol.name), ctx)
             options = dict(result.options, pool=cfg.eval.pool) if protocol.reads == "features" else result.options
             item = EvalResult(protocol.name, dataset, result.metrics, options,
-                              time.perf_counter() - t0 + extra, list(result.examples))
+                              time.perf_counter() - t0 + extra, list(result.examples),
+                              {metric: pack_outcomes(flags) for metric, flags in result.per_example.items()})
             out.append(item)
             if on_result is not None:
                 on_result(item)

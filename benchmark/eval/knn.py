@@ -32,13 +32,38 @@ def standardize(train_feats: torch.Tensor, *others: torch.Tensor) -> list[torch.
     return [(f - mean) / std for f in (train_feats, *others)]
 
 
-def evaluate_knn(train_feats, train_labels, val_feats, val_labels, num_classes: int, *, k: int = 20,
-                 temperature: float = 0.07, standardize_features: bool = False) -> dict[str, float]:
-    """Top-1 (and, with more than 10 classes, top-5) accuracy in percent."""
+def topk_outcomes(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per example (a CPU bool tensor each): whether its label scores highest (``"top1"``) and, with
+    more than 10 classes, whether it is among the five highest (``"top5"``)."""
+    outcomes = {"top1": (scores.argmax(1) == labels).cpu()}
+    if scores.shape[1] > 10:
+        outcomes["top5"] = (scores.topk(5, 1).indices == labels[:, None]).any(1).cpu()
+    return outcomes
+
+
+def percent_right(flags: torch.Tensor) -> float:
+    """The share of true flags in percent, counted exactly (an integer count over the total), so a
+    record's accuracy equals the mean of its per-example outcomes."""
+    return 100.0 * int(flags.sum()) / max(1, len(flags))
+
+
+def percent(outcomes: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each metric's `percent_right` of its per-example flags."""
+    return {metric: percent_right(flags) for metric, flags in outcomes.items()}
+
+
+def knn_outcomes(train_feats, train_labels, val_feats, val_labels, num_classes: int, *, k: int = 20,
+                 temperature: float = 0.07, standardize_features: bool = False) -> dict[str, torch.Tensor]:
+    """Whether each val example is right at top-1 (and, with more than 10 classes, top-5), in the
+    val split's order: what `evaluate_knn` averages, kept for paired comparisons between encoders."""
     if standardize_features:
         train_feats, val_feats = standardize(train_feats, val_feats)
     scores = knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature)
-    metrics = {"top1": 100.0 * (scores.argmax(1) == val_labels).float().mean().item()}
-    if num_classes > 10:
-        metrics["top5"] = 100.0 * (scores.topk(5, 1).indices == val_labels[:, None]).any(1).float().mean().item()
-    return metrics
+    return topk_outcomes(scores, val_labels)
+
+
+def evaluate_knn(train_feats, train_labels, val_feats, val_labels, num_classes: int, *, k: int = 20,
+                 temperature: float = 0.07, standardize_features: bool = False) -> dict[str, float]:
+    """Top-1 (and, with more than 10 classes, top-5) accuracy in percent."""
+    return percent(knn_outcomes(train_feats, train_labels, val_feats, val_labels, num_classes, k=k,
+                                temperature=temperature, standardize_features=standardize_features))

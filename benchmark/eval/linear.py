@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
+from .knn import percent_right
+
 SOLVERS = ("sgd", "lars")
 
 
@@ -53,11 +55,14 @@ def _optimizer(heads: nn.ModuleList, peaks: list[float], solver: str, weight_dec
 def evaluate_linear(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                     val_labels: torch.Tensor, num_classes: int, *, epochs: int = 100, lr: float = 0.1,
                     lrs: list[float] | None = None, batch_size: int = 256, weight_decay: float = 0.0,
-                    warmup_epochs: int = 0, solver: str = "sgd", seed: int = 0) -> tuple[dict[str, float], dict]:
+                    warmup_epochs: int = 0, solver: str = "sgd",
+                    seed: int = 0) -> tuple[dict[str, float], dict, dict[str, torch.Tensor]]:
     """Train BatchNorm(affine=False) + Linear heads on ``train_feats``; score val top-1 in percent.
 
     ``lrs`` is a grid of base learning rates (peak = base x batch / 256, MAE's rule); without it
-    the grid is ``[lr]``. Returns ``({"top1": best}, {"best_lr": ..., "grid_top1": {lr: top1}})``.
+    the grid is ``[lr]``. Returns ``({"top1": best}, {"best_lr": ..., "grid_top1": {lr: top1}},
+    {"top1": right})``: ``right`` says, per val example in order, whether the best rate's head
+    classified it right (its mean is the reported top-1).
     """
     grid = [float(x) for x in (lrs or [lr])]
     gen = torch.Generator().manual_seed(seed + 1)  # batch order
@@ -89,6 +94,8 @@ def evaluate_linear(train_feats: torch.Tensor, train_labels: torch.Tensor, val_f
     norm.eval()
     with torch.no_grad():
         x = norm(val_feats)
-        top1 = [100.0 * (head(x).argmax(1) == val_labels).float().mean().item() for head in heads]
+        right = [(head(x).argmax(1) == val_labels).cpu() for head in heads]
+    top1 = [percent_right(r) for r in right]
     best = max(range(len(grid)), key=lambda i: top1[i])
-    return {"top1": top1[best]}, {"best_lr": grid[best], "grid_top1": {str(b): t for b, t in zip(grid, top1)}}
+    info = {"best_lr": grid[best], "grid_top1": {str(b): t for b, t in zip(grid, top1)}}
+    return {"top1": top1[best]}, info, {"top1": right[best]}

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..method import evaluating
+from .knn import percent, topk_outcomes
 
 
 @torch.no_grad()
@@ -49,8 +50,5 @@ def likelihood_scores(method, images: torch.Tensor, classes: list[str], template
 
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Top-1 (and, with more than 10 classes, top-5) accuracy in percent."""
-    out = {"top1": 100.0 * (scores.argmax(1) == labels).float().mean().item()}
-    if scores.shape[1] > 10:
-        out["top5"] = 100.0 * (scores.topk(5, 1).indices == labels[:, None]).any(1).float().mean().item()
-    return out
+    """Top-1 (and, with more than 10 classes, top-5) accuracy in percent: the mean of `topk_outcomes`."""
+    return percent(topk_outcomes(scores, labels))

@@ -33,9 +33,10 @@ class FineTune(Protocol):
         reprob: float = FRACTION.field(0.25)
 
     def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
-        """Fine-tune and score the val split after every epoch."""
+        """Fine-tune and score the val split after every epoch; the record keeps whether each val image
+        was right after the best epoch (``top1``) and the last (``top1_last``)."""
         from ..eval.finetune import finetune
 
-        metrics, opts = finetune(subject, data, options, seed=ctx.seed, device=ctx.device, pool=ctx.pool,
-                                 batch_size=ctx.batch_size)
-        return ProtocolResult(metrics, opts)
+        metrics, opts, outcomes = finetune(subject, data, options, seed=ctx.seed, device=ctx.device, pool=ctx.pool,
+                                           batch_size=ctx.batch_size)
+        return ProtocolResult(metrics, opts, per_example=outcomes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import COUNT, POSITIVE
-from ..eval.knn import evaluate_knn
+from ..eval.knn import knn_outcomes, percent
 from ..protocol import EvalContext, Features, Protocol, ProtocolResult
 from ..registry import register_protocol
 
@@ -24,7 +24,8 @@ class KNN(Protocol):
         standardize: bool = False  # DINO's k-NN uses raw L2-normalised features
 
     def run(self, subject: Features, data, options, ctx: EvalContext) -> ProtocolResult:
-        """Vote with the ``k`` nearest training features of each validation image."""
+        """Vote with the ``k`` nearest training features of each validation image; the record keeps
+        whether each one was right."""
         opts = {"k": options.k, "temperature": options.temperature, "standardize_features": options.standardize}
-        metrics = evaluate_knn(subject.train, data.train.label, subject.val, data.val.label, data.num_classes, **opts)
-        return ProtocolResult(metrics, opts)
+        outcomes = knn_outcomes(subject.train, data.train.label, subject.val, data.val.label, data.num_classes, **opts)
+        return ProtocolResult(percent(outcomes), opts, per_example=outcomes)

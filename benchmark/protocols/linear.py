@@ -32,13 +32,15 @@ class LinearProbe(Protocol):
                 raise ValueError(f"eval.linear.solver={self.solver!r} is not one of {', '.join(SOLVERS)}")
 
     def run(self, subject: Features, data, options, ctx: EvalContext) -> ProtocolResult:
-        """Best top-1 over the grid; the record keeps every rate's top-1 and the best rate."""
+        """Best top-1 over the grid; the record keeps every rate's top-1, the best rate, and whether
+        the best rate's head classified each val image right."""
         lrs = list(options.lrs or [options.lr])
         opts = {"epochs": options.epochs, "lrs": lrs, "batch_size": options.batch_size,
                 "weight_decay": options.weight_decay, "warmup_epochs": options.warmup_epochs,
                 "solver": options.solver, "schedule": "warmup-cosine"}
-        metrics, grid = evaluate_linear(subject.train, data.train.label, subject.val, data.val.label,
-                                        data.num_classes, epochs=options.epochs, lrs=lrs,
-                                        batch_size=options.batch_size, weight_decay=options.weight_decay,
-                                        warmup_epochs=options.warmup_epochs, solver=options.solver, seed=ctx.seed)
-        return ProtocolResult(metrics, dict(opts, **grid))
+        metrics, grid, outcomes = evaluate_linear(subject.train, data.train.label, subject.val, data.val.label,
+                                                  data.num_classes, epochs=options.epochs, lrs=lrs,
+                                                  batch_size=options.batch_size, weight_decay=options.weight_decay,
+                                                  warmup_epochs=options.warmup_epochs, solver=options.solver,
+                                                  seed=ctx.seed)
+        return ProtocolResult(metrics, dict(opts, **grid), per_example=outcomes)

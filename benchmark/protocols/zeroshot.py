@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import COUNT0
-from ..eval.zeroshot import accuracy, embedding_scores, likelihood_scores
+from ..eval.knn import percent, topk_outcomes
+from ..eval.zeroshot import embedding_scores, likelihood_scores
 from ..protocol import EvalContext, Protocol, ProtocolResult
 from ..registry import register_protocol
 
@@ -23,7 +24,8 @@ class ZeroShot(Protocol):
         images: int = COUNT0.field(0)  # 0 = all; likelihood scoring costs classes x prompts per image
 
     def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
-        """Score every class's prompts (the set's own templates) for the first ``images`` val images."""
+        """Score every class's prompts (the set's own templates) for the first ``images`` val images;
+        the record keeps whether each scored image was right."""
         val, templates = data.val, data.prompts
         n = min(options.images or len(val.image), len(val.image))
         # A lazy ImageFolder split stays lazy when whole (slicing it would load every image at once).
@@ -36,5 +38,6 @@ class ZeroShot(Protocol):
             mode = "likelihood"
             scores = likelihood_scores(subject, images, words, templates, ctx.tokenizer, seed=ctx.seed,
                                        device=ctx.device)
-        return ProtocolResult(accuracy(scores, val.label[:n]),
-                              {"mode": mode, "prompts": list(templates), "images": len(images)})
+        outcomes = topk_outcomes(scores, val.label[:n])  # per scored image, in the val split's order
+        return ProtocolResult(percent(outcomes), {"mode": mode, "prompts": list(templates), "images": len(images)},
+                              per_example=outcomes)

@@ -15,14 +15,19 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import pandas as pd
+
 from mugbench.report import plots
 from mugbench.report.frame import (
     BENCH_PROTOCOLS, Selection, describe_encoder, headline_columns, long_frame, study_details, summary_frame,
 )
 from mugbench.report.likeness import unlike_note, unlike_rows
+from mugbench.report.resolution import (
+    ALPHA, RESOLVED, TIED, TIED_MARK, UNRESOLVED, UNRESOLVED_MARK, resolve_table,
+)
 from mugbench.report.tables import (
-    absolute_references, claims_section, latex_table, markdown_table, missing_cells, ranking_section, study_tables,
-    tidy,
+    RANDOM, absolute_references, baseline_rows, claims_section, column_label, gain_over_random, grid_edge_note,
+    latex_table, markdown_table, missing_cells, random_row, ranking_section, signed, study_tables, tidy,
 )
 from mugbench.files import atomic_write_text
 from mugbench.results import (
@@ -39,6 +44,9 @@ FIGURE_NOTES = {
     "examples": "the same validation images masked and reconstructed by each reconstructing method, and the "
                 "captions each captioning method generated for them (as the paper's Fig. 4)",
     "linear-lr": "linear-probe top-1 against the learning rate of the probe's grid, per method",
+    "gain": "each panel is one column of the main table: each method's bar starts at the `random` row's mean (the "
+            "dashed line: what the protocol gives an untrained encoder) and shows what pre-training added (± sample "
+            "std over seeds; seeds as dots)",
     "bench": "`mugbench bench` train steps: each method's step time as a multiple of a plain ViT step",
 }
 
@@ -86,6 +94,12 @@ class Report:
         self.methods = self.frame.attrs["methods"]
         self.studies = self.frame.attrs["studies"]
         self.unlike = unlike_rows(self.records, by)  # per table: rows not pre-trained like-for-like, and why
+        # per table: each column's best, and which rows the tests cannot tell apart from it
+        self.resolutions = {key: resolve_table(self._long_of(key), table) for key, table in self.tables.items()}
+
+    def _long_of(self, key) -> pd.DataFrame:
+        """The part of the long frame that makes table ``key``."""
+        return self.long[(self.long["pretrain_data"] == key[0]) & (self.long["preset"] == key[1])]
 
     def _seeds(self, key) -> list[int]:
         return self.studies.get(key, {}).get("seeds", [])
@@ -100,12 +114,56 @@ class Report:
         seeds = 1 if self.by == "seed" else len(self._seeds(key))
         refs = absolute_references(self.references, columns)
         return markdown_table(table, columns, seeds, self.methods, refs, with_margin=self.by == "method",
-                              marked=self.unlike.get(key, {}))
+                              marked=self.unlike.get(key, {}), resolution=self.resolutions[key])
 
-    def unlike_lines(self, key) -> list[str]:
-        """The note below a table naming its rows marked as not like-for-like and what differs."""
-        note = unlike_note(self.unlike.get(key, {}), self.tables[key].index.get_level_values("row"))
-        return note + [""] if note else []
+    def full_table(self, key) -> list[str]:
+        """Markdown lines of one study's table of every metric, each cell with its gain over `random`."""
+        table = self.tables[key]
+        all_columns = list(dict.fromkeys(c[:3] for c in table.columns))
+        seeds = 1 if self.by == "seed" else len(self._seeds(key))
+        lines = markdown_table(table, all_columns, seeds, self.methods, with_margin=False,
+                               marked=self.unlike.get(key, {}), resolution=self.resolutions[key], gains=True)
+        rows = table.index.get_level_values("row")
+        if any(random_row(row, self.methods, rows) for row in rows):
+            lines += ["", f"(+x) after a cell: its gain over the `{RANDOM}` row (the encoder as initialised, not "
+                          "pre-trained), the difference of the means in the metric's unit; positive = better than "
+                          f"`{RANDOM}` (for a lower-is-better metric, `{RANDOM}`'s value minus the row's)."]
+        return lines
+
+    def notes(self, key) -> list[str]:
+        """The notes below a main table: what its marks mean, columns that measure nothing here, best
+        learning rates at a grid's edge, and rows not pre-trained like-for-like."""
+        rows = list(self.tables[key].index.get_level_values("row"))
+        seeds = 1 if self.by == "seed" else len(self._seeds(key))
+        lines = []
+        sentence = self.resolutions[key].note(seeds)
+        if sentence:
+            lines += [sentence, ""]
+        for part in (self.floor_lines(key), grid_edge_note(self._records_of(*key), rows, self.by),
+                     unlike_note(self.unlike.get(key, {}), rows)):
+            lines += part + [""] if part else []
+        return lines
+
+    def floor_lines(self, key) -> list[str]:
+        """The main-table columns whose best method is not resolved above the `random` row: such a column
+        measures what the protocol gives for free, not what pre-training taught."""
+        table, resolution = self.tables[key], self.resolutions[key]
+        plain = table.droplevel("paradigm")
+        flat = []
+        for column in headline_columns(table.columns):
+            best = resolution.columns.get(column)
+            floor = random_row(best.best, self.methods, plain.index) if best and best.best else None
+            if floor is None:
+                continue
+            gain = gain_over_random(plain, best.best, column, self.methods)
+            found = resolution.compare(column, best.best, floor)
+            if gain is not None and (gain <= 0 or found is None or found.status != RESOLVED):
+                why = found.detail if found is not None and found.detail else "no test applies"
+                flat.append(f"{column_label(column)} (best {best.best}, {signed(gain)} over `{RANDOM}`; {why})")
+        if not flat:
+            return []
+        return [f"Not resolved above `{RANDOM}` (α = {ALPHA:g}), so these columns do not tell what pre-training "
+                f"taught: {'; '.join(flat)}."]
 
     def _study_header(self, key) -> list[str]:
         data, preset = key
@@ -137,20 +195,16 @@ class Report:
         if not self.tables:
             lines += [f"No result records found under {where}" + (" for this selection" if selected else "") + ".", ""]
         for key, table in self.tables.items():
-            lines += self._study_header(key) + [""] + self.main_table(key) + [""] + self.unlike_lines(key)
+            lines += self._study_header(key) + [""] + self.main_table(key) + [""] + self.notes(key)
             if self.by == "method":
-                ranking = ranking_section(table, headline_columns(table.columns), self.methods)
+                ranking = ranking_section(table, headline_columns(table.columns), self.methods, self.resolutions[key])
                 lines += ranking + ([""] if ranking else [])
             gaps = missing_cells(table, headline_columns(table.columns), self.methods, self._seeds(key), self.by)
             if gaps:
                 lines += ["Missing from this table:", ""] + gaps + [""]
-            lines += ["<details><summary>All metrics</summary>", ""]
-            all_columns = list(dict.fromkeys(c[:3] for c in table.columns))
-            seeds = 1 if self.by == "seed" else len(self._seeds(key))
-            lines += markdown_table(table, all_columns, seeds, self.methods, with_margin=False,
-                                    marked=self.unlike.get(key, {})) + ["", "</details>", ""]
-        claims = claims_section({k: (t, self.methods, len(self._seeds(k))) for k, t in self.tables.items()},
-                                self.references) if self.by == "method" else []
+            lines += ["<details><summary>All metrics</summary>", ""] + self.full_table(key) + ["", "</details>", ""]
+        claims = claims_section({k: (t, self.methods, len(self._seeds(k)), self.resolutions[k])
+                                 for k, t in self.tables.items()}, self.references) if self.by == "method" else []
         if claims:
             lines += claims + [""]
         lines += self._references_section()
@@ -176,11 +230,19 @@ class Report:
             seeds = 1 if self.by == "seed" else len(self._seeds(key))
             caption = (f"Pre-training data {key[0]}, preset {key[1]}: mean ± sample std over {seeds} seed(s); "
                        "best in bold.")
+            statuses = self.resolutions[key].statuses()
+            marks = ([f"{TIED_MARK} = not resolved from the best"] if TIED in statuses else []) + (
+                [f"{UNRESOLVED_MARK} = no test applies"] if UNRESOLVED in statuses else [])
+            if marks:
+                caption += (f" {', '.join(marks)} (Welch's t-test over seeds, paired bootstrap over examples; "
+                            f"α = {ALPHA:g}; summary.md says which applied).")
+            if baseline_rows(table):
+                caption += " Baseline rows are reference points, never bold or ranked."
             marked = self.unlike.get(key, {})
             if marked:
                 caption += " † = pre-trained under other conditions than the other rows (summary.md says which)."
             parts.append(latex_table(table, columns, seeds, caption, absolute_references(self.references, columns),
-                                     marked=marked))
+                                     marked=marked, resolution=self.resolutions[key]))
         return "\n".join(parts)
 
     def figures(self, figures_dir: Path) -> list[tuple[str, str, Path]]:
@@ -196,6 +258,9 @@ class Report:
                                                              & (self.long["preset"] == preset)],
                                    self.methods, f"{title}: main table", Path(f"{stem}-bars"))
             drawn += [("bars", title, bars[0])] if bars else []
+            gains = plots.gain_chart(table, columns, self._long_of(key), self.methods, f"{title}: gain over {RANDOM}",
+                                     Path(f"{stem}-gain"))
+            drawn += [("gain", title, gains[0])] if gains else []
             if self.by != "method":  # the per-run figures below draw one study's runs, one per method and seed
                 continue
             for kind, paths in (
@@ -227,9 +292,9 @@ class Report:
                  "what is missing and the published claims: [summary.md](summary.md) "
                  "(also [summary.csv](summary.csv), [summary.tex](summary.tex)).", ""]
         for key, table in self.tables.items():
-            lines += [f"## `{key[0]}` / `{key[1]}`", ""] + self.main_table(key) + [""] + self.unlike_lines(key)
+            lines += [f"## `{key[0]}` / `{key[1]}`", ""] + self.main_table(key) + [""] + self.notes(key)
             if self.by == "method":
-                ranking = ranking_section(table, headline_columns(table.columns), self.methods)
+                ranking = ranking_section(table, headline_columns(table.columns), self.methods, self.resolutions[key])
                 lines += ranking + ([""] if ranking else [])
             for kind, title, png in figures:
                 if title == f"{key[0]} / {key[1]}":

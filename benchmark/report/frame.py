@@ -2,11 +2,13 @@
 
 Everything here reads records only (`mugbench.results.load_records`); the registry is asked
 what a record may not say itself: the paradigm of a method whose records predate the
-``paradigm`` field, whether a protocol applies to a method at all (so that a missing zero-shot
-cell of MAE reads "not applicable" rather than "missing"), and how a protocol is shown (its
-display position, label, headline metrics and whether it counts as transfer). A protocol not
-registered here (a plugin not installed, the bench records' ``train-step``) is shown by name,
-after the registered ones, with every metric as headline, and never ranked as transfer.
+``paradigm`` field (``baseline`` for the reference rows `random` and `supervised`, shown as a
+group of their own after the paradigms and never ranked), whether a protocol applies to a method
+at all (so that a missing zero-shot cell of MAE reads "not applicable" rather than "missing"), and
+how a protocol is shown (its display position, label, headline metrics and whether it counts as
+transfer). A protocol not registered here (a plugin not installed, the bench records'
+``train-step``) is shown by name, after the registered ones, with every metric as headline, and
+never ranked as transfer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from mugbench.method import PARADIGMS
+from mugbench.method import BASELINE, PARADIGMS
 from mugbench.results import ResultRecord
 
 # Benchmark records (`mugbench bench`) measure speed, not representations: plotted, never ranked.
@@ -26,6 +28,9 @@ BENCH_PROTOCOLS = ("train-step", "input-pipeline")
 # Display order: the paper's (single-modal, then multi-modal), then anything else by name.
 METHOD_ORDER = ("simclr", "mae", "clip", "slip", "flip", "coca", "cap", "mug")
 OTHER_PARADIGM = "other"
+# Row groups of a table, in display order: the paper's paradigms, any other method, then the baselines
+# (reference rows, set apart below the methods they frame).
+ROW_GROUPS = tuple(p for p in PARADIGMS if p != BASELINE) + (OTHER_PARADIGM, BASELINE)
 # Metrics where smaller is better, matched as substrings ("recon_mse", "val_loss").
 LOWER_IS_BETTER = ("loss", "mse", "error", "perplexity", "ppl", "nll", "fid")
 # Scores a protocol reports beside its metric (what a trivial predictor gets): context, never
@@ -122,13 +127,20 @@ class Selection:
 
 
 def paradigm_of(record: ResultRecord) -> str:
-    """The record's paradigm, else the installed method's, else ``other``."""
-    if record.paradigm in PARADIGMS:
+    """The record's paradigm (one of `PARADIGMS` or ``baseline``), else the installed method's, else ``other``."""
+    known = PARADIGMS + (BASELINE,)
+    if record.paradigm in known:
         return record.paradigm
     from mugbench.registry import registered_methods
 
     cls = registered_methods().get(record.method)
-    return cls.paradigm if cls is not None and cls.paradigm in PARADIGMS else OTHER_PARADIGM
+    return cls.paradigm if cls is not None and cls.paradigm in known else OTHER_PARADIGM
+
+
+def is_baseline_row(paradigm: str) -> bool:
+    """Whether a row of this paradigm is a reference row (``random``, ``supervised``): shown, never
+    bold, ranked or counted in a margin."""
+    return paradigm == BASELINE
 
 
 def protocol_applies(method: str, protocol: str) -> bool | None:
@@ -150,8 +162,15 @@ def _row_label(record: ResultRecord, by: str) -> str:
     return record.method
 
 
+def _outcomes(record: ResultRecord, metric: str) -> dict | None:
+    """The record's packed per-example outcomes of ``metric``, None when it kept none."""
+    kept = record.per_example if isinstance(record.per_example, dict) else {}
+    return kept.get(metric) if isinstance(kept.get(metric), dict) else None
+
+
 def long_frame(records: Iterable[ResultRecord], by: str = "method") -> pd.DataFrame:
-    """One row per (record, metric) with the table and row each lands in under grouping ``by``.
+    """One row per (record, metric) with the table and row each lands in under grouping ``by``, and the
+    record's per-example outcomes of that metric (``outcomes``: `pack_outcomes`' dict, or None).
 
     A (study, method, protocol, dataset, seed) seen twice (files copied around) counts once,
     the most recent: counting it twice would shrink the std and inflate n.
@@ -162,12 +181,12 @@ def long_frame(records: Iterable[ResultRecord], by: str = "method") -> pd.DataFr
         {"pretrain_data": r.pretrain_data, "preset": ALL_PRESETS if by == "preset" else r.preset,
          "record_preset": r.preset, "paradigm": paradigm_of(r), "row": _row_label(r, by), "method": r.method,
          "protocol": r.protocol, "dataset": r.dataset, "metric": metric, "seed": r.seed, "created": r.created,
-         "value": float(value)}
+         "value": float(value), "outcomes": _outcomes(r, metric)}
         for r in records if r.protocol not in BENCH_PROTOCOLS
         for metric, value in r.metrics.items()
     ]
     columns = ["pretrain_data", "preset", "record_preset", "paradigm", "row", "method", *COLUMN_LEVELS,
-               "seed", "created", "value"]
+               "seed", "created", "value", "outcomes"]
     long = pd.DataFrame(rows, columns=columns).sort_values("created", kind="stable")
     identity = ["pretrain_data", "record_preset", "method", *COLUMN_LEVELS, "seed"]
     return long.drop_duplicates(identity, keep="last").reset_index(drop=True)
@@ -195,7 +214,7 @@ def summary_frame(records: Iterable[ResultRecord], by: str = "method") -> pd.Dat
         frame = frame[sorted(frame.columns, key=lambda c: (protocol_order_key(c[0]), c[1], c[2], STATS.index(c[3])))]
         methods = dict(zip(long["row"], long["method"]))
         seeds = dict(zip(long["row"], long["seed"]))
-        paradigm_key, method_key = order_key(PARADIGMS), order_key(METHOD_ORDER)
+        paradigm_key, method_key = order_key(ROW_GROUPS), order_key(METHOD_ORDER)
         frame = frame.reindex(sorted(frame.index, key=lambda ix: (
             ix[0], ix[1], paradigm_key(ix[2]), method_key(methods[ix[3]]), seeds[ix[3]], ix[3])))
     frame.attrs["methods"] = dict(zip(long["row"], long["method"]))

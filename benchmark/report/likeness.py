@@ -14,9 +14,8 @@ from collections import Counter
 from typing import Iterable
 
 from mugbench.fingerprint import condition_diff
-from mugbench.method import PARADIGMS
 from mugbench.report.frame import (
-    ALL_PRESETS, BENCH_PROTOCOLS, METHOD_ORDER, _row_label, order_key, paradigm_of,
+    ALL_PRESETS, BENCH_PROTOCOLS, METHOD_ORDER, ROW_GROUPS, _row_label, order_key, paradigm_of,
 )
 from mugbench.report.tables import MARK
 from mugbench.results import ResultRecord
@@ -43,7 +42,7 @@ def unlike_rows(records: Iterable[ResultRecord], by: str = "method") -> dict[tup
             continue
         table = (r.pretrain_data, ALL_PRESETS if by == "preset" else r.preset)
         groups.setdefault((table, r.preset, r.seed), {}).setdefault(_row_label(r, by), []).append(r)
-    paradigm_key, method_key = order_key(PARADIGMS), order_key(METHOD_ORDER)
+    paradigm_key, method_key = order_key(ROW_GROUPS), order_key(METHOD_ORDER)
     out: dict[tuple[str, str], dict[str, list[str]]] = {}
     for (table, _, _), rows in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])):
         if len(rows) < 2:

@@ -19,14 +19,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mugbench.method import PARADIGMS  # noqa: E402
 from mugbench.report.frame import (  # noqa: E402
-    BENCH_PROTOCOLS, METHOD_ORDER, OTHER_PARADIGM, order_key, paradigm_of,
+    BENCH_PROTOCOLS, METHOD_ORDER, ROW_GROUPS, order_key, paradigm_of,
 )
-from mugbench.report.tables import column_label  # noqa: E402
+from mugbench.report.tables import RANDOM, column_label, random_row  # noqa: E402
 from mugbench.results import ResultRecord, record_figure  # noqa: E402
 
-HATCHES = dict(zip(PARADIGMS + (OTHER_PARADIGM,), ("", "//", "..", "xx", "--")))
+HATCHES = dict(zip(ROW_GROUPS, ("", "//", "..", "xx", "--", "oo")))  # the paradigms, other, baseline
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
 # Stripped so that regenerating a figure from the same records gives the same bytes.
 _PNG_META = {"Software": None}
@@ -86,6 +85,53 @@ def bar_chart(table: pd.DataFrame, columns: list[tuple], long: pd.DataFrame, met
                for p in dict.fromkeys(p for p, _ in rows)]
     fig.legend(handles, list(dict.fromkeys(p for p, _ in rows)), loc="lower center", ncol=4, fontsize=8,
                bbox_to_anchor=(0.5, -0.04))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, path_stem)
+
+
+def gain_chart(table: pd.DataFrame, columns: list[tuple], long: pd.DataFrame, methods: dict[str, str],
+               title: str, path_stem: Path) -> list[Path]:
+    """One panel per main-table column with a `random` value: each row's bar starts at its `random`
+    row's mean (a dashed line: what the protocol gives an untrained encoder) and ends at the row's
+    own mean, so its height is what pre-training added (± sample std over seeds, seeds as dots).
+    Nothing when the table has no `random` row."""
+    plain = table.droplevel("paradigm")
+    rows = [(paradigm, row) for paradigm, row in table.index if random_row(row, methods, plain.index)]
+    floors = {row: random_row(row, methods, plain.index) for _, row in rows}
+    columns = [c for c in columns if any(np.isfinite(plain.at[floors[row], c + ("mean",)]) for _, row in rows)]
+    if not columns or not rows:
+        return []
+    styles = method_styles([methods.get(r, r) for _, r in rows])
+    fig, axes = _grid(len(columns))
+    for ax, column in zip(axes, columns):
+        span = []  # every floor, mean ± std and seed drawn, to frame the panel around them
+        for x, (paradigm, row) in enumerate(rows):
+            floor, mean = plain.at[floors[row], column + ("mean",)], plain.at[row, column + ("mean",)]
+            std = plain.at[row, column + ("std",)]
+            if not (np.isfinite(floor) and np.isfinite(mean)):
+                ax.text(x, 0.02, "—", ha="center", va="bottom", transform=ax.get_xaxis_transform())
+                continue
+            style = styles[methods.get(row, row)]
+            ax.bar(x, mean - floor, bottom=floor, color=style["color"], hatch=HATCHES.get(paradigm, ""),
+                   edgecolor="black", linewidth=0.6, yerr=std if np.isfinite(std) else None, capsize=3)
+            ax.hlines(floor, x - 0.5, x + 0.5, colors="black", linestyles="--", linewidth=0.9)
+            values = long[(long["row"] == row) & (long["protocol"] == column[0]) & (long["dataset"] == column[1])
+                          & (long["metric"] == column[2])]["value"]
+            ax.plot([x + 0.28] * len(values), values, linestyle="none", marker=style["marker"], color="black",
+                    markersize=3)
+            span += [floor, mean + (std if np.isfinite(std) else 0), mean - (std if np.isfinite(std) else 0),
+                     *values]
+        low, high = min(span), max(span)
+        pad = 0.15 * (high - low or abs(high) or 1.0)
+        ax.set_ylim(low - pad, high + pad)  # the floor inside the panel, not on its edge
+        ax.set_xticks(range(len(rows)), [r for _, r in rows], rotation=45, ha="right", fontsize=8)
+        ax.set_title(column_label(column), fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=HATCHES.get(p, ""))
+               for p in dict.fromkeys(p for p, _ in rows)]
+    handles.append(plt.Line2D([0], [0], color="black", linestyle="--", linewidth=0.9))
+    fig.legend(handles, list(dict.fromkeys(p for p, _ in rows)) + [f"{RANDOM} (the floor)"], loc="lower center",
+               ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.12))
     fig.suptitle(title)
     fig.tight_layout()
     return save(fig, path_stem)

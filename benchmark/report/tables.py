@@ -2,25 +2,33 @@
 
 One main table per study (pre-training data + preset): rows are methods grouped by paradigm
 (the paper's single-/multi-modal, discriminative/generative), columns each protocol's headline
-metric per dataset, cells mean ± sample std over seeds, the best per column in bold, then the
-best-vs-runner-up margin. Published figures appear only as labelled reference rows or in the
+metric per dataset, cells mean ± sample std over seeds, the best per column in bold, a mark after
+each cell the tests cannot tell apart from it (`mugbench.report.resolution`), then the
+best-vs-runner-up margin. Baseline rows (`random`, `supervised`) come last as a group of their own:
+reference points, never bold, marked, ranked or counted in a margin; the full table shows each
+cell's gain over the `random` row. Published figures appear only as labelled reference rows or in the
 claims section, never as cells of ours. The Markdown is written by hand: pandas' ``to_markdown``
 needs ``tabulate``, which is not a dependency.
 """
 
 from __future__ import annotations
 
-from typing import Any, Collection, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import pandas as pd
 
 from mugbench.report.frame import (
-    COLUMN_LEVELS, STATS, finite, headline_columns, is_baseline, is_transfer, lower_is_better, protocol_applies,
-    protocol_label, protocol_order_key, ranked,
+    COLUMN_LEVELS, STATS, _row_label, finite, headline_columns, is_baseline, is_baseline_row, is_transfer,
+    lower_is_better, protocol_applies, protocol_label, protocol_order_key, ranked,
 )
+from mugbench.report.resolution import (
+    ALPHA, RESOLVED, TIED, TIED_MARK, UNRESOLVED, UNRESOLVED_MARK, TableResolution,
+)
+from mugbench.results import ResultRecord
 
 MISSING = "—"
 MARK = "†"  # after a row not pre-trained like-for-like with the rest of its table (report.likeness)
+RANDOM = "random"  # the baseline method whose row is each column's floor (the encoder as initialised)
 
 
 def fmt(value: float) -> str:
@@ -55,10 +63,17 @@ def cell_text(mean: float, std: float, n: float, seeds: int, pm: str = " ± ") -
     return text + (f" (n={int(n)})" if n < seeds else "")
 
 
-def best_rows(means: pd.Series, metric: str) -> set:
+def baseline_rows(frame: pd.DataFrame) -> set[str]:
+    """The rows of a table (indexed by paradigm, row) that are baselines: shown, never ranked."""
+    return {row for paradigm, row in frame.index if is_baseline_row(paradigm)}
+
+
+def best_rows(means: pd.Series, metric: str, exclude: Collection[str] = ()) -> set:
     """Rows holding the best mean of a column, compared as displayed (cells that read the same
-    are both bold); none for a column with fewer than two values or of a baseline score."""
+    are both bold); none for a column with fewer than two values or of a baseline score. Rows in
+    ``exclude`` (baselines) never count."""
     present = means.dropna()
+    present = present[~present.index.isin(list(exclude))]
     if len(present) < 2 or is_baseline(metric):
         return set()
     shown = present.map(lambda v: float(fmt(v)))
@@ -66,9 +81,11 @@ def best_rows(means: pd.Series, metric: str) -> set:
     return set(shown.index[shown == best])
 
 
-def margin(frame: pd.DataFrame, column: tuple[str, str, str], methods: dict[str, str]) -> dict[str, Any] | None:
-    """Best minus runner-up of one column (positive = the best leads), or None with under two rows."""
-    order = ranked(frame[column + ("mean",)], column[2])
+def margin(frame: pd.DataFrame, column: tuple[str, str, str], methods: dict[str, str],
+           exclude: Collection[str] = ()) -> dict[str, Any] | None:
+    """Best minus runner-up of one column (positive = the best leads), or None with under two rows;
+    rows in ``exclude`` (baselines) are neither."""
+    order = [row for row in ranked(frame[column + ("mean",)], column[2]) if row not in exclude]
     if len(order) < 2:
         return None
     first, second = order[0], order[1]
@@ -88,24 +105,68 @@ def _escape_md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def resolution_mark(resolution: TableResolution | None, column: tuple, row: str) -> str:
+    """The mark after a cell that is not bold: `TIED_MARK` (not resolved from its column's best),
+    `UNRESOLVED_MARK` (no test could compare them), else nothing."""
+    status = resolution.status(column, row) if resolution is not None else None
+    return {TIED: TIED_MARK, UNRESOLVED: UNRESOLVED_MARK}.get(status, "")
+
+
+def random_row(row: str, methods: dict[str, str], rows: Collection[str]) -> str | None:
+    """The `random` row that is ``row``'s floor: ``random`` itself, ``random · seed S`` beside a row
+    of seed S (``--by seed``), ``random · P`` beside a row of preset P; None when the table has none
+    or ``row`` is a random row."""
+    method = methods.get(row, row)
+    if method == RANDOM or not row.startswith(method):
+        return None
+    floor = RANDOM + row[len(method):]
+    return floor if floor in rows else None
+
+
+def gain_over_random(plain: pd.DataFrame, row: str, column: tuple, methods: dict[str, str]) -> float | None:
+    """How much better ``row`` does than its `random` row in a column (mean difference in the metric's
+    unit, positive = better; for a lower-is-better metric random's mean minus the row's); None without
+    a random row, a value on either side, or for a trivial predictor's score."""
+    floor = random_row(row, methods, plain.index)
+    if floor is None or is_baseline(column[2]):
+        return None
+    value, base = plain.at[row, column + ("mean",)], plain.at[floor, column + ("mean",)]
+    if not (finite(value) and finite(base)):
+        return None
+    return float(base - value) if lower_is_better(column[2]) else float(value - base)
+
+
+def signed(value: float) -> str:
+    """``+1.5`` or ``−0.25``: a difference with its sign, to `fmt`'s precision."""
+    return f"{'+' if value >= 0 else '−'}{fmt(abs(value))}"
+
+
 def markdown_table(frame: pd.DataFrame, columns: list[tuple[str, str, str]], seeds: int,
                    methods: dict[str, str], references: Sequence[dict] = (), with_margin: bool = True,
-                   marked: Collection[str] = ()) -> list[str]:
+                   marked: Collection[str] = (), resolution: TableResolution | None = None,
+                   gains: bool = False) -> list[str]:
     """Markdown lines of one study's table. ``frame`` is indexed by (paradigm, row); rows in ``marked``
-    (not pre-trained like-for-like with the rest) get a dagger after their name."""
+    (not pre-trained like-for-like with the rest) get a dagger after their name. The best of each
+    column is bold (never a baseline row); with a ``resolution``, a cell not resolved from the best
+    gets `TIED_MARK` and one no test could compare `UNRESOLVED_MARK`. With ``gains``, each cell also
+    shows its gain over the table's `random` row, ``36.0 ± 0.9 (+12.3)``."""
     header = ["paradigm", "method"] + [column_label(c) for c in columns]
     lines = ["| " + " | ".join(_escape_md(h) for h in header) + " |", "|---|---|" + "---:|" * len(columns)]
     plain = frame.droplevel("paradigm")
-    bold = {c: best_rows(plain[c + ("mean",)], c[2]) for c in columns}
+    baselines = baseline_rows(frame)
+    bold = {c: best_rows(plain[c + ("mean",)], c[2], baselines) for c in columns}
     for paradigm, rows in _rows_by_paradigm(frame):
         for i, row in enumerate(rows):
             cells = [paradigm if i == 0 else "", f"{row}{MARK}" if row in marked else row]
             for c in columns:
                 text = cell_text(*(plain.at[row, c + (s,)] for s in STATS), seeds)
-                cells.append(f"**{text}**" if row in bold[c] else text)
+                text = f"**{text}**" if row in bold[c] else " ".join(filter(None, (
+                    text, resolution_mark(resolution, c, row))))
+                gain = gain_over_random(plain, row, c, methods) if gains else None
+                cells.append(text if gain is None else f"{text} ({signed(gain)})")
             lines.append("| " + " | ".join(_escape_md(x) for x in cells) + " |")
     if with_margin:
-        margins = [margin(plain, c, methods) for c in columns]
+        margins = [margin(plain, c, methods, baselines) for c in columns]
         if any(margins):
             cells = ["", "*best − runner-up*"] + [
                 f"+{fmt(m['margin'])} ({m['best']} over {m['runner_up']})" if m else "" for m in margins]
@@ -124,26 +185,44 @@ def absolute_references(references: Sequence[dict], columns: Sequence[tuple]) ->
             and (r.get("protocol"), r.get("dataset"), r.get("metric")) in wanted]
 
 
+def resolution_words(resolution: TableResolution | None, column: tuple, a: str, b: str) -> str:
+    """Whether the difference between rows ``a`` and ``b`` of a column is resolved, in words with the
+    tests' figures: ``resolved (Welch p = 0.003)``, ``within noise (...)`` or ``unresolved (no test
+    applies: ...)``."""
+    found = resolution.compare(column, a, b) if resolution is not None else None
+    if found is None:
+        return MISSING
+    if found.status == UNRESOLVED:
+        return "unresolved (no test applies: one seed each, no per-example outcomes)"
+    return f"{'resolved' if found.status == RESOLVED else 'within noise'} ({found.detail})"
+
+
 def claims_section(tables: dict, references: Sequence[dict]) -> list[str]:
     """The paper's relative claims beside the same margin measured in each of our tables.
 
     For a claim "method M beats the previous best by X on protocol P", ours is M's mean minus
-    the best other row's mean on every (P, dataset, metric) column a table has.
+    the best other non-baseline row's mean on every (P, dataset, metric) column a table has, and
+    whether that margin is resolved or within noise by the tests of `mugbench.report.resolution`
+    between the two rows. ``tables`` maps a study to (frame, methods, seeds[, resolution]).
     """
     claims = [r for r in references if r.get("kind") == "relative" and r.get("method")]
     if not claims:
         return []
     lines = ["## The paper's margins beside ours", "",
-             "| claim (published) | paper | ours: study · column | ours: margin | seeds |", "|---|---:|---|---:|---:|"]
+             "| claim (published) | paper | ours: study · column | ours: margin | resolved? | seeds |",
+             "|---|---:|---|---:|---|---:|"]
     for ref in claims:
         found = False
-        for (data, preset), (frame, methods, seeds) in tables.items():
+        for (data, preset), (frame, methods, seeds, *rest) in tables.items():
+            resolution = rest[0] if rest else None
             plain = frame.droplevel("paradigm")
+            baselines = baseline_rows(frame)
             for column in [c for c in dict.fromkeys(x[:3] for x in plain.columns)
                            if c[0] == ref.get("protocol") and c[2] == ref.get("metric")]:
                 means = plain[column + ("mean",)].dropna()
                 own = [row for row in means.index if methods.get(row) == ref["method"]]
                 others = means.drop(own)
+                others = others[~others.index.isin(list(baselines))]
                 if len(own) != 1 or others.empty:
                     continue
                 found = True
@@ -154,12 +233,16 @@ def claims_section(tables: dict, references: Sequence[dict]) -> list[str]:
                 n = int(plain.at[own[0], column + ("n",)])
                 lines.append(f"| {_escape_md(ref['claim'])} | +{fmt(ref['value'])} | `{data}`/`{preset}` · "
                              f"{column_label(column)} | {'+' if lead >= 0 else ''}{fmt(lead)} ({ref['method']} "
-                             f"{verdict}; next best {methods.get(rival, rival)}) | {n} of {seeds} |")
+                             f"{verdict}; next best {methods.get(rival, rival)}) | "
+                             f"{_escape_md(resolution_words(resolution, column, own[0], rival))} | {n} of {seeds} |")
         if not found:
             lines.append(f"| {_escape_md(ref['claim'])} | +{fmt(ref['value'])} | no matching column in these "
-                         f"results | {MISSING} | |")
+                         f"results | {MISSING} | | |")
     lines += ["", "The paper's figures are for ViT-B/16 pre-trained on CC3M and transferred to ADE20K and "
-              "ImageNet-1k; ours are for the studies named, so only the sign and rough size compare."]
+              "ImageNet-1k; ours are for the studies named, so only the sign and rough size compare. "
+              "Resolved: every test that applies (Welch's t-test over seeds; a paired bootstrap over evaluation "
+              "examples where both rows kept per-example outcomes) rejects \"no difference\" at "
+              f"α = {ALPHA:g}."]
     return lines
 
 
@@ -175,27 +258,54 @@ def _transfer_names(protocols) -> str:
     return " and ".join([", ".join(labels[:-1]), labels[-1]]) if len(labels) > 1 else labels[0]
 
 
-def ranking_section(frame: pd.DataFrame, columns: list[tuple], methods: dict[str, str]) -> list[str]:
+def column_places(plain: pd.DataFrame, column: tuple, baselines: Collection[str],
+                  resolution: TableResolution | None) -> dict[str, int]:
+    """Competition ranks of one column's non-baseline rows (1 = best): the best, the rows shown
+    equal to it (bold) and, with a ``resolution``, the rows tied with it share place 1; every other
+    row comes after all rows ahead of it by mean."""
+    order = [row for row in ranked(plain[column + ("mean",)], column[2]) if row not in baselines]
+    first = best_rows(plain[column + ("mean",)], column[2], baselines)
+    if resolution is None:
+        return {row: 1 if row in first else i for i, row in enumerate(order, start=1)}
+    return resolution.places(column, order, first)
+
+
+def ranking_section(frame: pd.DataFrame, columns: list[tuple], methods: dict[str, str],
+                    resolution: TableResolution | None = None) -> list[str]:
     """Mean rank of each row over the transfer columns (1 = best), and the paper's pairwise claims
-    counted column by column. A row is ranked on the columns it has, and says how many."""
+    counted column by column. A row is ranked on the columns it has, and says how many. Baseline
+    rows are never ranked. With a ``resolution``, rows tied with a column's best share its rank
+    there, and a mean rank resting on a comparison no test could make is marked `UNRESOLVED_MARK`;
+    rows of equal mean rank share a place."""
     plain = frame.droplevel("paradigm")
+    baselines = baseline_rows(frame)
     transfer = [c for c in columns if is_transfer(c[0]) and not is_baseline(c[2])]
-    if not transfer or len(plain) < 2:
+    if not transfer or len(plain.index.difference(list(baselines))) < 2:
         return []
-    ranks: dict[str, list[int]] = {row: [] for row in plain.index}
+    ranks: dict[str, list[int]] = {row: [] for row in plain.index if row not in baselines}
+    unresolved: set[str] = set()
     for c in transfer:
-        for place, row in enumerate(ranked(plain[c + ("mean",)], c[2]), start=1):
+        for row, place in column_places(plain, c, baselines, resolution).items():
             ranks[row].append(place)
+            if resolution is not None and resolution.status(c, row) == UNRESOLVED:
+                unresolved.add(row)
     # Mean ranks over different columns do not compare: rows with every column come first and alone
-    # get a place; the others follow, unplaced.
+    # get a place (shared by equal mean ranks: "1, 1, 3"); the others follow, unplaced.
+    complete = {r: sum(ranks[r]) for r in ranks if len(ranks[r]) == len(transfer)}
     order = sorted((r for r in ranks if ranks[r]),
-                   key=lambda r: (len(ranks[r]) < len(transfer), sum(ranks[r]) / len(ranks[r]), r))
+                   key=lambda r: (r not in complete, sum(ranks[r]) / len(ranks[r]), r))
+    tied = (f"rows tied with a column's best ({TIED_MARK} in the table) share its rank there; "
+            if resolution is not None else "")
+    untested = (f"; {UNRESOLVED_MARK} = a rank rests on a column where no test could compare the row with the best"
+                if unresolved else "")
     lines = [f"Ranking on transfer (mean rank over the {_transfer_names(c[0] for c in transfer)} columns; "
-             "1 = best; a row without every column is not placed):", "",
+             f"1 = best; {tied}rows of equal mean rank share a place; baseline rows are not ranked; "
+             f"a row without every column is not placed{untested}):", "",
              "| place | method | mean rank | columns ranked |", "|---:|---|---:|---:|"]
-    lines += [f"| {i if len(ranks[row]) == len(transfer) else MISSING} | {row} | "
-              f"{sum(ranks[row]) / len(ranks[row]):.2f} | {len(ranks[row])} of {len(transfer)} |"
-              for i, row in enumerate(order, start=1)]
+    lines += [f"| {1 + sum(v < complete[row] for v in complete.values()) if row in complete else MISSING} | {row} | "
+              f"{sum(ranks[row]) / len(ranks[row]):.2f}{' ' + UNRESOLVED_MARK if row in unresolved else ''} | "
+              f"{len(ranks[row])} of {len(transfer)} |"
+              for row in order]
     by_method = {methods.get(row, row): row for row in plain.index}
     checks = []
     for a, b in CLAIM_PAIRS:
@@ -243,12 +353,49 @@ def missing_cells(frame: pd.DataFrame, columns: list[tuple], methods: dict[str, 
     return lines
 
 
+def grid_edge_note(records: Iterable[ResultRecord], rows: Collection[str], by: str = "method") -> list[str]:
+    """Markdown lines below a table naming the rows whose best learning rate is the smallest or largest
+    of the grid it was picked from (``protocol_options["best_lr"]`` against ``["lrs"]``, as the linear
+    probe records them): the optimum is not bracketed, so the column may be capped by the grid rather
+    than by the features. None when every best rate lies inside its grid."""
+    edges: dict[tuple, dict[str, set[int]]] = {}  # (protocol, dataset, best, edge, grid) -> row -> seeds
+    for r in records:
+        best, grid = r.protocol_options.get("best_lr"), r.protocol_options.get("lrs")
+        if not isinstance(grid, list) or len(grid) < 2 or not isinstance(best, (int, float)):
+            continue
+        try:
+            grid = sorted(float(lr) for lr in grid)
+        except (TypeError, ValueError):
+            continue
+        edge = "smallest" if best <= grid[0] else "largest" if best >= grid[-1] else ""
+        row = _row_label(r, by)
+        if edge and row in rows:
+            key = (r.protocol, r.dataset, float(best), edge, tuple(grid))
+            edges.setdefault(key, {}).setdefault(row, set()).add(r.seed)
+    if not edges:
+        return []
+    lines = [("Learning rate at an edge of its grid (the optimum is not bracketed: a wider grid may score higher, "
+              "so the column may measure the grid rather than the features):"), ""]
+    order = list(rows)
+    for (protocol, dataset, best, edge, grid), found in sorted(
+            edges.items(), key=lambda kv: (protocol_order_key(kv[0][0]), kv[0][1:3])):
+        by_seeds: dict[tuple, list[str]] = {}  # rows with the same seeds at this edge, named together
+        for row in sorted(found, key=order.index):
+            by_seeds.setdefault(tuple(sorted(found[row])), []).append(row)
+        who = "; ".join(f"{', '.join(named)} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+                        for seeds, named in by_seeds.items())
+        lines.append(f"- {protocol_label(protocol)} ({dataset}): best rate {best:g}, the {edge} of the grid "
+                     f"{', '.join(f'{lr:g}' for lr in grid)}, for {who}")
+    return lines
+
+
 def latex_table(frame: pd.DataFrame, columns: list[tuple], seeds: int, caption: str, references=(),
-                marked: Collection[str] = ()) -> str:
-    """One study's main table as a booktabs ``table`` (bold best, $\\pm$ std, --- when missing; a dagger
-    after the rows in ``marked``, not pre-trained like-for-like with the rest)."""
+                marked: Collection[str] = (), resolution: TableResolution | None = None) -> str:
+    """One study's main table as a booktabs ``table`` (bold best, never a baseline row; $\\pm$ std; ---
+    when missing; a dagger after the rows in ``marked``, not pre-trained like-for-like with the rest;
+    with a ``resolution``, the marks of `markdown_table` after cells tied with or untested against the best)."""
     plain = frame.droplevel("paradigm")
-    bold = {c: best_rows(plain[c + ("mean",)], c[2]) for c in columns}
+    bold = {c: best_rows(plain[c + ("mean",)], c[2], baseline_rows(frame)) for c in columns}
     head = " & ".join(["Paradigm", "Method"] + [_tex(column_label(c)) for c in columns])
     lines = ["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{_tex(caption)}}}",
              f"\\begin{{tabular}}{{ll{'r' * len(columns)}}}", "\\toprule", head + " \\\\", "\\midrule"]
@@ -259,7 +406,8 @@ def latex_table(frame: pd.DataFrame, columns: list[tuple], seeds: int, caption: 
             for c in columns:
                 text = cell_text(*(plain.at[row, c + (s,)] for s in STATS), seeds, pm=" $\\pm$ ")
                 text = "---" if text == MISSING else text
-                cells.append(f"\\textbf{{{text}}}" if row in bold[c] else text)
+                mark = _tex(resolution_mark(resolution, c, row))
+                cells.append(f"\\textbf{{{text}}}" if row in bold[c] else f"{text} {mark}" if mark else text)
             lines.append(" & ".join(cells) + " \\\\")
         if g < len(groups) - 1:
             lines.append("\\midrule")
@@ -274,7 +422,8 @@ def latex_table(frame: pd.DataFrame, columns: list[tuple], seeds: int, caption: 
 
 
 _TEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "#": "\\#", "_": "\\_", "$": "\\$", "{": "\\{",
-        "}": "\\}", "·": "$\\cdot$", "†": "$^\\dagger$", "×": "$\\times$", "−": "--", "—": "---", "±": "$\\pm$"}
+        "}": "\\}", "·": "$\\cdot$", "†": "$^\\dagger$", "×": "$\\times$", "−": "--", "—": "---", "±": "$\\pm$",
+        "≈": "$\\approx$", "α": "$\\alpha$"}
 
 
 def _tex(text: Any) -> str:
@@ -304,6 +453,7 @@ def study_tables(frame: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
     return out
 
 
-__all__ = ["MISSING", "absolute_references", "ranking_section", "best_rows", "cell_text", "claims_section", "column_label",
-           "fmt", "headline_columns", "latex_table", "margin", "markdown_table", "missing_cells", "study_tables",
-           "tidy"]
+__all__ = ["MISSING", "RANDOM", "absolute_references", "baseline_rows", "best_rows", "cell_text", "claims_section",
+           "column_label", "column_places", "fmt", "gain_over_random", "grid_edge_note", "headline_columns",
+           "latex_table", "margin", "markdown_table", "missing_cells", "random_row", "ranking_section",
+           "resolution_mark", "resolution_words", "signed", "study_tables", "tidy"]
