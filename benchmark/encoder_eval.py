@@ -33,7 +33,12 @@ def eval_config(source: EncoderSource, preset: str | None, overrides: list[str])
         raw = copy.deepcopy(run_cfg)
         for override in overrides:
             apply_override(raw, override)
-        cfg = from_dict(raw)
+        try:
+            cfg = from_dict(raw)
+        except ConfigError as exc:  # a run made by another mugbench version (e.g. flat eval.* keys)
+            raise ConfigError(f"The study saved with this run ({source.origin}) does not fit this mugbench version: "
+                              f"{exc} Pass --preset (smoke, toy, paper or a YAML file) to evaluate the encoder with "
+                              f"that study's settings instead.") from None
     else:
         cfg = load_config(preset or "toy", overrides)
     if isinstance(run_cfg, dict) and not any(o.strip().startswith("seed=") for o in overrides):

@@ -225,3 +225,19 @@ def test_bad_timm_models_are_clear_errors(args, needle, capsys, tmp_path):
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert not (tmp_path / "res").exists()
+
+
+def test_eval_of_a_run_from_another_version_says_to_pass_a_preset(tiny_run, tmp_path, capsys):
+    """A run whose saved study no longer fits the schema (the flat eval keys of mugbench before the
+    protocol registry) is refused with what to do, not a bare unknown-key error."""
+    import shutil
+
+    _, run_dir = tiny_run
+    old = tmp_path / run_dir.name
+    shutil.copytree(run_dir, old, symlinks=True)
+    info = json.loads((old / "run.json").read_text())
+    info["config"]["eval"]["knn_k"] = 20
+    (old / "run.json").write_text(json.dumps(info))
+    assert main(["eval", "--checkpoint", str(old), "--evals", "knn", "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this mugbench version" in err and "eval.knn_k" in err and "Pass --preset" in err
