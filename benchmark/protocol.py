@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from .data.tokenizer import TextTokenizer
 
 # What a protocol reads: the encoder's frozen features of a classification set (one extraction pass

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
+from ..protocols.linear import SOLVERS  # the protocol validates the option; one list
 from .knn import percent_right
-
-SOLVERS = ("sgd", "lars")
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import COUNT
-from ..eval.captioning import caption_images, caption_scores, naming_rates
 from ..protocol import EvalContext, Protocol, ProtocolResult
 from ..registry import register_protocol
 
@@ -26,6 +25,7 @@ class Captioning(Protocol):
 
     def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
         """Caption every val image; the first eight captions go into the record as examples."""
+        from ..eval.captioning import caption_images, caption_scores, naming_rates  # torch: imported when run, not when the registry is read
         val = data.val
         captions = caption_images(subject, val.image, ctx.tokenizer, beam=options.beam, max_len=options.max_len,
                                   seed=ctx.seed, device=ctx.device)

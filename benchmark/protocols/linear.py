@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import COUNT, COUNT0, NON_NEGATIVE, POSITIVE
-from ..eval.linear import SOLVERS, evaluate_linear
 from ..protocol import EvalContext, Features, Protocol, ProtocolResult
 from ..registry import register_protocol
+
+
+SOLVERS = ("sgd", "lars")  # momentum SGD (the fast path) | timm's LARS (MAE's paper protocol)
 
 
 @register_protocol("linear")
@@ -34,6 +36,7 @@ class LinearProbe(Protocol):
     def run(self, subject: Features, data, options, ctx: EvalContext) -> ProtocolResult:
         """Best top-1 over the grid; the record keeps every rate's top-1, the best rate, and whether
         the best rate's head classified each val image right."""
+        from ..eval.linear import evaluate_linear  # torch: imported when run, not when the registry is read
         lrs = list(options.lrs or [options.lr])
         opts = {"epochs": options.epochs, "lrs": lrs, "batch_size": options.batch_size,
                 "weight_decay": options.weight_decay, "warmup_epochs": options.warmup_epochs,

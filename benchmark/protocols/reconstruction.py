@@ -5,7 +5,6 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..config import COUNT
-from ..eval.reconstruction import reconstruction_error, save_reconstruction_grid
 from ..protocol import EvalContext, Protocol, ProtocolResult
 from ..registry import register_protocol
 
@@ -38,6 +37,7 @@ class Reconstruction(Protocol):
 
     def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
         """Masks drawn from the seed; the figure goes to ``ctx.artifact`` + ``.png``."""
+        from ..eval.reconstruction import reconstruction_error, save_reconstruction_grid  # torch: imported when run, not when the registry is read
         images = data.val.image
         patch = subject.encoder.patch_embed.patch_size[0]  # the shared timm ViT's
         metrics = reconstruction_error(subject, images, seed=ctx.seed, patch_size=patch, device=ctx.device)

@@ -1,7 +1,6 @@
 """Image-text retrieval (`mugbench.eval.retrieval`)."""
 from __future__ import annotations
 
-from ..eval.retrieval import embed_pairs, recall_at_k
 from ..protocol import EvalContext, Protocol, ProtocolResult
 from ..registry import register_protocol
 
@@ -15,6 +14,7 @@ class Retrieval(Protocol):
 
     def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
         """Embed every image and caption, rank by cosine similarity."""
+        from ..eval.retrieval import embed_pairs, recall_at_k  # torch: imported when run, not when the registry is read
         image_emb, text_emb, owner = embed_pairs(subject, data.val.image, data.val.captions, ctx.tokenizer,
                                                  device=ctx.device)
         return ProtocolResult(recall_at_k(image_emb, text_emb, owner),
