@@ -146,9 +146,6 @@ def _cmd_run(args) -> int:
     methods = parse_method_list(args.methods)
     for name in methods:  # option errors before any training starts
         get_method(name).parse_options(cfg.methods.get(name))
-    from .data.pretrain import check_sample_stream
-
-    check_sample_stream(cfg, methods)  # one sample filter for every method of the study
     from .preflight import check_run
 
     cache_dir = args.cache_dir or default_cache_dir()
@@ -344,20 +341,17 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_bench_train_step(args) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .registry import get_method, registered_methods
 
     cfg = load_config(args.preset, args.overrides + (["train.compile=true"] if args.compile else []))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in methods:  # an unknown or untrained method fails before anything is measured
         if not get_method(name).pretrains:
-            from .config import ConfigError
-
             raise ConfigError(f"mugbench bench times pre-training steps, and {name!r} has none (it is evaluated "
                               f"as initialised): leave it out of --methods.")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     from .bench.train_step import VARIANTS
-    from .config import ConfigError
 
     for v in variants:
         if v not in VARIANTS:

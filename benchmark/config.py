@@ -257,12 +257,13 @@ class EvalConfig:
     options: dict = field(default_factory=dict)  # protocol name -> its Options (from eval.<name>)
 
     def options_for(self, protocol: str) -> Any:
-        """The options of ``protocol``: as the study set them, else the protocol's defaults."""
-        if protocol not in self.options:
-            from .registry import get_protocol
+        """The options of ``protocol``: as the study set them, else the protocol's defaults (not stored:
+        reading a config never changes it, nor the hashes taken of it)."""
+        if protocol in self.options:
+            return self.options[protocol]
+        from .registry import get_protocol
 
-            self.options[protocol] = get_protocol(protocol).Options()
-        return self.options[protocol]
+        return get_protocol(protocol).Options()
 
 
 @dataclass
@@ -334,10 +335,6 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
 def build_section(cls, values: dict, where: str):
     """An instance of the dataclass ``cls`` from the mapping ``values`` (a section of a study file at
     ``where``): unknown keys, wrong types and values outside a field's `Range` are `ConfigError`s."""
-    return _build(cls, values, where)
-
-
-def _build(cls, values: dict, where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
@@ -368,7 +365,7 @@ def _validated(f: dataclasses.Field, hint: Any, value: Any, key: str) -> Any:
                               f"{', '.join(f.name for f in dataclasses.fields(hint))}.")
         if hint is AugmentConfig and value.get("hflip") == "auto":
             value = dict(value, hflip=None)  # "auto" is spelled null in the schema
-        return _build(hint, value, key)
+        return build_section(hint, value, key)
     coerced = coerce(value, hint, key)
     rng = f.metadata.get("range")
     if rng is None:
@@ -399,7 +396,7 @@ def _build_eval(values: dict) -> EvalConfig:
             raise ConfigError(f"eval.{name}={given!r} must be a mapping of the protocol's options, e.g. "
                               f"eval.{name}: {{{next(iter(protocol.option_defaults()), 'option')}: ...}}.")
         options[name] = protocol.parse_options(given)
-    cfg = _build(EvalConfig, {k: v for k, v in values.items() if k in own}, "eval")
+    cfg = build_section(EvalConfig, {k: v for k, v in values.items() if k in own}, "eval")
     cfg.options = options
     return cfg
 
@@ -425,7 +422,7 @@ def from_dict(raw: dict) -> StudyConfig:
     kwargs: dict[str, Any] = {k: _validated(top[k], hints[k], raw[k], k) for k in ("preset", "seed") if k in raw}
     for name, cls in _SECTIONS.items():
         if name != "eval":
-            kwargs[name] = _build(cls, raw.get(name) or {}, name)
+            kwargs[name] = build_section(cls, raw.get(name) or {}, name)
     kwargs["eval"] = _build_eval(raw.get("eval") or {})
     kwargs["methods"] = {k: dict(v or {}) for k, v in (raw.get("methods") or {}).items()}
     cfg = StudyConfig(**kwargs)

@@ -107,16 +107,16 @@ def evaluate_source(source: EncoderSource, cfg: StudyConfig, *, results_dir: Pat
     if epochs and run.get("steps") and source.steps is not None:  # an earlier checkpoint of the run
         epochs = epochs * source.steps / run["steps"]
     conditions = pretrain_conditions(source)
+    conditions_id, options = fingerprint(conditions), _method_options(source, method)  # the same for every record
     records = []
     for result in results:
         record = ResultRecord(
             method=name, protocol=result.protocol, dataset=result.dataset, pretrain_data=pretrain_data,
-            preset=cfg.preset, seed=cfg.seed, metrics=result.metrics, method_options=_method_options(source, method),
+            preset=cfg.preset, seed=cfg.seed, metrics=result.metrics, method_options=options,
             protocol_options=dict(result.options, encoder_source=source.describe()),
             encoder=encoder_record_fields(source), epochs=float(epochs), steps=int(steps or 0),
             timings={"eval_s": result.seconds}, overrides=list(overrides), examples=result.examples,
-            per_example=result.per_example,
-            fingerprint=fingerprint(conditions), conditions=conditions)
+            per_example=result.per_example, fingerprint=conditions_id, conditions=conditions)
         write_record(record, results_dir)
         records.append(record)
         log(f"{result.protocol:8s} {result.dataset:10s} " + "  ".join(f"{k}={v:.2f}" for k, v in result.metrics.items())

@@ -171,13 +171,6 @@ class EvalSetSource:
         return root
 
 
-def eval_set_kind(name: str) -> str:
-    """The kind of the registered evaluation set ``name``."""
-    from .registry import get_eval_set
-
-    return get_eval_set(name).kind
-
-
 class EvalSets:
     """The study's evaluation sets, each loaded on first use and kept for the process."""
 

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+from .encoder_eval import pretrain_conditions
+from .files import atomic_write_text
 from .sources import EncoderSource, load_source
 
 # Provenance keys copied from run.json into the exported config's "mugbench" block.
-_RUN_KEYS = ("method", "steps", "epochs", "git_commit", "conditions")
+_RUN_KEYS = ("method", "steps", "epochs", "git_commit")
 # Fields of a timm default config that describe timm's released weights, not these.
 _FOREIGN_CFG_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "hf_hub_id", "url")
 # Files that make a folder a `mugbench run` directory (besides checkpoint*.pt).
@@ -49,7 +51,7 @@ def export_timm(source: Path | EncoderSource, out_dir: Path, verify: bool = True
                 data_config=data_config,
                 model_config={"pretrained_cfg": {"tag": f"mugbench-{provenance.get('method') or 'encoder'}"},
                               "mugbench": provenance})
-    (out_dir / "README.md").write_text(model_card(src, out_dir, data_config), encoding="utf-8")
+    atomic_write_text(out_dir / "README.md", model_card(src, out_dir, data_config))
     if verify:
         _verify(model, out_dir, src.img_size)
     return out_dir
@@ -96,7 +98,9 @@ def provenance_block(src: EncoderSource) -> dict:
     run = src.run or {}
     config = run.get("config") or {}
     out = {k: run[k] for k in _RUN_KEYS if run.get(k) is not None}
-    out.update(method=src.method, source=src.describe())
+    # The encoder's own like-for-like conditions, as `mugbench eval` gives them (an earlier checkpoint's
+    # included), so that evaluating the export records what evaluating the source would.
+    out.update(method=src.method, source=src.describe(), conditions=pretrain_conditions(src) or None)
     if config:
         out.update(pretrain_data=config.get("data", {}).get("name"), preset=config.get("preset"),
                    seed=config.get("seed"), config=config)

@@ -3,8 +3,9 @@ disk holds a checkpoint.
 
 `mugbench run` calls `check_run` after the configuration and the method options validated and
 before anything is trained, `mugbench eval` calls `check_folders`; a refusal costs seconds, not a
-pre-training run whose records then cannot be written. Cheap on purpose: no torch import, no
-model built (the checkpoint size is estimated from the encoder and text-tower sizes).
+pre-training run whose records then cannot be written; `run_study` repeats `check_study` for callers
+of the Python API. Cheap on purpose: no model built (the checkpoint size is estimated from the encoder
+and text-tower sizes), no data read beyond a few stats.
 """
 from __future__ import annotations
 
@@ -158,34 +159,25 @@ def _unwritable(option: str, folder: Path, exc: OSError) -> str:
             f"before any work. Make the folder writable, or pass {option} with a folder you can write to.")
 
 
-def check_eval_sets(cfg: StudyConfig, data_root: Path | None, methods: list[str] = ()) -> None:
-    """Unknown protocols and evaluation sets, methods a protocol could not evaluate, and evaluation sets
-    missing under the data root (all of them named at once)."""
-    from .data import catalog
-    from .eval.harness import check_evaluation
-    from .registry import get_eval_set, get_method
+def check_study(cfg: StudyConfig, methods: list[str], data_root: Path | None) -> None:
+    """What about a study's methods and evaluation can be refused before any training: a sample stream
+    some method cannot read, unknown protocols and sets, a method a protocol could not evaluate, and
+    evaluation sets missing under the data root (all named at once)."""
+    from .data.pretrain import check_sample_stream
+    from .eval.harness import check_evaluation, locate_eval_sets
+    from .registry import get_method
 
+    check_sample_stream(cfg, methods)
     check_evaluation(cfg, [get_method(name) for name in methods])
-    missing = []
-    for dataset in cfg.eval.datasets:
-        try:
-            get_eval_set(dataset).locate(data_root)
-        except catalog.DataNotFoundError as exc:
-            missing.append((dataset, str(exc)))
-    if missing:
-        # The first set's own message (where it was looked for, how to build it), and the names of
-        # the others, so that one run reports every set to fetch rather than one per attempt.
-        others = [name for name, _ in missing[1:]]
-        also = f" The evaluation sets {', '.join(others)} of this study are missing too." if others else ""
-        raise catalog.DataNotFoundError(missing[0][1] + also)
+    locate_eval_sets(cfg, data_root)
 
 
 def check_run(cfg: StudyConfig, *, data_root: Path | None, needs_text: bool, workdir: Path, results: Path,
               reports: Path, cache: Path, methods: list[str] = ()) -> list[Path]:
-    """Everything `mugbench run` can know to be wrong before training: the evaluation sets, the batch
+    """Everything `mugbench run` can know to be wrong before training: the study (`check_study`), the batch
     split, the free space for the first checkpoint, and the four output folders (created if missing,
     only after everything else passed). Returns the folders it created."""
-    check_eval_sets(cfg, data_root, methods)
+    check_study(cfg, list(methods), data_root)
     check_batch_split(cfg, world_size(), pretrain_samples(cfg))
     check_free_space(workdir, checkpoint_bytes(cfg, needs_text))
     return check_folders({"--workdir": workdir, "--results": results, "--reports": reports, "--cache-dir": cache})

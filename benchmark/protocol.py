@@ -122,14 +122,10 @@ class Protocol:
     @classmethod
     def method_problems(cls, method_cls: type) -> list[str]:
         """What ``method_cls`` lacks that this protocol's ``run`` will need, found before any training
-        (empty when nothing is missing or the protocol does not apply). Subclasses add their own
-        checks (reconstruction needs a mask ratio) to this one's."""
-        problems = []
-        if cls.applies_to(method_cls) and cls.reads == "method" and cls.needs:
-            for capability in cls.needs:
-                if hasattr(method_cls, capability) and not callable(getattr(method_cls, capability)):
-                    problems.append(f"{method_cls.__name__}.{capability} is not a method")
-        return problems
+        (empty when nothing is missing or the protocol does not apply). The base protocol needs nothing
+        beyond ``needs``, which `applies_to` already checks; subclasses add their own (reconstruction
+        needs a mask ratio)."""
+        return []
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:

@@ -150,12 +150,10 @@ class ResultRecord:
         if bad:
             raise ValueError(f"metric(s) {', '.join(bad)} not finite")
 
-        for key, kind in (("fingerprint", str), ("conditions", dict)):  # the report compares these across rows
+        # The report compares these across rows; records written before them have none (the defaults).
+        for key, kind in (("fingerprint", str), ("conditions", dict), ("augmentation", dict)):
             if key in data and not isinstance(data[key], kind):
                 raise ValueError(f"field {key!r} must be a {kind.__name__}, got {data[key]!r}")
-
-        if not isinstance(data.get("augmentation", {}), dict):  # records before it have none: {}
-            raise ValueError(f"field 'augmentation' must be an object, got {data['augmentation']!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         # Absent provenance stays absent: filling it from *this* process would be a lie.
@@ -289,8 +287,6 @@ def record_figure(results_dir: str | os.PathLike, record: ResultRecord) -> Path 
     if not path.is_relative_to(root):
         raise ValueError(f"{where} leads outside the results folder {root}: ignored, never read")
     return path
-
-
 
 
 def write_record(record: ResultRecord, results_dir: str | os.PathLike) -> Path:

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, StudyConfig
-from .data.pretrain import (PretrainData, build_tokenizer, check_sample_stream, not_applicable, pretrain_batches,
-                            resolve_data, text_spec)
+from .data.pretrain import PretrainData, build_tokenizer, not_applicable, pretrain_batches, resolve_data, text_spec
 from .data.transforms import augmentation_record
-from .eval.harness import EvalProgress, EvalResult, check_evaluation, evaluate, locate_eval_sets
+from .eval.harness import EvalProgress, EvalResult, evaluate
 from .evalset import EvalSets
 from .fingerprint import fingerprint, like_for_like
+from .preflight import check_study
 from .registry import get_method
 from .results import ResultRecord, record_location, write_record
 from .runs import build_method, run_dir_for
@@ -26,14 +26,6 @@ from .train.checkpoint import export_encoder, load_newest_checkpoint
 from .train.distributed import DistInfo, init_distributed
 from .train.loop import TrainSummary, train
 from .train.run_lock import run_lock
-
-
-def check_study(cfg: StudyConfig, methods: list[str], data_root: Path | None) -> None:
-    """Everything about a study that can be refused before any training: unknown protocols and sets,
-    methods a protocol could not evaluate, a sample stream some method cannot read, missing sets."""
-    check_evaluation(cfg, [get_method(name) for name in methods])
-    check_sample_stream(cfg, methods)
-    locate_eval_sets(cfg, data_root)
 
 
 def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_dir: Path, cache_dir: Path,

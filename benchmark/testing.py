@@ -7,8 +7,9 @@ whose message names the plugin and the missing piece:
 - `check_method` (name): registered; options parse with their defaults; ``paradigm`` and declared
   views valid; ``forward`` gives a finite scalar ``loss`` whose gradient reaches the encoder (on a batch
   with ``label`` too, which ``needs_labels`` methods read); ``after_step`` runs; a method that declares
-  ``pretrains=False`` is instead checked to keep the encoder it was given exactly as initialised; every capability it defines works on a small batch; no registered protocol
-  that applies to it finds anything missing (`Protocol.method_problems`).
+  ``pretrains=False`` is instead checked to keep the encoder it was given exactly as initialised; every
+  capability it defines works on a small batch; no registered protocol that applies to it finds anything
+  missing (`Protocol.method_problems`).
 - `check_protocol` (name): the class is well formed (`mugbench.protocol.problems_of`); its options
   parse from ``{}`` and round-trip through a study file (``eval.<name>.<option>``); it runs through
   the real harness (`mugbench.eval.harness.evaluate`) on a small generated set of its kind and returns
@@ -125,18 +126,29 @@ def _fail(who: str, what: str, exc: BaseException | None = None) -> AssertionErr
     return AssertionError(f"{who} {what}{cause}.")
 
 
+def _registered(who: str, get: Callable[[str], Any], name: str, base: type) -> type:
+    """The class ``get`` (a registry's lookup) finds under ``name``, checked to subclass ``base``."""
+    from .registry import UnknownNameError
+
+    try:
+        cls = get(name)
+    except UnknownNameError as exc:
+        raise _fail(who, "is not registered", exc) from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise _fail(who, f"is registered as {cls!r}, which is not a subclass of {base.__module__}.{base.__qualname__}")
+    return cls
+
+
 # --------------------------------------------------------------------------- methods
 
 def check_method(name: str) -> None:
     """The method ``name`` satisfies the method contract; an `AssertionError` naming it and the missing
     piece otherwise."""
-    from .registry import UnknownNameError, get_method
+    from .method import Method
+    from .registry import get_method
 
     who = f"Method {name!r}"
-    try:
-        cls = get_method(name)
-    except UnknownNameError as exc:
-        raise _fail(who, "is not registered", exc) from None
+    cls = _registered(who, get_method, name, Method)
     _check_method_class(who, cls)
     _check_protocol_needs(who, cls)
     method, batch = _check_training(who, name, cls)
@@ -144,12 +156,10 @@ def check_method(name: str) -> None:
 
 
 def _check_method_class(who: str, cls: type) -> None:
-    """Declarations: a `Method`, options with defaults, a paradigm, usable views."""
+    """Declarations: options with defaults, a paradigm, usable views."""
     from .data.transforms import ViewSpec, method_view_specs
-    from .method import METHOD_PARADIGMS, Method
+    from .method import METHOD_PARADIGMS
 
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise _fail(who, f"is registered as {cls!r}, which is not a subclass of mugbench.method.Method")
     if not dataclasses.is_dataclass(cls.Options):
         raise _fail(who, "has an Options that is not a dataclass")
     try:
@@ -312,15 +322,10 @@ def check_protocol(name: str, options: dict[str, Any] | None = None, method: str
     registered method a method-reading protocol is run on (default: the first it applies to).
     """
     from .protocol import Protocol, problems_of
-    from .registry import UnknownNameError, get_protocol
+    from .registry import get_protocol
 
     who = f"Protocol {name!r}"
-    try:
-        cls = get_protocol(name)
-    except UnknownNameError as exc:
-        raise _fail(who, "is not registered", exc) from None
-    if not (isinstance(cls, type) and issubclass(cls, Protocol)):
-        raise _fail(who, f"is registered as {cls!r}, which is not a subclass of mugbench.protocol.Protocol")
+    cls = _registered(who, get_protocol, name, Protocol)
     problems = problems_of(cls)
     if problems:
         raise _fail(who, f"is not a usable protocol: {'; '.join(problems)}")
@@ -374,15 +379,13 @@ def _eval_set_for(who: str, kind: str) -> str:
 def _subject_for(who: str, cls: type, method: str | None, cfg):
     """What the protocol reads: a random-init encoder, or a smoke-size method it applies to."""
     from .models.vit import build_encoder
-    from .registry import registered_methods
+    from .registry import get_method, registered_methods
 
     if cls.reads != "method":
         return build_encoder(cfg.encoder, seed=cfg.seed)
     names = [method] if method else [n for n, m in registered_methods().items() if cls.applies_to(m)]
     if not names:
         raise _fail(who, f"cannot be checked: no registered method has any of its needs ({', '.join(cls.needs)})")
-    from .registry import get_method
-
     m = get_method(names[0])
     if not cls.applies_to(m):
         raise _fail(who, f"does not apply to method {names[0]!r}, which lacks {', '.join(cls.needs)}")
@@ -440,15 +443,10 @@ def check_eval_set(name: str) -> None:
     must say how to get it and refuse an empty root with that hint."""
     from .data.catalog import DataNotFoundError
     from .evalset import EVAL_SET_TYPES, EvalSets, EvalSetSource
-    from .registry import UnknownNameError, get_eval_set
+    from .registry import get_eval_set
 
     who = f"Evaluation set {name!r}"
-    try:
-        cls = get_eval_set(name)
-    except UnknownNameError as exc:
-        raise _fail(who, "is not registered", exc) from None
-    if not (isinstance(cls, type) and issubclass(cls, EvalSetSource)):
-        raise _fail(who, f"is registered as {cls!r}, which is not a subclass of mugbench.evalset.EvalSetSource")
+    cls = _registered(who, get_eval_set, name, EvalSetSource)
     if cls.kind not in EVAL_SET_TYPES:
         raise _fail(who, f"declares kind {cls.kind!r}, not one of {', '.join(EVAL_SET_TYPES)}")
     if cls.load is EvalSetSource.load:

@@ -13,8 +13,8 @@ import torch
 from mugbench.cli import main
 from mugbench.method import Method
 from mugbench.protocol import Protocol, ProtocolResult
-from mugbench.registry import (EVAL_SETS, METHODS, PROTOCOLS, register_eval_set, register_method,
-                               register_protocol, registered_eval_sets, registered_methods, registered_protocols)
+from mugbench.registry import (EVAL_SETS, METHODS, PROTOCOLS, registered_eval_sets, registered_methods,
+                               registered_protocols)
 from mugbench.testing import check_eval_set, check_method, check_protocol, contract_tests
 
 pytest_plugins = ["pytester"]  # the one-line plugin test file is run by pytest itself
@@ -26,9 +26,9 @@ test_contract = contract_tests(methods=registered_methods(), protocols=registere
 
 
 @contextlib.contextmanager
-def registered(registry, register, name: str, cls: type):
-    """``cls`` registered as ``name`` for the block (a throw-away plugin), forgotten after."""
-    register(name)(cls)
+def registered(registry, name: str, cls: type):
+    """``cls`` registered in ``registry`` as ``name`` for the block (a throw-away plugin), forgotten after."""
+    registry.register(name)(cls)
     try:
         yield cls
     finally:
@@ -104,35 +104,32 @@ class NaNMetric(Protocol):
         return ProtocolResult({"top1": float("nan")}, {})
 
 
-@pytest.mark.parametrize(("name", "cls", "missing"), [
-    ("broken-mask", NoMaskRatio, "mask_ratio"),
-    ("broken-loss", NoLoss, "no 'loss' tensor from forward(batch)"),
-    ("broken-caption", BadCaption, "from caption(images, tokenizer), not a list of 4 strings"),
+# Per kind of plugin: its registry and its check.
+_KINDS = {"Method": (METHODS, check_method), "Protocol": (PROTOCOLS, check_protocol)}
+
+
+@pytest.mark.parametrize(("kind", "name", "cls", "missing"), [
+    ("Method", "broken-mask", NoMaskRatio, "mask_ratio"),
+    ("Method", "broken-loss", NoLoss, "no 'loss' tensor from forward(batch)"),
+    ("Method", "broken-caption", BadCaption, "from caption(images, tokenizer), not a list of 4 strings"),
+    ("Protocol", "broken-run", NoRun, "is not a usable protocol: run() is not implemented"),
+    ("Protocol", "broken-headline", NoHeadline,
+     "returns no 'top1' among its metrics (mean_norm) though its headline names it"),
+    ("Protocol", "broken-nan", NaNMetric, "returns metrics that are not finite numbers: {'top1': nan}"),
 ])
-def test_check_method_names_the_missing_piece(name, cls, missing):
-    with registered(METHODS, register_method, name, cls), pytest.raises(AssertionError) as err:
-        check_method(name)
+def test_a_broken_plugin_fails_its_check_naming_the_missing_piece(kind, name, cls, missing):
+    registry, check = _KINDS[kind]
+    with registered(registry, name, cls), pytest.raises(AssertionError) as err:
+        check(name)
     message = str(err.value)
-    assert message.startswith(f"Method {name!r}") and missing in message, message
+    assert message.startswith(f"{kind} {name!r}") and missing in message, message
 
 
 def test_a_method_without_mask_ratio_is_refused_for_the_reconstruction_protocol():
-    with registered(METHODS, register_method, "broken-mask", NoMaskRatio), pytest.raises(AssertionError) as err:
+    with registered(METHODS, "broken-mask", NoMaskRatio), pytest.raises(AssertionError) as err:
         check_method("broken-mask")
     assert "cannot be evaluated by the 'reconstruction' protocol" in str(err.value)
     assert "NoMaskRatio defines reconstruct() but its Options have no mask_ratio" in str(err.value)
-
-
-@pytest.mark.parametrize(("name", "cls", "missing"), [
-    ("broken-run", NoRun, "is not a usable protocol: run() is not implemented"),
-    ("broken-headline", NoHeadline, "returns no 'top1' among its metrics (mean_norm) though its headline names it"),
-    ("broken-nan", NaNMetric, "returns metrics that are not finite numbers: {'top1': nan}"),
-])
-def test_check_protocol_names_the_missing_piece(name, cls, missing):
-    with registered(PROTOCOLS, register_protocol, name, cls), pytest.raises(AssertionError) as err:
-        check_protocol(name)
-    message = str(err.value)
-    assert message.startswith(f"Protocol {name!r}") and missing in message, message
 
 
 def test_check_eval_set_wants_a_hint_for_a_set_under_the_data_root():
@@ -144,7 +141,7 @@ def test_check_eval_set_wants_a_hint_for_a_set_under_the_data_root():
         def load(self, ctx):
             raise NotImplementedError
 
-    with registered(EVAL_SETS, register_eval_set, "hintless", Hintless), pytest.raises(AssertionError) as err:
+    with registered(EVAL_SETS, "hintless", Hintless), pytest.raises(AssertionError) as err:
         check_eval_set("hintless")
     assert str(err.value) == ("Evaluation set 'hintless' is read from DATA_ROOT/hintless but gives no hint on "
                               "how to get it.")
@@ -161,7 +158,7 @@ def test_a_study_with_a_method_lacking_mask_ratio_stops_before_training(tmp_path
     argv = ["run", "--preset", "smoke", "--methods", "broken-mask", "--workdir", str(tmp_path / "runs"),
             "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"),
             "--cache-dir", str(tmp_path / "cache")]
-    with registered(METHODS, register_method, "broken-mask", NoMaskRatio):
+    with registered(METHODS, "broken-mask", NoMaskRatio):
         assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Method 'broken-mask' cannot be evaluated by the 'reconstruction' protocol" in err and "mask_ratio" in err
@@ -171,9 +168,9 @@ def test_a_study_with_a_method_lacking_mask_ratio_stops_before_training(tmp_path
 def test_reconstruction_left_out_lets_the_study_through_its_checks():
     """The refusal is the reconstruction protocol's: without it the same method passes `check_study`."""
     from mugbench.config import ConfigError, load_config
-    from mugbench.study import check_study
+    from mugbench.preflight import check_study
 
-    with registered(METHODS, register_method, "broken-mask", NoMaskRatio):
+    with registered(METHODS, "broken-mask", NoMaskRatio):
         with pytest.raises(ConfigError, match="mask_ratio"):
             check_study(load_config("smoke"), ["broken-mask"], None)
         check_study(load_config("smoke", ["eval.protocols=[knn]"]), ["broken-mask"], None)

@@ -24,6 +24,7 @@ from ..config import AugmentConfig
 from ..data.decode import draft_size
 from ..data.pipeline import DecodeOptions, make_loader
 from ..data.transforms import base_view_spec, build_view_transform
+from ..files import atomic_write
 
 SIZE_MIXES = {"img2dataset-256": (256, 256), "web-originals": (480, 1200)}
 ASPECTS = (4 / 3, 3 / 2, 1.0, 16 / 9)
@@ -42,13 +43,17 @@ def photo_like_jpeg(rng: np.random.Generator, shorter: int) -> bytes:
 
 
 def write_shard(path: Path, count: int, shorter_range: tuple[int, int], seed: int = 0) -> int:
-    """Write ``count`` photo-like samples (jpg + txt) to one shard; returns its size in bytes."""
+    """Write ``count`` photo-like samples (jpg + txt) to one shard; returns its size in bytes. Written
+    whole or not at all (`atomic_write`): `run` reuses a shard that exists, so a cut-off one must never."""
     rng = np.random.default_rng(seed)
-    with wds.TarWriter(str(path), encoder=False) as sink:
-        for i in range(count):
-            shorter = int(rng.integers(shorter_range[0], shorter_range[1] + 1))
-            sink.write({"__key__": f"{i:06d}", "jpg": photo_like_jpeg(rng, shorter), "txt": b"a photo"})
-    return path.stat().st_size
+
+    def write(tmp: str) -> None:
+        with wds.TarWriter(tmp, encoder=False) as sink:
+            for i in range(count):
+                shorter = int(rng.integers(shorter_range[0], shorter_range[1] + 1))
+                sink.write({"__key__": f"{i:06d}", "jpg": photo_like_jpeg(rng, shorter), "txt": b"a photo"})
+
+    return atomic_write(path, write).stat().st_size
 
 
 def _rate(batches, warmup: int) -> float:

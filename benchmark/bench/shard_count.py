@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..data.shard_count import count_samples, stats_file
+from ..files import atomic_write_text
 
 
 def _members(shard: int, samples: int, image: bytes) -> list[tuple[str, bytes]]:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.shards, args.samples, args.workdir, keep=args.keep)
     print(format_rows(rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
     return 0
 
 

@@ -92,9 +92,10 @@ def pretrain_batches(cfg: StudyConfig, data: PretrainData, method_cls: type, tok
     sample has a label (``data.num_classes > 0``: the toy world), where the stream stays the same.
     """
     d = cfg.data
-    if method_cls.needs_labels and not data.num_classes:
-        raise ConfigError(f"Method {method_cls.name!r} trains on class labels, but the pre-training data "
-                          f"{data.name!r} has none: leave it out of this study (run_study skips it).")
+    reason = not_applicable(method_cls, data)
+    if reason:
+        raise ConfigError(f"Method {method_cls.name!r} trains on class labels, but {reason}: leave it out of "
+                          f"this study (run_study skips it).")
     specs = method_view_specs(method_cls, d.augment)
     transforms = [build_view_transform(v, cfg.encoder.img_size) for v in specs]
     # Decoded at the size the study's base view needs, the same for every method: the decoded image

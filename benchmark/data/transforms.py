@@ -59,10 +59,10 @@ class ViewDeclarationError(TypeError):
     override without a reason)."""
 
 
-def base_view_spec(augment: "AugmentConfig", captioned: bool = True) -> ViewSpec:
-    """The study's base view from its ``data.augment`` policy; ``captioned``: the pre-training data
-    has captions (every set mugbench reads does), which turns an ``auto`` flip off."""
-    return ViewSpec(scale=tuple(augment.scale), hflip=augment.flips(captioned), interpolation=augment.interpolation)
+def base_view_spec(augment: "AugmentConfig") -> ViewSpec:
+    """The study's base view from its ``data.augment`` policy, for captioned pre-training data (every
+    set mugbench reads has captions), which turns an ``auto`` flip off."""
+    return ViewSpec(scale=tuple(augment.scale), hflip=augment.flips(captioned=True), interpolation=augment.interpolation)
 
 
 def _check_declaration(method_cls: type) -> None:
@@ -79,20 +79,20 @@ def _check_declaration(method_cls: type) -> None:
             f"`base_view_reason` to a sentence; it is written into every result record of the method.")
 
 
-def method_view_specs(method_cls: type, augment: "AugmentConfig", captioned: bool = True) -> list[ViewSpec]:
+def method_view_specs(method_cls: type, augment: "AugmentConfig") -> list[ViewSpec]:
     """Every view ``method_cls`` trains on, in batch order: view 0 (``batch["image"]``) is the study's
     base view, or the method's declared ``base_view`` override; then its ``extra_views``.
 
     The one function the trainer, the bench, the tests and ``mugbench methods`` build views with."""
     _check_declaration(method_cls)
-    base = getattr(method_cls, "base_view", None) or base_view_spec(augment, captioned)
+    base = getattr(method_cls, "base_view", None) or base_view_spec(augment)
     return [base, *getattr(method_cls, "extra_views", ())]
 
 
-def augmentation_record(method_cls: type, augment: "AugmentConfig", captioned: bool = True) -> dict[str, Any]:
+def augmentation_record(method_cls: type, augment: "AugmentConfig") -> dict[str, Any]:
     """What a result record says about a method's augmentation: the views actually applied (as
     `method_view_specs` gives them), where view 0 came from and why, and the study's policy."""
-    views = method_view_specs(method_cls, augment, captioned)
+    views = method_view_specs(method_cls, augment)
     override = getattr(method_cls, "base_view", None) is not None
     return {
         "policy": asdict(augment),

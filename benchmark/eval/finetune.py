@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from timm.utils import random_seed
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .determinism import determinism_note
 from .linear import warmup_cosine
+from .outcomes import percent_right
 
 
 def set_drop_path(model: torch.nn.Module, rate: float) -> None:
@@ -82,11 +84,6 @@ def right_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     return torch.cat(right) if right else torch.zeros(0, dtype=torch.bool)
 
 
-def top1(right: torch.Tensor) -> float:
-    """Top-1 accuracy in percent from `right_per_image` (an exact count over the images, 0 for none)."""
-    return 100.0 * int(right.sum()) / max(1, len(right))
-
-
 @contextlib.contextmanager
 def flushing_denormals():
     """Treat denormal floats as zero while inside (CPU only; CUDA kernels flush anyway).
@@ -114,11 +111,6 @@ def finetune(encoder: torch.nn.Module, data, options, *, seed: int, device, pool
     """
     with flushing_denormals():
         return _finetune(encoder, data, options, seed=seed, device=device, pool=pool, batch_size=batch_size)
-
-
-# The fine-tuning options a result record keeps (all of ``FineTune.Options``), in this order.
-_RECORDED = ("epochs", "batch_size", "blr", "layer_decay", "weight_decay", "drop_path", "warmup_epochs", "mixup",
-             "cutmix", "label_smoothing", "randaug", "reprob")
 
 
 def _finetune(encoder: torch.nn.Module, data, opts, *, seed: int, device, pool: str, batch_size: int):
@@ -158,9 +150,10 @@ def _finetune(encoder: torch.nn.Module, data, opts, *, seed: int, device, pool: 
             optimizer.step()
             step += 1
         right = right_per_image(model, data.val.image, data.val.label, batch_size=batch_size, device=device)
-        if not history or top1(right) > max(history):  # the first epoch of the max, as max(history) reports it
+        top1 = percent_right(right)
+        if not history or top1 > max(history):  # the first epoch of the max, as max(history) reports it
             best = right
-        history.append(top1(right))
-    recorded = {key: getattr(opts, key) for key in _RECORDED}
+        history.append(top1)
+    recorded = dataclasses.asdict(opts)  # every recipe option, in declaration order
     recorded.update(pool=pool, top1_per_epoch=history, **determinism_note(device))
     return {"top1": max(history), "top1_last": history[-1]}, recorded, {"top1": best, "top1_last": right}

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import ConfigError, StudyConfig
+from ..data.catalog import DataNotFoundError
 from ..evalset import EvalSets
 from ..method import Method
 from ..protocol import EvalContext, Features, Protocol
@@ -64,10 +65,19 @@ def check_evaluation(cfg: StudyConfig, methods: list[type] = ()) -> None:
 
 
 def locate_eval_sets(cfg: StudyConfig, data_root: Path | None) -> None:
-    """Check that every evaluation set read from the data root is there (a few stats): a missing one
-    fails now, not after hours of training."""
+    """Check that every evaluation set read from the data root is there (a few stats), so a missing one
+    fails now, not after hours of training: `DataNotFoundError` with the first missing set's own message
+    (where it looked, how to get it) and the names of the others, so one attempt reports every set to fetch."""
+    missing = []
     for name in cfg.eval.datasets:
-        get_eval_set(name).locate(data_root)
+        try:
+            get_eval_set(name).locate(data_root)
+        except DataNotFoundError as exc:
+            missing.append((name, str(exc)))
+    if missing:
+        others = [name for name, _ in missing[1:]]
+        also = f" The evaluation sets {', '.join(others)} of this study are missing too." if others else ""
+        raise DataNotFoundError(missing[0][1] + also)
 
 
 def evaluate(subject: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, device, *,
@@ -84,27 +94,23 @@ def evaluate(subject: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, de
     """
     method = subject if isinstance(subject, Method) else None
     encoder = subject.encoder if method is not None else subject
-    plan = _plan(cfg, method, done)
     out: list[EvalResult] = []
-    features: dict[str, tuple[Features, float]] = {}
-    with contextlib.ExitStack() as stack:
-        if workdir is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mugbench-eval-")))
-        for protocol, dataset in plan:
+    features: tuple[str, Features] | None = None  # (set, its features): one set at a time
+    with _workdir(workdir) as workdir:
+        for protocol, dataset in _plan(cfg, method, done):
             data = eval_sets.get(dataset)
-            t0, extra = time.perf_counter(), 0.0
-            if protocol.reads == "features":
-                if dataset not in features:  # one pass, timed into the first protocol that reads it
-                    features[dataset] = (_features(encoder, data, cfg, device), time.perf_counter() - t0)
-                    extra = features[dataset][1]
+            extra = 0.0
+            if protocol.reads == "features" and (features is None or features[0] != dataset):
+                # One extraction pass per set, timed into the first protocol that reads it; the plan is
+                # set-major, so the previous set's features are dropped here, never needed again.
                 t0 = time.perf_counter()
-            run_dir = Path(workdir) / f"{protocol.name}-{dataset}"
-            ctx = EvalContext(seed=cfg.seed, device=torch.device(device), workdir=run_dir,
-                              artifact=artifact_stem(protocol.name, dataset) if artifact_stem else run_dir / "figure",
-                              pool=cfg.eval.pool, batch_size=cfg.eval.batch_size, tokenizer=tokenizer)
-            target = {"features": lambda: features[dataset][0], "encoder": lambda: encoder,
-                      "method": lambda: method}[protocol.reads]()
-            result = protocol().run(target, data, cfg.eval.options_for(protocol.name), ctx)
+                features = (dataset, _features(encoder, data, cfg, device))
+                extra = time.perf_counter() - t0
+            read = {"features": features[1] if features else None, "encoder": encoder, "method": method}
+            t0 = time.perf_counter()
+            stem = artifact_stem(protocol.name, dataset) if artifact_stem else None
+            result = _run(protocol, read[protocol.reads], data, cfg, device, workdir / f"{protocol.name}-{dataset}", stem,
+                          tokenizer)
             options = dict(result.options, pool=cfg.eval.pool) if protocol.reads == "features" else result.options
             item = EvalResult(protocol.name, dataset, result.metrics, options,
                               time.perf_counter() - t0 + extra, list(result.examples),
@@ -122,13 +128,27 @@ def run_protocol(name: str, subject, data, cfg: StudyConfig, *, device="cpu", to
     ``subject`` as the protocol reads it (`Features`, an encoder or a `Method`); options, seed, read-out
     and batch come from ``cfg``; ``workdir`` (checkpoints of encoder protocols) defaults to a temporary
     folder, ``artifact`` (figure stem) to one inside it."""
-    with contextlib.ExitStack() as stack:
-        if workdir is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mugbench-eval-")))
-        ctx = EvalContext(seed=cfg.seed, device=torch.device(device), workdir=Path(workdir),
-                          artifact=artifact or Path(workdir) / "figure", pool=cfg.eval.pool,
-                          batch_size=cfg.eval.batch_size, tokenizer=tokenizer)
-        return get_protocol(name)().run(subject, data, cfg.eval.options_for(name), ctx)
+    with _workdir(workdir) as workdir:
+        return _run(get_protocol(name), subject, data, cfg, device, workdir, artifact, tokenizer)
+
+
+def _run(protocol: type[Protocol], subject, data, cfg: StudyConfig, device, workdir: Path, artifact: Path | None,
+         tokenizer):
+    """``protocol`` on ``subject`` and ``data`` with the study's options, seed, read-out and batch."""
+    ctx = EvalContext(seed=cfg.seed, device=torch.device(device), workdir=workdir,
+                      artifact=artifact or workdir / "figure", pool=cfg.eval.pool, batch_size=cfg.eval.batch_size,
+                      tokenizer=tokenizer)
+    return protocol().run(subject, data, cfg.eval.options_for(protocol.name), ctx)
+
+
+@contextlib.contextmanager
+def _workdir(workdir: Path | None):
+    """``workdir`` as a path, or a temporary folder removed afterwards when it is None."""
+    if workdir is not None:
+        yield Path(workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix="mugbench-eval-") as tmp:
+        yield Path(tmp)
 
 
 def skipped_protocols(cfg: StudyConfig, subject: torch.nn.Module) -> list[str]:

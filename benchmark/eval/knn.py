@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .outcomes import percent, topk_outcomes
+
 
 @torch.no_grad()
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
@@ -30,26 +32,6 @@ def standardize(train_feats: torch.Tensor, *others: torch.Tensor) -> list[torch.
     from dominating every similarity."""
     mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)
     return [(f - mean) / std for f in (train_feats, *others)]
-
-
-def topk_outcomes(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per example (a CPU bool tensor each): whether its label scores highest (``"top1"``) and, with
-    more than 10 classes, whether it is among the five highest (``"top5"``)."""
-    outcomes = {"top1": (scores.argmax(1) == labels).cpu()}
-    if scores.shape[1] > 10:
-        outcomes["top5"] = (scores.topk(5, 1).indices == labels[:, None]).any(1).cpu()
-    return outcomes
-
-
-def percent_right(flags: torch.Tensor) -> float:
-    """The share of true flags in percent, counted exactly (an integer count over the total), so a
-    record's accuracy equals the mean of its per-example outcomes."""
-    return 100.0 * int(flags.sum()) / max(1, len(flags))
-
-
-def percent(outcomes: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Each metric's `percent_right` of its per-example flags."""
-    return {metric: percent_right(flags) for metric, flags in outcomes.items()}
 
 
 def knn_outcomes(train_feats, train_labels, val_feats, val_labels, num_classes: int, *, k: int = 20,

@@ -17,7 +17,7 @@ from timm.optim import Lars
 from torch import nn
 
 from ..protocols.linear import SOLVERS  # the protocol validates the option; one list
-from .knn import percent_right
+from .outcomes import percent_right
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:

@@ -36,10 +36,6 @@ from ..train.checkpoint import load_checkpoint
 from .determinism import determinism_note
 from .mmseg_compat import ensure_mmseg_importable
 
-# mmseg's ADE20K train pipeline's colour jitter (PhotoMetricDistortion), used on every set.
-_PHOTOMETRIC = True
-# mmseg's loading and augmentation run in the training process (no loader workers), as they always have.
-_LOADER_WORKERS = 0
 _RESULT_FILE, _RUN_FILE = "result.json", "run.json"
 # The names mmengine's CheckpointHook gives this protocol's checkpoints (by_epoch=False).
 _CHECKPOINT_NAME = re.compile(r"^iter_(\d+)\.pth$")
@@ -193,7 +189,7 @@ def _model_cfg(backbone: dict, num_classes: int, embed_dim: int, crop: int, opti
 
 # --------------------------------------------------------------------------- data
 
-def _pipelines(crop: int, reduce_zero_label: bool, photometric: bool) -> tuple[list, list]:
+def _pipelines(crop: int, reduce_zero_label: bool) -> tuple[list, list]:
     """mmseg's ADE20K train and test pipelines at crop ``crop``: resize towards (4c, c) (2048 x
     512 for 512 crops), random scale 0.5-2, crop with at most 75 % of one class, flip, colour jitter."""
     scale = (4 * crop, crop)
@@ -201,10 +197,7 @@ def _pipelines(crop: int, reduce_zero_label: bool, photometric: bool) -> tuple[l
     train = [dict(type="LoadImageFromFile"), annotations,
              dict(type="RandomResize", scale=scale, ratio_range=(0.5, 2.0), keep_ratio=True),
              dict(type="RandomCrop", crop_size=(crop, crop), cat_max_ratio=0.75),
-             dict(type="RandomFlip", prob=0.5)]
-    if photometric:
-        train.append(dict(type="PhotoMetricDistortion"))
-    train.append(dict(type="PackSegInputs"))
+             dict(type="RandomFlip", prob=0.5), dict(type="PhotoMetricDistortion"), dict(type="PackSegInputs")]
     # Labels are loaded after the resize: predictions are scored at the original resolution.
     test = [dict(type="LoadImageFromFile"), dict(type="Resize", scale=scale, keep_ratio=True),
             annotations, dict(type="PackSegInputs")]
@@ -527,7 +520,7 @@ def _import_mmseg() -> None:
 
 
 def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch.device, workdir: Path,
-                  name: str, classes: list, indices: list[int], photometric: bool, val_batch: int):
+                  name: str, classes: list, indices: list[int], val_batch: int):
     """mmengine's Runner for UperNet on a copy of ``encoder``, resuming from ``workdir``."""
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
     from mmseg.registry import MODELS
@@ -548,8 +541,8 @@ def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch
         schedule.append(dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup))
     if warmup < iters:
         schedule.append(dict(type="PolyLR", power=1.0, eta_min=0.0, begin=warmup, end=iters, by_epoch=False))
-    train_pipe, test_pipe = _pipelines(crop, bool(data.reduce_zero_label), photometric)
-    loader = dict(num_workers=_LOADER_WORKERS, persistent_workers=_LOADER_WORKERS > 0)
+    train_pipe, test_pipe = _pipelines(crop, bool(data.reduce_zero_label))
+    loader = dict(num_workers=0, persistent_workers=False)  # loading and augmentation in this process
     runner = _quiet_runner_cls()(
         model=model, work_dir=str(workdir), experiment_name=name, default_scope="mmseg",
         train_dataloader=dict(loader, batch_size=options.batch_size, dataset=_dataset_cfg(data, "train", train_pipe),
@@ -609,7 +602,8 @@ def segment(encoder: nn.Module, data, options, *, seed: int, device, workdir: Pa
         "lr": options.lr, "weight_decay": options.weight_decay, "layer_decay": options.layer_decay,
         "warmup_iters": options.warmup_iters, "channels": options.channels, "aux_weight": options.aux_weight,
         "blocks": indices, "strides": list(ViTPyramid.strides), "schedule": "linear-warmup+poly1",
-        "optimizer": "adamw(0.9,0.999)", "test_mode": "slide", "photometric": _PHOTOMETRIC,
+        "optimizer": "adamw(0.9,0.999)", "test_mode": "slide",
+        "photometric": True,  # `_pipelines`' PhotoMetricDistortion, on every set
         "precision": "bf16" if device.type == "cuda" else "fp32",
         **determinism_note(device),
     }
@@ -634,7 +628,7 @@ def segment(encoder: nn.Module, data, options, *, seed: int, device, workdir: Pa
             warnings.simplefilter("ignore")
             torch.manual_seed(seed)  # the pyramid's and heads' init
             runner = _build_runner(encoder, data, options, seed, device=device, workdir=workdir, name=name,
-                                   classes=classes, indices=indices, photometric=_PHOTOMETRIC, val_batch=val_batch)
+                                   classes=classes, indices=indices, val_batch=val_batch)
             # Both resume from work_dir's newest checkpoint when there is one (``val`` too, if
             # ``train`` started from scratch), read weights-only (QuietRunner.load_or_resume).
             # mmengine prints some notices (checkpoint found / loaded) with print(): into the log.

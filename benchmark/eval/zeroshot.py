@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..method import evaluating
-from .knn import percent, topk_outcomes
+from .outcomes import percent, topk_outcomes
 
 
 @torch.no_grad()

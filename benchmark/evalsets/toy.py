@@ -9,9 +9,8 @@ from ..evalset import (CaptionedImages, CaptionSet, ClassificationSet, EvalSetCo
 from ..registry import register_eval_set
 
 
-def _split(ctx: EvalSetContext, split: str) -> tuple[dict, list[str], int]:
-    """One split of the toy world as tensors at the study's resolution, its shard paths and count."""
-    root, manifest = prepare_toy_world(ctx.cfg.data, ctx.cache_dir)
+def _split(ctx: EvalSetContext, split: str, root, manifest: dict) -> tuple[dict, list[str], int]:
+    """One split of the toy world under ``root`` as tensors at the study's resolution, its shard paths and count."""
     urls = [str(root / s) for s in manifest["splits"][split]["shards"]]
     return load_split_tensors(urls, build_eval_transform(ctx.cfg.encoder.img_size)), urls, \
         manifest["splits"][split]["count"]
@@ -26,8 +25,8 @@ class ToyClassification(EvalSetSource):
 
     def load(self, ctx: EvalSetContext) -> ClassificationSet:
         """Both splits in memory; fine-tuning reads the train shards again with its augmentation."""
-        _, manifest = prepare_toy_world(ctx.cfg.data, ctx.cache_dir)
-        (train, urls, count), (val, _, _) = _split(ctx, "cls-train"), _split(ctx, "cls-val")
+        root, manifest = prepare_toy_world(ctx.cfg.data, ctx.cache_dir)
+        (train, urls, count), (val, _, _) = (_split(ctx, split, root, manifest) for split in ("cls-train", "cls-val"))
         return ClassificationSet(
             name=self.name, classes=list(manifest["classes"]),
             train=LabelledImages(train["image"], train["label"], train["key"]),
@@ -44,7 +43,7 @@ class ToyCaptions(EvalSetSource):
 
     def load(self, ctx: EvalSetContext) -> CaptionSet:
         """The validation split in memory."""
-        val, _, _ = _split(ctx, "caps-val")
+        val, _, _ = _split(ctx, "caps-val", *prepare_toy_world(ctx.cfg.data, ctx.cache_dir))
         return CaptionSet(self.name, CaptionedImages(val["image"], val["captions"], val["key"], val["objects"]))
 
 

@@ -25,7 +25,8 @@ class KNN(Protocol):
     def run(self, subject: Features, data, options, ctx: EvalContext) -> ProtocolResult:
         """Vote with the ``k`` nearest training features of each validation image; the record keeps
         whether each one was right."""
-        from ..eval.knn import knn_outcomes, percent  # torch: imported when run, not when the registry is read
+        from ..eval.knn import knn_outcomes  # torch: imported when run, not when the registry is read
+        from ..eval.outcomes import percent
         opts = {"k": options.k, "temperature": options.temperature, "standardize_features": options.standardize}
         outcomes = knn_outcomes(subject.train, data.train.label, subject.val, data.val.label, data.num_classes, **opts)
         return ProtocolResult(percent(outcomes), opts, per_example=outcomes)

@@ -24,7 +24,7 @@ class ZeroShot(Protocol):
     def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
         """Score every class's prompts (the set's own templates) for the first ``images`` val images;
         the record keeps whether each scored image was right."""
-        from ..eval.knn import percent, topk_outcomes  # torch: imported when run, not when the registry is read
+        from ..eval.outcomes import percent, topk_outcomes  # torch: imported when run, not when the registry is read
         from ..eval.zeroshot import embedding_scores, likelihood_scores  # torch: imported when run, not when the registry is read
         val, templates = data.val, data.prompts
         n = min(options.images or len(val.image), len(val.image))

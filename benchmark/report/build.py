@@ -13,7 +13,7 @@ import dataclasses
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import pandas as pd
 
@@ -26,8 +26,8 @@ from mugbench.report.resolution import (
     ALPHA, RESOLVED, TIED, TIED_MARK, UNRESOLVED, UNRESOLVED_MARK, resolve_table,
 )
 from mugbench.report.tables import (
-    RANDOM, absolute_references, baseline_rows, claims_section, column_label, gain_over_random, grid_edge_note,
-    latex_table, markdown_table, missing_cells, random_row, ranking_section, signed, study_tables, tidy,
+    RANDOM, _escape_md as _md, absolute_references, baseline_rows, claims_section, column_label, gain_over_random,
+    grid_edge_note, latex_table, markdown_table, missing_cells, random_row, ranking_section, signed, study_tables, tidy,
 )
 from mugbench.files import atomic_write_text
 from mugbench.results import (
@@ -87,8 +87,8 @@ class Report:
         self.references, self.by, self.selection = references, by, selection
         self.skipped = list(skipped) + figure_problems
         self.results_dir = results_dir
-        self.frame = summary_frame(self.records, by)
         self.long = long_frame(self.records, by)
+        self.frame = summary_frame(self.records, by, long=self.long)
         self.tables = study_tables(self.frame)
         self.details = study_details(self.records)
         self.methods = self.frame.attrs["methods"]
@@ -253,12 +253,10 @@ class Report:
             title = f"{data} / {preset}"
             records = self._records_of(data, preset)
             stem = figures_dir / _slug(data, preset)
-            columns = headline_columns(table.columns)
-            bars = plots.bar_chart(table, columns, self.long[(self.long["pretrain_data"] == data)
-                                                             & (self.long["preset"] == preset)],
-                                   self.methods, f"{title}: main table", Path(f"{stem}-bars"))
+            columns, long = headline_columns(table.columns), self._long_of(key)
+            bars = plots.bar_chart(table, columns, long, self.methods, f"{title}: main table", Path(f"{stem}-bars"))
             drawn += [("bars", title, bars[0])] if bars else []
-            gains = plots.gain_chart(table, columns, self._long_of(key), self.methods, f"{title}: gain over {RANDOM}",
+            gains = plots.gain_chart(table, columns, long, self.methods, f"{title}: gain over {RANDOM}",
                                      Path(f"{stem}-gain"))
             drawn += [("gain", title, gains[0])] if gains else []
             if self.by != "method":  # the per-run figures below draw one study's runs, one per method and seed
@@ -322,10 +320,6 @@ class Report:
 
 def _bench_device(record: ResultRecord) -> str:
     return str(record.protocol_options.get("device", "unknown device"))
-
-
-def _md(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def write_report(results_dir: str | os.PathLike, reports_dir: str | os.PathLike, *,

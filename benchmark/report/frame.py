@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from mugbench.method import BASELINE, PARADIGMS
+from mugbench.method import BASELINE, METHOD_PARADIGMS, PARADIGMS
 from mugbench.results import ResultRecord
 
 # Benchmark records (`mugbench bench`) measure speed, not representations: plotted, never ranked.
@@ -128,13 +128,12 @@ class Selection:
 
 def paradigm_of(record: ResultRecord) -> str:
     """The record's paradigm (one of `PARADIGMS` or ``baseline``), else the installed method's, else ``other``."""
-    known = PARADIGMS + (BASELINE,)
-    if record.paradigm in known:
+    if record.paradigm in METHOD_PARADIGMS:
         return record.paradigm
     from mugbench.registry import registered_methods
 
     cls = registered_methods().get(record.method)
-    return cls.paradigm if cls is not None and cls.paradigm in known else OTHER_PARADIGM
+    return cls.paradigm if cls is not None and cls.paradigm in METHOD_PARADIGMS else OTHER_PARADIGM
 
 
 def is_baseline_row(paradigm: str) -> bool:
@@ -192,8 +191,9 @@ def long_frame(records: Iterable[ResultRecord], by: str = "method") -> pd.DataFr
     return long.drop_duplicates(identity, keep="last").reset_index(drop=True)
 
 
-def summary_frame(records: Iterable[ResultRecord], by: str = "method") -> pd.DataFrame:
-    """Aggregate records over seeds.
+def summary_frame(records: Iterable[ResultRecord], by: str = "method",
+                  long: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Aggregate records over seeds (``long``: their `long_frame` under ``by``, when already built).
 
     Index: (pretrain_data, preset, paradigm, row), where ``row`` is the method (``by="method"``),
     ``method · seed S`` (``"seed"``: no aggregation) or ``method · preset`` (``"preset"``: one
@@ -202,8 +202,9 @@ def summary_frame(records: Iterable[ResultRecord], by: str = "method") -> pd.Dat
     (seeds). ``frame.attrs``: ``studies`` (records, seeds, encoders, epochs per table) and
     ``methods`` (row -> method).
     """
-    records = list(records)
-    long = long_frame(records, by)
+    if long is None:
+        long = long_frame(records, by)
+    methods = dict(zip(long["row"], long["method"]))
     if long.empty:
         frame = pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=ROW_LEVELS),
                              columns=pd.MultiIndex.from_tuples([], names=COLUMN_LEVELS + ["stat"]), dtype=float)
@@ -212,12 +213,11 @@ def summary_frame(records: Iterable[ResultRecord], by: str = "method") -> pd.Dat
         frame = agg.unstack(COLUMN_LEVELS)
         frame.columns = frame.columns.reorder_levels([1, 2, 3, 0]).set_names(COLUMN_LEVELS + ["stat"])
         frame = frame[sorted(frame.columns, key=lambda c: (protocol_order_key(c[0]), c[1], c[2], STATS.index(c[3])))]
-        methods = dict(zip(long["row"], long["method"]))
         seeds = dict(zip(long["row"], long["seed"]))
         paradigm_key, method_key = order_key(ROW_GROUPS), order_key(METHOD_ORDER)
         frame = frame.reindex(sorted(frame.index, key=lambda ix: (
             ix[0], ix[1], paradigm_key(ix[2]), method_key(methods[ix[3]]), seeds[ix[3]], ix[3])))
-    frame.attrs["methods"] = dict(zip(long["row"], long["method"]))
+    frame.attrs["methods"] = methods
     frame.attrs["studies"] = _study_info(long)
     frame.attrs["by"] = by
     return frame

@@ -50,11 +50,7 @@ def unlike_rows(records: Iterable[ResultRecord], by: str = "method") -> dict[tup
         order = sorted(rows, key=lambda row: (paradigm_key(paradigm_of(rows[row][0])),
                                               method_key(rows[row][0].method), row))
         votes = Counter(fp for row in order for fp in dict.fromkeys(r.fingerprint for r in rows[row]))
-        first: dict[str, int] = {}  # where each fingerprint first appears in table order
-        for i, row in enumerate(order):
-            for r in rows[row]:
-                first.setdefault(r.fingerprint, i)
-        reference = max(votes, key=lambda fp: (votes[fp], -first[fp]))
+        reference = votes.most_common(1)[0][0]  # equal counts: the one first seen in table order
         ref_conditions = next(r.conditions for row in order for r in rows[row] if r.fingerprint == reference)
         for row in order:
             for r in rows[row]:

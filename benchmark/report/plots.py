@@ -58,6 +58,12 @@ def _grid(n: int, width: float = 3.2, height: float = 2.8, max_cols: int = 4):
     return fig, list(axes.flat[:n])
 
 
+def _seed_values(long: pd.DataFrame, row: str, column: tuple) -> pd.Series:
+    """A row's values in a (protocol, dataset, metric) column, one per seed, from the long frame."""
+    return long[(long["row"] == row) & (long["protocol"] == column[0]) & (long["dataset"] == column[1])
+                & (long["metric"] == column[2])]["value"]
+
+
 def bar_chart(table: pd.DataFrame, columns: list[tuple], long: pd.DataFrame, methods: dict[str, str],
               title: str, path_stem: Path) -> list[Path]:
     """One panel per main-table column: a bar per method (mean over seeds), ± std, seeds as dots."""
@@ -75,8 +81,7 @@ def bar_chart(table: pd.DataFrame, columns: list[tuple], long: pd.DataFrame, met
             style = styles[methods.get(row, row)]
             ax.bar(x, mean, color=style["color"], hatch=HATCHES.get(paradigm, ""), edgecolor="black", linewidth=0.6,
                    yerr=std if np.isfinite(std) else None, capsize=3)
-            values = long[(long["row"] == row) & (long["protocol"] == column[0]) & (long["dataset"] == column[1])
-                          & (long["metric"] == column[2])]["value"]
+            values = _seed_values(long, row, column)
             ax.plot([x + 0.28] * len(values), values, linestyle="none", marker=style["marker"], color="black",
                     markersize=3)
         ax.set_xticks(range(len(rows)), [r for _, r in rows], rotation=45, ha="right", fontsize=8)
@@ -116,8 +121,7 @@ def gain_chart(table: pd.DataFrame, columns: list[tuple], long: pd.DataFrame, me
             ax.bar(x, mean - floor, bottom=floor, color=style["color"], hatch=HATCHES.get(paradigm, ""),
                    edgecolor="black", linewidth=0.6, yerr=std if np.isfinite(std) else None, capsize=3)
             ax.hlines(floor, x - 0.5, x + 0.5, colors="black", linestyles="--", linewidth=0.9)
-            values = long[(long["row"] == row) & (long["protocol"] == column[0]) & (long["dataset"] == column[1])
-                          & (long["metric"] == column[2])]["value"]
+            values = _seed_values(long, row, column)
             ax.plot([x + 0.28] * len(values), values, linestyle="none", marker=style["marker"], color="black",
                     markersize=3)
             span += [floor, mean + (std if np.isfinite(std) else 0), mean - (std if np.isfinite(std) else 0),

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mugbench.report.frame import finite, is_baseline, is_baseline_row, lower_is_better
+from mugbench.report.frame import finite, is_baseline, is_baseline_row, ranked
 from mugbench.results import unpack_outcomes
 
 ALPHA = 0.05  # the conventional 5 % level: a difference is resolved when every applicable test rejects at it
@@ -151,6 +151,9 @@ class TableResolution:
     baselines: frozenset[str]
     columns: dict[tuple, ColumnResolution]
     alpha: float = ALPHA
+    # comparisons other than with a column's best, by (column, a, b): the notes of summary.md and
+    # README.md ask for the same pairs, and a bootstrap over a large evaluation set is worth running once
+    _compared: dict[tuple, Comparison] = field(default_factory=dict, init=False, repr=False)
 
     def status(self, column: tuple, row: str) -> str | None:
         """`BEST`, `RESOLVED`, `TIED` or `UNRESOLVED` for a row of a column; None for a baseline row, an
@@ -165,20 +168,16 @@ class TableResolution:
 
     def compare(self, column: tuple, a: str, b: str) -> Comparison | None:
         """The comparison of rows ``a`` and ``b`` of a column (None when either has no value there)."""
-        samples = self.samples.get(tuple(column), {})
+        column = tuple(column)
+        samples = self.samples.get(column, {})
         if a not in samples or b not in samples:
             return None
-        col = self.columns.get(tuple(column))
+        col = self.columns.get(column)
         if col is not None and col.best == a and b in col.versus_best:
             return col.versus_best[b]
-        return compare(samples[a], samples[b], self.alpha)
-
-    def places(self, column: tuple, order: Sequence[str], first: Iterable[str] = ()) -> dict[str, int]:
-        """Competition ranks of a column (1 = best): ``order`` is its ranked rows, best first; the best,
-        the rows tied with it and the rows in ``first`` (shown as equal to it) share place 1, every
-        other row is placed after all rows ahead of it ("1, 1, 3, 4")."""
-        shared = set(first) | {row for row in order if self.status(column, row) in (BEST, TIED)}
-        return {row: 1 if row in shared else i for i, row in enumerate(order, start=1)}
+        if (column, a, b) not in self._compared:
+            self._compared[column, a, b] = compare(samples[a], samples[b], self.alpha)
+        return self._compared[column, a, b]
 
     def tests_used(self) -> list[str]:
         """The tests that applied to any comparison with a column's best, in `WELCH`, `BOOTSTRAP` order."""
@@ -215,8 +214,9 @@ class TableResolution:
 
 def _column_samples(long: pd.DataFrame) -> dict[tuple, dict[str, Sample]]:
     samples: dict[tuple, dict[str, Sample]] = {}
-    for (protocol, dataset, metric, row), part in long.groupby(["protocol", "dataset", "metric", "row"], sort=False):
-        part = part.sort_values("seed", kind="stable")
+    by_seed = long.sort_values("seed", kind="stable")  # once: a group keeps its rows' order
+    for (protocol, dataset, metric, row), part in by_seed.groupby(["protocol", "dataset", "metric", "row"],
+                                                                  sort=False):
         samples.setdefault((protocol, dataset, metric), {})[row] = sample_of(
             part["value"].tolist(), part["outcomes"].tolist() if "outcomes" in part else [])
     return samples
@@ -234,8 +234,7 @@ def resolve_table(long: pd.DataFrame, table: pd.DataFrame, alpha: float = ALPHA)
         col = ColumnResolution()
         candidates = {row: s.mean for row, s in rows.items() if row not in baselines and finite(s.mean)}
         if len(candidates) >= 2 and not is_baseline(column[2]):
-            means = pd.Series({row: candidates[row] for row in order if row in candidates})
-            ranked_rows = list(means.sort_values(ascending=lower_is_better(column[2]), kind="stable").index)
+            ranked_rows = ranked(pd.Series({row: candidates[row] for row in order if row in candidates}), column[2])
             col.best = ranked_rows[0]
             col.versus_best = {row: compare(rows[col.best], rows[row], alpha) for row in ranked_rows[1:]}
         columns[column] = col

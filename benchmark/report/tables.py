@@ -22,7 +22,7 @@ from mugbench.report.frame import (
     lower_is_better, protocol_applies, protocol_label, protocol_order_key, ranked,
 )
 from mugbench.report.resolution import (
-    ALPHA, RESOLVED, TIED, TIED_MARK, UNRESOLVED, UNRESOLVED_MARK, TableResolution,
+    ALPHA, BEST, RESOLVED, TIED, TIED_MARK, UNRESOLVED, UNRESOLVED_MARK, TableResolution,
 )
 from mugbench.results import ResultRecord
 
@@ -63,6 +63,11 @@ def cell_text(mean: float, std: float, n: float, seeds: int, pm: str = " ± ") -
     return text + (f" (n={int(n)})" if n < seeds else "")
 
 
+def ahead_by(a: float, b: float, metric: str) -> float:
+    """How far a value ``a`` of ``metric`` is ahead of ``b``: positive = ``a`` is the better one."""
+    return b - a if lower_is_better(metric) else a - b
+
+
 def baseline_rows(frame: pd.DataFrame) -> set[str]:
     """The rows of a table (indexed by paradigm, row) that are baselines: shown, never ranked."""
     return {row for paradigm, row in frame.index if is_baseline_row(paradigm)}
@@ -89,8 +94,7 @@ def margin(frame: pd.DataFrame, column: tuple[str, str, str], methods: dict[str,
     if len(order) < 2:
         return None
     first, second = order[0], order[1]
-    a, b = frame.at[first, column + ("mean",)], frame.at[second, column + ("mean",)]
-    lead = (b - a) if lower_is_better(column[2]) else (a - b)
+    lead = ahead_by(frame.at[first, column + ("mean",)], frame.at[second, column + ("mean",)], column[2])
     return {"best": methods.get(first, first), "runner_up": methods.get(second, second), "margin": float(lead)}
 
 
@@ -133,7 +137,7 @@ def gain_over_random(plain: pd.DataFrame, row: str, column: tuple, methods: dict
     value, base = plain.at[row, column + ("mean",)], plain.at[floor, column + ("mean",)]
     if not (finite(value) and finite(base)):
         return None
-    return float(base - value) if lower_is_better(column[2]) else float(value - base)
+    return float(ahead_by(value, base, column[2]))
 
 
 def signed(value: float) -> str:
@@ -228,7 +232,7 @@ def claims_section(tables: dict, references: Sequence[dict]) -> list[str]:
                 found = True
                 mine = means[own[0]]
                 rival = others.idxmin() if lower_is_better(column[2]) else others.idxmax()
-                lead = (others[rival] - mine) if lower_is_better(column[2]) else (mine - others[rival])
+                lead = ahead_by(mine, others[rival], column[2])
                 verdict = "leads" if lead > 0 else "does not lead"
                 n = int(plain.at[own[0], column + ("n",)])
                 lines.append(f"| {_escape_md(ref['claim'])} | +{fmt(ref['value'])} | `{data}`/`{preset}` · "
@@ -264,10 +268,10 @@ def column_places(plain: pd.DataFrame, column: tuple, baselines: Collection[str]
     equal to it (bold) and, with a ``resolution``, the rows tied with it share place 1; every other
     row comes after all rows ahead of it by mean."""
     order = [row for row in ranked(plain[column + ("mean",)], column[2]) if row not in baselines]
-    first = best_rows(plain[column + ("mean",)], column[2], baselines)
-    if resolution is None:
-        return {row: 1 if row in first else i for i, row in enumerate(order, start=1)}
-    return resolution.places(column, order, first)
+    shared = best_rows(plain[column + ("mean",)], column[2], baselines)
+    if resolution is not None:
+        shared |= {row for row in order if resolution.status(column, row) in (BEST, TIED)}
+    return {row: 1 if row in shared else i for i, row in enumerate(order, start=1)}
 
 
 def ranking_section(frame: pd.DataFrame, columns: list[tuple], methods: dict[str, str],
@@ -292,6 +296,7 @@ def ranking_section(frame: pd.DataFrame, columns: list[tuple], methods: dict[str
     # Mean ranks over different columns do not compare: rows with every column come first and alone
     # get a place (shared by equal mean ranks: "1, 1, 3"); the others follow, unplaced.
     complete = {r: sum(ranks[r]) for r in ranks if len(ranks[r]) == len(transfer)}
+    places = pd.Series(complete, dtype=float).rank(method="min")
     order = sorted((r for r in ranks if ranks[r]),
                    key=lambda r: (r not in complete, sum(ranks[r]) / len(ranks[r]), r))
     tied = (f"rows tied with a column's best ({TIED_MARK} in the table) share its rank there; "
@@ -302,7 +307,7 @@ def ranking_section(frame: pd.DataFrame, columns: list[tuple], methods: dict[str
              f"1 = best; {tied}rows of equal mean rank share a place; baseline rows are not ranked; "
              f"a row without every column is not placed{untested}):", "",
              "| place | method | mean rank | columns ranked |", "|---:|---|---:|---:|"]
-    lines += [f"| {1 + sum(v < complete[row] for v in complete.values()) if row in complete else MISSING} | {row} | "
+    lines += [f"| {int(places[row]) if row in complete else MISSING} | {row} | "
               f"{sum(ranks[row]) / len(ranks[row]):.2f}{' ' + UNRESOLVED_MARK if row in unresolved else ''} | "
               f"{len(ranks[row])} of {len(transfer)} |"
               for row in order]
@@ -312,17 +317,13 @@ def ranking_section(frame: pd.DataFrame, columns: list[tuple], methods: dict[str
         if a in by_method and b in by_method:
             shared = [c for c in transfer if finite(plain.at[by_method[a], c + ("mean",)])
                       and finite(plain.at[by_method[b], c + ("mean",)])]
-            wins = sum(_better(plain.at[by_method[a], c + ("mean",)], plain.at[by_method[b], c + ("mean",)], c[2])
+            wins = sum(ahead_by(plain.at[by_method[a], c + ("mean",)], plain.at[by_method[b], c + ("mean",)], c[2]) > 0
                        for c in shared)
             if shared:
                 checks.append(f"{a} ahead of {b} on {wins} of {len(shared)}")
     if checks:
         lines += ["", "Pairwise, on the transfer columns both have: " + "; ".join(checks) + "."]
     return lines
-
-
-def _better(a: float, b: float, metric: str) -> bool:
-    return a < b if lower_is_better(metric) else a > b
 
 
 def missing_cells(frame: pd.DataFrame, columns: list[tuple], methods: dict[str, str], seeds: list[int],
@@ -441,12 +442,15 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def study_tables(frame: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
-    """The frame split per (pretrain_data, preset), each indexed by (paradigm, row), empty columns dropped."""
+    """The frame split per (pretrain_data, preset), each indexed by (paradigm, row), empty columns dropped;
+    without the frame's ``attrs`` (they describe every table, and pandas deep-copies them into each
+    frame and series derived from a part: every cell read)."""
     out = {}
     if frame.empty:
         return out
     for key, part in frame.groupby(level=["pretrain_data", "preset"], sort=False):
         part = part.droplevel(["pretrain_data", "preset"])
+        part.attrs = {}
         counts = part.xs("n", axis=1, level="stat")
         keep = {c for c in counts.columns if counts[c].notna().any()}
         out[key] = part[[c for c in part.columns if c[:3] in keep]]

@@ -85,11 +85,7 @@ class TrainState:
     def from_dict(cls, saved: Mapping[str, Any]) -> TrainState:
         """The state a checkpoint's ``"state"`` entry holds; keys that older checkpoints lack
         (``repaired``, ``peak_memory_mb``, ``data_s``) keep their defaults, unknown keys are ignored."""
-        values = {f.name: saved[f.name] for f in fields(cls) if f.name in saved}
-        for tally in ("skipped", "repaired"):
-            if tally in values:
-                values[tally] = dict(values[tally])
-        return cls(**values)
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
@@ -307,7 +303,7 @@ def _timed_fetches(batches: Iterable[dict], state: TrainState) -> Iterator[dict]
             batch = next(it)
         except StopIteration:
             return
-        state.data_s = state.data_s + time.perf_counter() - start
+        state.data_s += time.perf_counter() - start
         yield batch
 
 
@@ -418,16 +414,14 @@ class _Session:
 
     def lap(self) -> tuple[float, int]:
         """Close the throughput window: its seconds and images; the next one opens now."""
-        now = time.perf_counter()
-        elapsed, images = now - self.window_t, self.window_images
-        self.window_t, self.window_images = now, 0
-        return elapsed, images
+        images, self.window_images = self.window_images, 0
+        return self.restart_clock(), images
 
     def restart_clock(self) -> float:
         """Seconds since the window opened; its clock restarts (so a checkpoint write is not
         counted as training time), its image count does not."""
-        elapsed = time.perf_counter() - self.window_t
-        self.window_t = time.perf_counter()
+        now = time.perf_counter()
+        elapsed, self.window_t = now - self.window_t, now
         return elapsed
 
 
@@ -604,7 +598,7 @@ def _end_short_epoch(run: _Run, state: TrainState, epoch: int, micro_steps: int)
     aligned with the epochs. An epoch without a single batch stops the run (`BadDataError`)."""
     if micro_steps == 0:
         raise BadDataError(f"The data pipeline yielded no batch for epoch {epoch} of {run.desc}: every "
-                           f"sample was skipped (by kind: {dict(state.skipped) or 'none'}) or the "
+                           f"sample was skipped (by kind: {state.skipped or 'none'}) or the "
                            f"shards hold none. Run `mugbench data check SHARDS` to see what is wrong "
                            f"with them, sample by sample.")
     run.optimizer.zero_grad(set_to_none=True)
