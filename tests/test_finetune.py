@@ -10,9 +10,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mugbench.config import load_config
+from mugbench.config import ConfigError, load_config
 from mugbench.data.transforms import build_eval_transform
-from mugbench.eval.finetune import classifier_from_encoder, finetune
+from mugbench.eval.finetune import (classifier_from_encoder, finetune, fit_probe_head, right_per_image,
+                                    train_transform)
 from mugbench.eval.harness import run_protocol
 from mugbench.evalset import ClassificationSet, EvalSets, LabelledImages, ShardTrainBatches
 from mugbench.models.vit import build_encoder
@@ -85,6 +86,42 @@ def test_finetuning_a_random_encoder_with_the_full_recipe_separates_red_from_blu
     assert (options["epochs"], options["blr"], options["pool"]) == (3, 2e-3, cfg.eval.pool)
     # The caller's encoder is untouched: the protocol trains a copy.
     assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+
+
+def test_crop_ranges_reach_the_training_transform_and_are_checked():
+    """MAE's (timm's) RandomResizedCrop ranges by default; the toy preset crops nothing, so a training
+    image shows the whole scene at the scale the val images are scored at (the preset's measurement)."""
+    crop = train_transform(32, FineTune.Options()).transforms[0]
+    assert tuple(crop.scale) == (0.08, 1.0) and tuple(crop.ratio) == pytest.approx((3 / 4, 4 / 3))
+    toy = load_config("toy").eval.options_for("finetune")
+    crop = train_transform(32, toy).transforms[0]
+    assert tuple(crop.scale) == (1.0, 1.0) and tuple(crop.ratio) == (1.0, 1.0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    whole = np.asarray(image.resize((32, 32), Image.BICUBIC))
+    assert all(np.array_equal(np.asarray(crop(image)), whole) for _ in range(5))  # the whole image, resized
+    for key, value in (("crop_scale", [1.0, 0.5]), ("crop_ratio", [2.0, 1.0])):
+        with pytest.raises(ConfigError, match=f"eval.finetune.{key}"):
+            load_config("toy", [f"eval.finetune.{key}={value}"])
+    with pytest.raises(ConfigError, match="eval.finetune.crop_scale"):
+        load_config("toy", ["eval.finetune.crop_scale=[0.5]"])
+
+
+def test_a_probe_head_reads_the_frozen_features_before_fine_tuning(tinted):
+    """LP-FT's first stage: fitted on the un-augmented train split, the head alone (the encoder untouched)
+    tells red from blue on the val split. The recipe records which start it took."""
+    encoder = build_encoder(load_config("smoke").encoder, seed=0)
+    model = classifier_from_encoder(encoder, 2, "avg", drop_path=0.1)
+    body = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    fit_probe_head(model, tinted.train.image, tinted.train.label, batch_size=64, device="cpu")
+    right = right_per_image(model, tinted.val.image, tinted.val.label, batch_size=64, device="cpu")
+    assert right.float().mean() > 0.95 and model.head.weight.abs().max() > 1e-2, right.float().mean()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in body.items())
+    cfg = load_config("smoke", ["eval.finetune.epochs=1", "eval.finetune.head_init=probe"])
+    _, options, _ = finetune(encoder, tinted, cfg.eval.options_for("finetune"), seed=0, device="cpu",
+                             pool=cfg.eval.pool, batch_size=64)
+    assert options["head_init"] == "probe"
+    with pytest.raises(ConfigError, match="eval.finetune.head_init"):
+        load_config("smoke", ["eval.finetune.head_init=zero"])
 
 
 def test_classifier_keeps_the_encoder_weights_and_adds_drop_path():

@@ -524,6 +524,17 @@ def test_baseline_rows_are_a_group_of_their_own_never_bold_or_ranked():
     assert "baseline rows (random, supervised) are reference points" in text
 
 
+def test_an_untrained_baseline_does_not_make_a_study_mix_budgets():
+    """``random`` is evaluated as initialised (0 steps, 0 epochs): named in the header, not a mixed budget."""
+    records = baseline_study()
+    for r in records:
+        r.epochs, r.steps = (0.0, 0) if r.method == "random" else (4.0, 372)
+    text = write_report_text(records)
+    assert "Pre-training epochs: 4 (random: not pre-trained)." in text and "mixes encoders or epoch" not in text
+    records[0].epochs = 8.0  # a pre-trained row with another budget still warns
+    assert "mixes encoders or epoch budgets" in write_report_text(records)
+
+
 def test_the_full_table_shows_each_gain_over_random():
     full = write_report_text(baseline_study()).split("<summary>All metrics</summary>")[1].split("</details>")[0]
     cells = {line.split("|")[2].strip(): line.split("|")[3].strip() for line in full.splitlines()

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mugbench.config import load_config
+from mugbench.config import ConfigError, load_config
 from mugbench.data.toy import prepare_toy
 from mugbench.data.toy_seg import prepare_toy_seg
 from mugbench.eval import mmseg_compat
-from mugbench.eval.segmentation import (ViTPyramid, _import_mmseg, _prepare_encoder, block_indices, class_names,
-                                        param_groups, segment)
+from mugbench.eval.segmentation import (ViTPyramid, _import_mmseg, _pipelines, _prepare_encoder, block_indices,
+                                        class_names, param_groups, segment)
 from mugbench.evalset import EvalSets, SegmentationLayout, SegmentationSet
 from mugbench.models.vit import build_encoder
 
@@ -174,6 +174,17 @@ def test_layer_decay_groups():
     assert lr_of[id(enc.blocks[1].mlp.fc1.weight)] == (0.5, 0.05)
     assert lr_of[id(enc.blocks[0].norm1.weight)] == (0.25, 0.0)
     assert lr_of[id(model.decode_head.weight)] == (1.0, 0.05)
+
+
+def test_scale_range_reaches_the_training_resize():
+    """ADE20K's 0.5-2 by default; an option of the protocol, checked like every other."""
+    resize = next(step for step in _pipelines(32, False)[0] if step["type"] == "RandomResize")
+    assert resize["ratio_range"] == (0.5, 2.0)
+    toy = load_config("toy").eval.options_for("segmentation")
+    resize = next(step for step in _pipelines(32, False, toy.scale_range)[0] if step["type"] == "RandomResize")
+    assert resize["ratio_range"] == (1.0, 1.0)
+    with pytest.raises(ConfigError, match="eval.segmentation.scale_range"):
+        load_config("smoke", ["eval.segmentation.scale_range=[2.0, 0.5]"])
 
 
 # --------------------------------------------------------------------------- the protocol

@@ -11,8 +11,6 @@ import pytest
 
 CHANCE = 100.0 / 8  # eight shape classes in toy-cls
 CAPTION_FLOOR = 50.0  # percent of toy-caps scenes
-# UperNet at the toy budget (500 iterations): measured 15-17 mIoU against 9.4 for all-background.
-SEG_MARGIN = 3.0
 
 
 @pytest.mark.slow
@@ -25,9 +23,9 @@ def test_default_study_separates_from_chance(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("*.json")]
     assert {r["method"] for r in records} == {"simclr", "mae", "clip", "mug", "random", "supervised"}
-    # Measured on 2 cores (4 epochs of 6,000 images; results/toy/toy): k-NN (standardised
-    # features) 22-27 %, linear probe 30-41 %. A randomly initialised encoder gives about 15 % and 18 %.
-    floor = {"knn": 1.3 * CHANCE, "linear": 2.0 * CHANCE}
+    # Measured on 2 cores (4 epochs of 6,000 images, seed 0): k-NN (standardised features) 22.5-26.5 %,
+    # linear probe 37.2-49.0 %, fine-tuning 40.7-52.1 %; the `random` row 16.6 %, 30.9 % and 27.7 %.
+    floor = {"knn": 1.3 * CHANCE, "linear": 2.0 * CHANCE, "finetune": 2.0 * CHANCE}
     by_protocol = {(r["method"], r["protocol"]): r for r in records}
     for r in records:
         assert r["preset"] == "toy" and r["skipped_samples"] == {}
@@ -35,13 +33,22 @@ def test_default_study_separates_from_chance(tmp_path):
             assert r["metrics"]["top1"] > floor[r["protocol"]], (r["method"], r["protocol"], r["metrics"])
             # every pre-trained row clears the random-init floor of the same protocol
             assert r["metrics"]["top1"] > by_protocol["random", r["protocol"]]["metrics"]["top1"], r["method"]
-    every = {"knn", "linear", "finetune", "segmentation"}
+    # Segmentation takes two minutes per method at the toy budget: the default leaves it to the reference
+    # study (README), and tests/test_segmentation.py runs it.
+    every = {"knn", "linear", "finetune"}
     assert {p for m, p in by_protocol if m == "mug"} == every | {"zeroshot", "captioning", "reconstruction"}
     assert {p for m, p in by_protocol if m == "clip"} == every | {"zeroshot", "retrieval"}
-    for name in ("simclr", "mae", "clip", "mug"):
-        seg = by_protocol[name, "segmentation"]["metrics"]
-        assert seg["mIoU"] > seg["background_mIoU"] + SEG_MARGIN, (name, seg)
-        assert by_protocol[name, "finetune"]["metrics"]["top1"] > CHANCE, name
+    # The calibration (issue 18): pre-training shows in every default transfer column, and fine-tuning
+    # does not fall below the frozen probe. Measured on seed 0: linear mug 49.0 against random 30.9, k-NN
+    # mug 26.5 against 16.6, fine-tune mug 52.1 against 27.7; fine-tune minus linear +3.0 to +9.3.
+    pretrained = ("simclr", "mae", "clip", "mug")
+    best = {p: max(by_protocol[m, p]["metrics"]["top1"] for m in pretrained) for p in every}
+    assert best["linear"] > by_protocol["random", "linear"]["metrics"]["top1"] + 10, best
+    assert best["finetune"] > by_protocol["random", "finetune"]["metrics"]["top1"] + 10, best
+    assert best["knn"] > by_protocol["random", "knn"]["metrics"]["top1"] + 5, best
+    for name in pretrained:
+        top1 = {p: by_protocol[name, p]["metrics"]["top1"] for p in ("linear", "finetune")}
+        assert top1["finetune"] >= top1["linear"], (name, top1)
     # Chance is about 5 % (an image has 5 of the 1,000 captions; 10 are retrieved); measured 72.5 %.
     assert by_protocol["clip", "retrieval"]["metrics"]["i2t_r10"] > 25.0
     # MUG's captions name the main object's shape or colour for most validation scenes.

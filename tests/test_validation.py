@@ -297,7 +297,8 @@ def test_paper_preset_evaluates_the_papers_protocols():
     linear, finetune, seg = (cfg.options_for(p) for p in ("linear", "finetune", "segmentation"))
     assert (linear.solver, linear.epochs, linear.batch_size, linear.lr, linear.warmup_epochs) == ("lars", 90, 16384, 0.1, 10)
     assert (finetune.epochs, finetune.batch_size, finetune.blr, finetune.layer_decay) == (100, 1024, 5.0e-4, 0.65)
-    assert (seg.iters, seg.crop, seg.batch_size, seg.lr) == (160000, 512, 16, 1.0e-4)
+    assert (seg.iters, seg.crop, seg.batch_size, seg.lr, seg.scale_range) == (160000, 512, 16, 1.0e-4, [0.5, 2.0])
+    assert (finetune.crop_scale, finetune.randaug, finetune.mixup) == ([0.08, 1.0], "rand-m9-mstd0.5-inc1", 0.8)
 
 
 def test_paper_preset_without_its_pretraining_set_stops_before_any_folder(tmp_path, tmp_path_factory,

@@ -49,10 +49,33 @@ def classifier_from_encoder(encoder: torch.nn.Module, num_classes: int, pool: st
     return model
 
 
+def fit_probe_head(model: torch.nn.Module, images, labels: torch.Tensor, *, batch_size: int, device,
+                   l2: float = 1e-3, iters: int = 200) -> None:
+    """LP-FT's first stage (Kumar et al., ICLR 2022): fit ``model.head`` as a linear probe on the frozen
+    model's pre-logit features of ``images`` (the un-augmented train split), by full-batch L-BFGS on the
+    cross-entropy plus ``l2`` times the squared weights. Fine-tuning then starts from a head that already
+    reads the features, instead of one whose first gradients distort them."""
+    model.eval()
+    with torch.no_grad():
+        feats = torch.cat([model.forward_head(model.forward_features(images[i:i + batch_size].to(device)),
+                                              pre_logits=True) for i in range(0, len(labels), batch_size)])
+    head, labels = model.head, labels.to(device)
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(feats), labels) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+
 def train_transform(img_size: int, options):
     """timm's training transform with MAE's fine-tuning augmentation (``options``: the protocol's
-    ``FineTune.Options``; its ``randaug`` policy and ``reprob`` random-erasing probability)."""
-    transform = create_transform(img_size, is_training=True, auto_augment=options.randaug, color_jitter=None,
+    ``FineTune.Options``; its crop ranges, ``randaug`` policy and ``reprob`` random-erasing probability)."""
+    transform = create_transform(img_size, is_training=True, scale=options.crop_scale, ratio=options.crop_ratio,
+                                 auto_augment=options.randaug, color_jitter=None,
                                  interpolation="bicubic", re_prob=options.reprob, re_mode="pixel", re_count=1,
                                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
     for step in transform.transforms:
@@ -121,6 +144,8 @@ def _finetune(encoder: torch.nn.Module, data, opts, *, seed: int, device, pool: 
     random_seed(seed)
     img_size = int(data.val.image.shape[-1])
     model = classifier_from_encoder(encoder, data.num_classes, pool, opts.drop_path).to(device)
+    if opts.head_init == "probe":
+        fit_probe_head(model, data.train.image, data.train.label, batch_size=batch_size, device=device)
     batch = opts.batch_size
     lr = opts.blr * batch / 256  # MAE's linear scaling rule
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=opts.weight_decay,

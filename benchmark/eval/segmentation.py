@@ -189,13 +189,14 @@ def _model_cfg(backbone: dict, num_classes: int, embed_dim: int, crop: int, opti
 
 # --------------------------------------------------------------------------- data
 
-def _pipelines(crop: int, reduce_zero_label: bool) -> tuple[list, list]:
+def _pipelines(crop: int, reduce_zero_label: bool, scale_range=(0.5, 2.0)) -> tuple[list, list]:
     """mmseg's ADE20K train and test pipelines at crop ``crop``: resize towards (4c, c) (2048 x
-    512 for 512 crops), random scale 0.5-2, crop with at most 75 % of one class, flip, colour jitter."""
+    512 for 512 crops), random scale in ``scale_range`` (ADE20K's 0.5-2), crop with at most 75 % of
+    one class, flip, colour jitter."""
     scale = (4 * crop, crop)
     annotations = dict(type="LoadAnnotations", reduce_zero_label=reduce_zero_label)
     train = [dict(type="LoadImageFromFile"), annotations,
-             dict(type="RandomResize", scale=scale, ratio_range=(0.5, 2.0), keep_ratio=True),
+             dict(type="RandomResize", scale=scale, ratio_range=tuple(scale_range), keep_ratio=True),
              dict(type="RandomCrop", crop_size=(crop, crop), cat_max_ratio=0.75),
              dict(type="RandomFlip", prob=0.5), dict(type="PhotoMetricDistortion"), dict(type="PackSegInputs")]
     # Labels are loaded after the resize: predictions are scored at the original resolution.
@@ -541,7 +542,7 @@ def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch
         schedule.append(dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup))
     if warmup < iters:
         schedule.append(dict(type="PolyLR", power=1.0, eta_min=0.0, begin=warmup, end=iters, by_epoch=False))
-    train_pipe, test_pipe = _pipelines(crop, bool(data.reduce_zero_label))
+    train_pipe, test_pipe = _pipelines(crop, bool(data.reduce_zero_label), options.scale_range)
     loader = dict(num_workers=0, persistent_workers=False)  # loading and augmentation in this process
     runner = _quiet_runner_cls()(
         model=model, work_dir=str(workdir), experiment_name=name, default_scope="mmseg",
@@ -601,6 +602,7 @@ def segment(encoder: nn.Module, data, options, *, seed: int, device, workdir: Pa
         "head": "UPerHead+FCNHead", "iters": options.iters, "batch_size": options.batch_size, "crop": crop,
         "lr": options.lr, "weight_decay": options.weight_decay, "layer_decay": options.layer_decay,
         "warmup_iters": options.warmup_iters, "channels": options.channels, "aux_weight": options.aux_weight,
+        "scale_range": options.scale_range,
         "blocks": indices, "strides": list(ViTPyramid.strides), "schedule": "linear-warmup+poly1",
         "optimizer": "adamw(0.9,0.999)", "test_mode": "slide",
         "photometric": True,  # `_pipelines`' PhotoMetricDistortion, on every set

@@ -170,7 +170,9 @@ class Report:
         seeds = self._seeds(key)
         records = [r for r in self._records_of(data, preset) if r.protocol not in BENCH_PROTOCOLS]
         encoders = sorted({describe_encoder(r.encoder) for r in records} - {""})
-        epochs = sorted({r.epochs for r in records})
+        # An encoder evaluated as initialised (`random`, an untrained timm model) has no budget to compare.
+        epochs = sorted({r.epochs for r in records if r.steps})
+        untrained = sorted({r.method for r in records if not r.steps})
         lines = [f"## Pre-training data `{data}`, preset `{preset}`", "",
                  f"{len(self.tables[key])} row(s), {len(records)} record(s), {len(seeds)} seed(s) "
                  f"({', '.join(map(str, seeds))}). Cells: mean ± sample std over seeds (one seed: the value; "
@@ -178,7 +180,8 @@ class Report:
         if encoders:
             lines.append(f"Encoder: {'; '.join(encoders)}.")
         if epochs:
-            lines.append(f"Pre-training epochs: {', '.join(f'{e:g}' for e in epochs)}.")
+            not_trained = f" ({', '.join(untrained)}: not pre-trained)" if untrained else ""
+            lines.append(f"Pre-training epochs: {', '.join(f'{e:g}' for e in epochs)}{not_trained}.")
         if len(encoders) > 1 or len(epochs) > 1:
             lines.append("**Warning: this study mixes encoders or epoch budgets; rows are not like-for-like.**")
         return lines
