@@ -37,6 +37,7 @@ class Range:
     high_open: bool = False
     integer: bool = False
     length: int | None = None
+    ordered: bool = False  # a [low, high] range setting: its values must not decrease
 
     def field(self, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
         """A dataclass field with this range in its metadata."""
@@ -101,6 +102,9 @@ def check_range(key: str, value: Any, rng: Range, *, nullable: bool = False, sho
             raise ConfigError(f"{key}={text} must hold {rng.length} values, each {rng}.")
         if not all(rng.admits(v) for v in items.values()):
             raise ConfigError(f"{key}={text} is out of range: each must be {rng}.")
+        if rng.ordered and list(items.values()) != sorted(items.values()):
+            raise ConfigError(f"{key}={text} must be [low, high] with low <= high: it is a range values are "
+                              f"drawn from.")
         return items if isinstance(value, dict) else type(value)(items.values())
     if not rng.admits(value):
         raise ConfigError(f"{key}={text} is out of range: it must be {rng}{' or null' if nullable else ''}.")
@@ -144,7 +148,7 @@ class AugmentConfig:
     "left" or "right" pairs it with a false caption (every pre-training set here has captions).
     """
 
-    scale: tuple = Range(0, 1, low_open=True, length=2).field((0.2, 1.0))  # crop area fraction, low then high
+    scale: tuple = Range(0, 1, low_open=True, length=2, ordered=True).field((0.2, 1.0))  # crop area fraction range
     hflip: Optional[bool] = None  # null (or auto) = off for captioned data
     interpolation: str = "bicubic"  # bicubic | bilinear | nearest (torchvision's InterpolationMode)
 
@@ -152,9 +156,6 @@ class AugmentConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "scale", tuple(float(x) for x in self.scale))  # YAML's 1 -> 1.0, as records show it
-        if self.scale[0] > self.scale[1]:
-            raise ConfigError(f"data.augment.scale={list(self.scale)} must be [low, high] with low <= high: "
-                              f"it is the range of crop area fractions RandomResizedCrop draws from.")
         if self.interpolation not in self.INTERPOLATIONS:
             raise ConfigError(f"data.augment.interpolation={self.interpolation!r} is not one of "
                               f"{', '.join(self.INTERPOLATIONS)}.")

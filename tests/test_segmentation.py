@@ -21,6 +21,7 @@ from mugbench.eval.segmentation import (ViTPyramid, _import_mmseg, _pipelines, _
                                         class_names, param_groups, segment)
 from mugbench.evalset import EvalSets, SegmentationLayout, SegmentationSet
 from mugbench.models.vit import build_encoder
+from mugbench.protocols.segmentation import Segmentation
 
 CLASSES = ["background", "circle", "square", "triangle", "star", "cross", "diamond", "heart", "ring"]
 
@@ -178,7 +179,8 @@ def test_layer_decay_groups():
 
 def test_scale_range_reaches_the_training_resize():
     """ADE20K's 0.5-2 by default; an option of the protocol, checked like every other."""
-    resize = next(step for step in _pipelines(32, False)[0] if step["type"] == "RandomResize")
+    paper = Segmentation.Options().scale_range
+    resize = next(step for step in _pipelines(32, False, paper)[0] if step["type"] == "RandomResize")
     assert resize["ratio_range"] == (0.5, 2.0)
     toy = load_config("toy").eval.options_for("segmentation")
     resize = next(step for step in _pipelines(32, False, toy.scale_range)[0] if step["type"] == "RandomResize")

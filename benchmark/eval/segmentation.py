@@ -189,7 +189,7 @@ def _model_cfg(backbone: dict, num_classes: int, embed_dim: int, crop: int, opti
 
 # --------------------------------------------------------------------------- data
 
-def _pipelines(crop: int, reduce_zero_label: bool, scale_range=(0.5, 2.0)) -> tuple[list, list]:
+def _pipelines(crop: int, reduce_zero_label: bool, scale_range) -> tuple[list, list]:
     """mmseg's ADE20K train and test pipelines at crop ``crop``: resize towards (4c, c) (2048 x
     512 for 512 crops), random scale in ``scale_range`` (ADE20K's 0.5-2), crop with at most 75 % of
     one class, flip, colour jitter."""

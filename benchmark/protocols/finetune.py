@@ -35,19 +35,14 @@ class FineTune(Protocol):
         randaug: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; null = none
         reprob: float = FRACTION.field(0.25)
         # RandomResizedCrop's area and aspect ranges (timm's and MAE's defaults); [1, 1] and [1, 1]: no crop.
-        crop_scale: list = Range(0, 1, low_open=True, length=2).field((0.08, 1.0))
-        crop_ratio: list = Range(0, low_open=True, length=2).field((3 / 4, 4 / 3))
+        # Lists, as records (JSON) hold them, so a reread record's options compare equal.
+        crop_scale: list = Range(0, 1, low_open=True, length=2, ordered=True).field(factory=lambda: [0.08, 1.0])
+        crop_ratio: list = Range(0, low_open=True, length=2, ordered=True).field(factory=lambda: [3 / 4, 4 / 3])
         # mae: MAE's near-zero head (std 2e-5); probe: LP-FT (Kumar et al., ICLR 2022), the head starts as a
         # linear probe fitted on the frozen encoder's features of the train split.
         head_init: str = "mae"
 
         def __post_init__(self):
-            # Lists of floats, as records (JSON) hold them, so a reread record's options compare equal.
-            self.crop_scale, self.crop_ratio = ([float(x) for x in v] for v in (self.crop_scale, self.crop_ratio))
-            for key, (low, high) in (("crop_scale", self.crop_scale), ("crop_ratio", self.crop_ratio)):
-                if low > high:
-                    raise ConfigError(f"eval.finetune.{key}={[low, high]} must be [low, high] with low <= high: "
-                                      f"it is a range RandomResizedCrop draws from.")
             if self.head_init not in HEAD_INITS:
                 raise ConfigError(f"eval.finetune.head_init={self.head_init!r} is not one of {', '.join(HEAD_INITS)}.")
 

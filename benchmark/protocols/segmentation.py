@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import COUNT, COUNT0, DECAY, NON_NEGATIVE, POSITIVE, ConfigError, Range
+from ..config import COUNT, COUNT0, DECAY, NON_NEGATIVE, POSITIVE, Range
 from ..protocol import EvalContext, Protocol, ProtocolResult
 from ..registry import register_protocol
 
@@ -27,14 +27,8 @@ class Segmentation(Protocol):
         warmup_iters: int = COUNT0.field(1500)
         channels: int = COUNT.field(512)  # UPerHead width
         aux_weight: float = NON_NEGATIVE.field(0.4)  # auxiliary FCNHead loss weight
-        scale_range: list = Range(0, low_open=True, length=2).field((0.5, 2.0))  # RandomResize's ratio range
-
-        def __post_init__(self):
-            # A list of floats, as records and the resume signature (JSON) hold it.
-            self.scale_range = [float(x) for x in self.scale_range]
-            if self.scale_range[0] > self.scale_range[1]:
-                raise ConfigError(f"eval.segmentation.scale_range={self.scale_range} must be [low, high] "
-                                  f"with low <= high: the range of scales training images are resized by.")
+        # RandomResize's ratio range; a list, as records and the resume signature (JSON) hold it.
+        scale_range: list = Range(0, low_open=True, length=2, ordered=True).field(factory=lambda: [0.5, 2.0])
 
     def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
         """Train (resumably, in ``ctx.workdir``) and score the val split."""
