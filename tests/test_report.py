@@ -238,10 +238,11 @@ def test_committed_reports_match_the_committed_results(tmp_path, monkeypatch):
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
-    write_report(Path("results"), tmp_path, figures=False)
+    write_report(Path("reference/results"), tmp_path, figures=False)
     for name in ("summary.md", "summary.csv", "summary.tex"):
-        assert (tmp_path / name).read_text() == (repo / "reports" / name).read_text(), (
-            f"reports/{name} is stale: rebuild it with `mugbench report` from the repository root")
+        assert (tmp_path / name).read_text() == (repo / "reference" / "reports" / name).read_text(), (
+            f"reference/reports/{name} is stale: rebuild it with "
+            f"`mugbench report --results reference/results --reports reference/reports` from the repository root")
 
 
 def test_ranking_on_transfer_and_the_papers_pairwise_claims():
@@ -582,3 +583,17 @@ def test_the_gain_figure_starts_each_bar_at_the_random_floor(tmp_path):
         write_record(r, tmp_path / "other")
     write_report(tmp_path / "other", tmp_path / "reports2")
     assert not (tmp_path / "reports2" / "figures" / "toy-toy-gain.png").exists()
+
+
+def test_a_cell_mixing_commits_is_marked_and_its_commits_named():
+    # A user's seed 0 beside seeds 1-2 of another commit: the mean mixes two versions of the code.
+    records = study_records()
+    for r in records:
+        r.git_commit = ("a" if (r.method, r.seed) == ("mae", 0) else "b") * 40
+    text = write_report_text(records)
+    r = rows(text)
+    assert "| 42.0 ± 2.0‡ ≈ |" in r["mae"] and "‡" not in r["mug"] + r["clip"] + r["simclr"]
+    assert "- mae, linear (toy-cls), segmentation (toy-seg): aaaaaaaaaa: seed 0; bbbbbbbbbb: seeds 1, 2" in text
+    for r in records:
+        r.git_commit = "b" * 40
+    assert "‡" not in write_report_text(records)

@@ -22,6 +22,7 @@ from mugbench.report.frame import (
     BENCH_PROTOCOLS, Selection, describe_encoder, headline_columns, long_frame, study_details, summary_frame,
 )
 from mugbench.report.likeness import unlike_note, unlike_rows
+from mugbench.report.provenance import mixed_cells, mixed_note
 from mugbench.report.resolution import (
     ALPHA, RESOLVED, TIED, TIED_MARK, UNRESOLVED, UNRESOLVED_MARK, resolve_table,
 )
@@ -94,6 +95,7 @@ class Report:
         self.methods = self.frame.attrs["methods"]
         self.studies = self.frame.attrs["studies"]
         self.unlike = unlike_rows(self.records, by)  # per table: rows not pre-trained like-for-like, and why
+        self.mixed = mixed_cells(self.records, by)  # per table: cells whose seeds come from several commits
         # per table: each column's best, and which rows the tests cannot tell apart from it
         self.resolutions = {key: resolve_table(self._long_of(key), table) for key, table in self.tables.items()}
 
@@ -114,7 +116,8 @@ class Report:
         seeds = 1 if self.by == "seed" else len(self._seeds(key))
         refs = absolute_references(self.references, columns)
         return markdown_table(table, columns, seeds, self.methods, refs, with_margin=self.by == "method",
-                              marked=self.unlike.get(key, {}), resolution=self.resolutions[key])
+                              marked=self.unlike.get(key, {}), resolution=self.resolutions[key],
+                              mixed=self.mixed.get(key, {}))
 
     def full_table(self, key) -> list[str]:
         """Markdown lines of one study's table of every metric, each cell with its gain over `random`."""
@@ -122,7 +125,8 @@ class Report:
         all_columns = list(dict.fromkeys(c[:3] for c in table.columns))
         seeds = 1 if self.by == "seed" else len(self._seeds(key))
         lines = markdown_table(table, all_columns, seeds, self.methods, with_margin=False,
-                               marked=self.unlike.get(key, {}), resolution=self.resolutions[key], gains=True)
+                               marked=self.unlike.get(key, {}), resolution=self.resolutions[key], gains=True,
+                               mixed=self.mixed.get(key, {}))
         rows = table.index.get_level_values("row")
         if any(random_row(row, self.methods, rows) for row in rows):
             lines += ["", f"(+x) after a cell: its gain over the `{RANDOM}` row (the encoder as initialised, not "
@@ -140,7 +144,8 @@ class Report:
         if sentence:
             lines += [sentence, ""]
         for part in (self.floor_lines(key), grid_edge_note(self._records_of(*key), rows, self.by),
-                     unlike_note(self.unlike.get(key, {}), rows)):
+                     unlike_note(self.unlike.get(key, {}), rows),
+                     mixed_note(self.mixed.get(key, {}), rows, [c[:3] for c in self.tables[key].columns])):
             lines += part + [""] if part else []
         return lines
 
@@ -289,7 +294,8 @@ class Report:
     def index(self, figures: list[tuple[str, str, Path]], reports_dir: Path) -> str:
         """``README.md``: what a person opens first."""
         lines = ["# mugbench report", "",
-                 "Rebuilt from `results/` alone by `mugbench report`; do not edit by hand. Full tables, margins, "
+                 f"Rebuilt from `{self.results_dir.as_posix()}/` alone by `mugbench report`; do not edit by hand. "
+                 "Full tables, margins, "
                  "what is missing and the published claims: [summary.md](summary.md) "
                  "(also [summary.csv](summary.csv), [summary.tex](summary.tex)).", ""]
         for key, table in self.tables.items():
@@ -316,9 +322,18 @@ class Report:
         bench_cmds = sorted({r.command for r in self.records if r.protocol in BENCH_PROTOCOLS and r.command})
         if bench_cmds:
             lines += ["- benchmarks:"] + [f"  - `{c}`" for c in bench_cmds]
-        lines += ["", f"Regenerate: `mugbench report{(' ' + self.selection.describe()) if self.selection.describe() else ''}"
+        folders = _folder_args(self.results_dir, reports_dir)
+        lines += ["", f"Regenerate: `mugbench report{folders}{(' ' + self.selection.describe()) if self.selection.describe() else ''}"
                   f"{'' if self.by == 'method' else ' --by ' + self.by}`.", ""]
         return "\n".join(lines)
+
+
+def _folder_args(results_dir: Path, reports_dir: Path) -> str:
+    """The ``--results`` / ``--reports`` options that rebuild these folders (none for the defaults). An
+    absolute reports folder is left out: the index must not depend on where a copy of it is written."""
+    parts = [f" --{flag} {folder.as_posix()}" for flag, folder in (("results", results_dir), ("reports", reports_dir))
+             if folder != Path(flag) and not (flag == "reports" and folder.is_absolute())]
+    return "".join(parts)
 
 
 def _bench_device(record: ResultRecord) -> str:

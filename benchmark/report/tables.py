@@ -24,6 +24,7 @@ from mugbench.report.frame import (
 from mugbench.report.resolution import (
     ALPHA, BEST, RESOLVED, TIED, TIED_MARK, UNRESOLVED, UNRESOLVED_MARK, TableResolution,
 )
+from mugbench.report.provenance import MIXED_MARK
 from mugbench.results import ResultRecord
 
 MISSING = "—"
@@ -148,12 +149,13 @@ def signed(value: float) -> str:
 def markdown_table(frame: pd.DataFrame, columns: list[tuple[str, str, str]], seeds: int,
                    methods: dict[str, str], references: Sequence[dict] = (), with_margin: bool = True,
                    marked: Collection[str] = (), resolution: TableResolution | None = None,
-                   gains: bool = False) -> list[str]:
+                   gains: bool = False, mixed: Collection[tuple] = ()) -> list[str]:
     """Markdown lines of one study's table. ``frame`` is indexed by (paradigm, row); rows in ``marked``
     (not pre-trained like-for-like with the rest) get a dagger after their name. The best of each
     column is bold (never a baseline row); with a ``resolution``, a cell not resolved from the best
     gets `TIED_MARK` and one no test could compare `UNRESOLVED_MARK`. With ``gains``, each cell also
-    shows its gain over the table's `random` row, ``36.0 ± 0.9 (+12.3)``."""
+    shows its gain over the table's `random` row, ``36.0 ± 0.9 (+12.3)``. A ``(row, column)`` in ``mixed``
+    (its seeds measured by different commits) gets `MIXED_MARK`."""
     header = ["paradigm", "method"] + [column_label(c) for c in columns]
     lines = ["| " + " | ".join(_escape_md(h) for h in header) + " |", "|---|---|" + "---:|" * len(columns)]
     plain = frame.droplevel("paradigm")
@@ -164,6 +166,7 @@ def markdown_table(frame: pd.DataFrame, columns: list[tuple[str, str, str]], see
             cells = [paradigm if i == 0 else "", f"{row}{MARK}" if row in marked else row]
             for c in columns:
                 text = cell_text(*(plain.at[row, c + (s,)] for s in STATS), seeds)
+                text += MIXED_MARK if (row, c) in mixed else ""
                 text = f"**{text}**" if row in bold[c] else " ".join(filter(None, (
                     text, resolution_mark(resolution, c, row))))
                 gain = gain_over_random(plain, row, c, methods) if gains else None
