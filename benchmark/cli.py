@@ -38,8 +38,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", type=Path, default=Path("runs"), help="checkpoints and logs (default: ./runs)")
     run.add_argument("--results", type=Path, default=Path("results"), help="result records (default: ./results)")
     run.add_argument("--reports", type=Path, default=Path("reports"), help="tables and plots (default: ./reports)")
+    run.add_argument("--fresh", action="store_true", help="start each run over instead of resuming it: its old "
+                     "folder's files are moved aside to RUN_DIR.old-TIME (never deleted) and its records rewritten")
     run.add_argument("--evals", default=None, metavar="P1,P2", help="protocols, e.g. knn,linear "
                      "(shorthand for --set eval.protocols=[...]; default: the preset's)")
+    run.add_argument("--report-to", default="", metavar="TRACKER[,TRACKER]",
+                     help="also write each run's training curves (loss and its parts, lr, images/s at every "
+                     "logged step) and each protocol's headline metrics for an experiment tracker, into the run's "
+                     "folder under --workdir: tensorboard (RUN_DIR/tensorboard/; `tensorboard --logdir WORKDIR` "
+                     "shows every run; needs the tensorboard package) or wandb (offline, RUN_DIR/wandb/; needs the "
+                     "wandb package)")
     _add_study_args(run)
 
     rep = sub.add_parser("report", help="rebuild reports/ (tables, figures, index) from results/ alone")
@@ -80,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     which = ev.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", type=Path, help="a run directory, its checkpoint.pt or encoder.safetensors, "
                        "or a folder written by `mugbench export`")
-    which.add_argument("--timm-model", metavar="NAME", help="any timm ViT, e.g. vit_small_patch16_224 (never downloaded)")
+    which.add_argument("--timm-model", metavar="NAME", help="a timm ViT as timm names it: ARCH (random init "
+                       "unless --weights), ARCH.TAG (timm's pretrained weights), hf-hub:REPO or local-dir:FOLDER; tags "
+                       "and hub repositories are read from the local Hugging Face cache, never downloaded")
     ev.add_argument("--weights", type=Path, default=None, help="with --timm-model: a .safetensors or .pth state dict "
                     "(default: random init)")
     ev.add_argument("--model-args", default=None, metavar="JSON", help="with --timm-model: timm.create_model "
@@ -115,11 +125,14 @@ def _parser() -> argparse.ArgumentParser:
     inp.add_argument("--workdir", type=Path, default=None, help="where the generated shards go (default: the cache)")
     inp.add_argument("--json", type=Path, default=None, help="also write the figures here")
 
-    exp = sub.add_parser("export", help="write a run's encoder as a timm Hugging Face folder (config.json + model.safetensors)")
+    exp = sub.add_parser("export", help="write a run's encoder as a timm Hugging Face folder (config.json + model.safetensors) "
+                                         "that timm and transformers load; clip, slip and flip runs also get an open_clip model")
     exp.add_argument("source", type=Path, help="a run directory, its checkpoint.pt or encoder.safetensors")
     exp.add_argument("out_dir", type=Path, help="folder to write; load it with timm.create_model('local-dir:OUT_DIR', pretrained=True)")
     exp.add_argument("--force", action="store_true",
                      help="write into OUT_DIR even if it is not empty (a run folder is always refused)")
+    exp.add_argument("--results", type=Path, default=Path("results"),
+                     help="results folder whose records of this run fill the model card's results table (default: results)")
     return parser
 
 
@@ -131,6 +144,10 @@ def _list_override(key: str, value: str | None) -> list[str]:
 
 
 def _cmd_run(args) -> int:
+    # Redirected, stdout is block-buffered: its phase lines would reach a log long after the progress lines
+    # (stderr, line-buffered) that follow them.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     from .config import load_config
     from .data.catalog import default_cache_dir, default_data_root, resolve_pretrain_urls
 
@@ -149,18 +166,28 @@ def _cmd_run(args) -> int:
     from .preflight import check_run
 
     cache_dir = args.cache_dir or default_cache_dir()
+    report_to = tuple(name.strip() for name in args.report_to.split(",") if name.strip())
     # The last check before work: nothing is created on disk until every setting above passed.
     check_run(cfg, data_root=data_root, needs_text=any(get_method(n).needs_text for n in methods),
-              workdir=args.workdir, results=args.results, reports=args.reports, cache=cache_dir, methods=methods)
-    from .report import write_report
+              workdir=args.workdir, results=args.results, reports=args.reports, cache=cache_dir, methods=methods,
+              report_to=report_to)
+    from .report import build_report, write_report
     from .study import run_study
+    from .study_plan import StudyPlan
 
+    plan = StudyPlan(cfg, methods, seeds)  # one plan over every seed: places and time left for the whole command
     for seed in seeds:
         cfg.seed = seed
         run_study(cfg, methods, workdir=args.workdir, results_dir=args.results,
-                  cache_dir=cache_dir, data_root=data_root, overrides=overrides)
+                  cache_dir=cache_dir, data_root=data_root, overrides=overrides, fresh=args.fresh,
+                  report_to=report_to, plan=plan)
     if _is_main_process():
-        print(write_report(args.results, args.reports))
+        report = build_report(args.results)
+        write_report(args.results, args.reports, report=report)
+        # The headline table of this study; the full report (every metric, margins, claims) is on disk.
+        table = report.headline([(cfg.data.name, cfg.preset)]) or report.headline()  # a shard pattern's study name differs
+        print("\n" + (table or "no results recorded\n")
+              + f"\nfull report: {args.reports / 'README.md'} (every table: {args.reports / 'summary.md'})")
     return 0
 
 
@@ -244,7 +271,7 @@ def _cmd_data(args) -> int:
         from .data.toy import prepare_toy_world
 
         cfg = load_config(args.preset, args.overrides)
-        root, manifest = prepare_toy_world(cfg.data, args.cache_dir or default_cache_dir())
+        root, manifest = prepare_toy_world(cfg.data, args.cache_dir or default_cache_dir(), log=print)
         counts = ", ".join(f"{k}={v['count']}" for k, v in manifest["splits"].items())
         print(f"toy world ready in {root}: {counts}")
         return 0
@@ -315,10 +342,13 @@ def _cmd_export(args) -> int:
 
     check_destination(args.out_dir, args.force)  # before loading the source: a refusal costs nothing
     source = load_source(args.source)
-    out = export_timm(source, args.out_dir, force=args.force)
+    out = export_timm(source, args.out_dir, force=args.force, results=args.results)
     files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
     print(f"exported the {source.method or source.timm_name} encoder ({source.timm_name}, {source.img_size} px) "
-          f"to {out}: {files}\nload it with: timm.create_model('local-dir:{out}', pretrained=True)")
+          f"to {out}: {files}\nload it with: timm.create_model('local-dir:{out}', pretrained=True) or "
+          f"transformers.AutoModel.from_pretrained('{out}')")
+    if (out / "open_clip_config.json").is_file():
+        print(f"and both towers with: open_clip.create_model_and_transforms('local-dir:{out}')")
     return 0
 
 

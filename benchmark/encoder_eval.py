@@ -20,11 +20,11 @@ from .sources import EncoderSource, encoder_record_fields
 EXTERNAL_DATA = "external"  # pretrain_data of encoders whose pre-training mugbench does not know
 
 
-def eval_config(source: EncoderSource, preset: str | None, overrides: list[str]) -> StudyConfig:
+def eval_config(source: EncoderSource, preset: str | None, overrides: list[str], log=print) -> StudyConfig:
     """The study to evaluate with: ``preset`` if given, else the run's own study, else ``toy``.
 
-    The resolution is always the encoder's own, and a run's seed is kept so that its records
-    land beside the ones `mugbench run` wrote for it.
+    The resolution is always the encoder's own (``log`` says so when that resizes the study's images),
+    and a run's seed is kept so that its records land beside the ones `mugbench run` wrote for it.
     """
     from .eval.harness import check_evaluation
 
@@ -43,6 +43,9 @@ def eval_config(source: EncoderSource, preset: str | None, overrides: list[str])
         cfg = load_config(preset or "toy", overrides)
     if isinstance(run_cfg, dict) and not any(o.strip().startswith("seed=") for o in overrides):
         cfg.seed = int(run_cfg.get("seed", cfg.seed))
+    if cfg.encoder.img_size != source.img_size:
+        log(f"note: the study's images are {cfg.encoder.img_size} px; they are resized to the encoder's "
+            f"{source.img_size} px")
     cfg.encoder = dataclasses.replace(cfg.encoder, img_size=source.img_size)
     check_evaluation(cfg)
     return cfg
@@ -55,7 +58,9 @@ def record_identity(source: EncoderSource) -> tuple[str, str]:
     data = (run.get("config") or {}).get("data", {}).get("name") or run.get("pretrain_data") or EXTERNAL_DATA
     if source.method:
         return source.method, data
-    if source.kind in ("timm", "timm-folder"):
+    if source.kind == "timm":
+        return source.origin, data  # timm:NAME as given (a tag or hub repository tells weights apart)
+    if source.kind == "timm-folder":
         return f"timm:{source.timm_name}", data
     return Path(source.origin).stem, data
 
@@ -88,6 +93,7 @@ def evaluate_source(source: EncoderSource, cfg: StudyConfig, *, results_dir: Pat
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name, pretrain_data = record_identity(source)
+    _note_source(source, log)
     _note_normalisation(source, log)
     capability = skipped_protocols(cfg, source.encoder)  # those that need the whole method
     method, tokenizer = rebuild_method(source, device) if capability else (None, None)
@@ -156,6 +162,16 @@ def _method_options(source: EncoderSource, method) -> dict:
         return dataclasses.asdict(get_method(source.method).parse_options(options))
     except Exception:  # a plugin not installed here must not stop the evaluation of its encoder
         return dict(options or {})
+
+
+def _note_source(source: EncoderSource, log) -> None:
+    """Say which weights were loaded, or that there are none."""
+    if source.kind == "timm":
+        what = (f"weights from {source.weights}" if source.weights else
+                "random init: no weights were given (--weights FILE, or a pretrained tag such as ARCH.TAG)")
+    else:
+        what = f"{source.kind} weights" + (f" after {source.steps} steps" if source.steps is not None else "")
+    log(f"encoder: {source.origin}: {what}")
 
 
 def _note_normalisation(source: EncoderSource, log) -> None:

@@ -1,17 +1,22 @@
 """`mugbench export`: a pre-trained encoder as a timm Hugging Face folder (config.json + model.safetensors).
 
-The folder loads offline with ``timm.create_model("local-dir:FOLDER", pretrained=True)``: timm's own
+The folder loads offline with ``timm.create_model("local-dir:FOLDER", pretrained=True)`` and with
+transformers' ``AutoModel.from_pretrained(FOLDER)`` (its ``TimmWrapperModel``): timm's own
 ``save_for_hf`` writes it, with the architecture arguments (``model_args``) that rebuild the exact
-ViT and a ``pretrained_cfg`` holding the preprocessing the encoder was trained with.
+ViT and a ``pretrained_cfg`` holding the preprocessing the encoder was trained with. A whole CLIP-style
+method (a run of clip, slip or flip, or its checkpoint.pt) also gets its image and text towers as an
+open_clip model in the same folder (`mugbench.export_open_clip`). The README.md model card says what
+the encoder is, how to load it with each library, and what mugbench measured of it.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .encoder_eval import pretrain_conditions
+from .encoder_eval import pretrain_conditions, rebuild_method
 from .files import atomic_write_text
 from .sources import EncoderSource, load_source
 
@@ -27,12 +32,16 @@ class ExportError(ValueError):
     """An export destination that cannot be written."""
 
 
-def export_timm(source: Path | EncoderSource, out_dir: Path, verify: bool = True, force: bool = False) -> Path:
+def export_timm(source: Path | EncoderSource, out_dir: Path, verify: bool = True, force: bool = False,
+                results: Path | None = None, open_clip: bool = True, log: Callable[[str], None] = print) -> Path:
     """Write ``source``'s encoder to ``out_dir`` in timm's hub layout, plus a README.md model card.
 
     ``source`` is anything `load_source` accepts. With ``verify`` the folder is loaded back through
-    timm and must give the same features as the encoder, so a broken export never goes unnoticed.
-    ``out_dir`` must be new or empty, or ``force`` given (see `check_destination`).
+    timm and transformers and must give the same features as the encoder, so a broken export never goes
+    unnoticed. ``out_dir`` must be new or empty, or ``force`` given (see `check_destination`).
+    ``results``: a results folder whose records of this run (method, data, preset, seed) make the
+    card's results table. With ``open_clip``, a source that holds a whole CLIP-style method also gets
+    the open_clip files; ``log`` is told when a method with a text tower gets none, and why.
     """
     from timm.models import save_for_hf
 
@@ -51,17 +60,81 @@ def export_timm(source: Path | EncoderSource, out_dir: Path, verify: bool = True
                 data_config=data_config,
                 model_config={"pretrained_cfg": {"tag": f"mugbench-{provenance.get('method') or 'encoder'}"},
                               "mugbench": provenance})
-    atomic_write_text(out_dir / "README.md", model_card(src, out_dir, data_config))
+    _drop_num_classes_arg(out_dir / "config.json")
+    from .export_open_clip import OPEN_CLIP_FILES, write_open_clip
+
+    towers = _open_clip_towers(src, log) if open_clip else None
+    if towers is not None:
+        write_open_clip(*towers, out_dir, src.img_size, mean, std)
+    else:  # open_clip files of an earlier export (--force) would pair another model's towers with this one
+        for name in OPEN_CLIP_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    records = run_records(results, provenance) if results is not None else None
+    atomic_write_text(out_dir / "README.md", model_card(src, out_dir, data_config, records=records,
+                                                        results_dir=results, open_clip=towers is not None))
     if verify:
         _verify(model, out_dir, src.img_size)
+        if towers is not None:
+            from .export_open_clip import verify_open_clip
+
+            diffs = verify_open_clip(*towers, out_dir, src.img_size)
+            log(f"open_clip: both towers written; open_clip's embeddings differ from mugbench's by at most "
+                f"{max(diffs['image'], diffs['text']):.1e}")
     return out_dir
+
+
+def _drop_num_classes_arg(config_path: Path) -> None:
+    """Remove ``num_classes`` from the config's ``model_args``, where timm's ``save_for_hf`` always puts it.
+
+    transformers' ``TimmWrapperModel`` calls ``timm.create_model(..., num_classes=0, **model_args)``, so a
+    second ``num_classes`` there is a TypeError and the folder would not load in transformers at all. timm
+    itself still builds the encoder without a classifier: it takes ``num_classes`` from the config's top
+    level (0, also written by ``save_for_hf``) when ``model_args`` has none.
+    """
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("model_args"), dict) and "num_classes" in config["model_args"]:
+        del config["model_args"]["num_classes"]
+        atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
+
+
+def _open_clip_towers(src: EncoderSource, log: Callable[[str], None]):
+    """``(method, tokenizer)`` when ``src`` holds a whole method open_clip can express, else None; a
+    method with a text tower that gets no open_clip files is logged with the reason."""
+    from .config import ConfigError
+    from .export_open_clip import open_clip_problem
+    from .registry import UnknownNameError, get_method
+
+    try:
+        caps = get_method(src.method).capabilities() if src.method else []
+    except UnknownNameError:  # a plugin's run, the plugin not installed here: nothing to rebuild it with
+        caps = []
+    if not {"encode_image", "encode_text"} <= set(caps):
+        return None
+    if src.method_state is None:
+        log(f"open_clip: not written: {src.origin} holds only the encoder; export the run directory or its "
+            f"checkpoint.pt to get {src.method}'s text tower as an open_clip model too.")
+        return None
+    try:
+        method, tokenizer = rebuild_method(src)
+    except (ConfigError, RuntimeError) as exc:
+        log(f"open_clip: not written: {src.method} could not be rebuilt from {src.origin} ({exc}).")
+        return None
+    if method is None:
+        log(f"open_clip: not written: {src.origin} has no run.json beside it to rebuild {src.method} from.")
+        return None
+    problem = open_clip_problem(method)
+    if problem:
+        log(f"open_clip: not written: {problem}.")
+        return None
+    return method, tokenizer
 
 
 def check_destination(out_dir: Path, force: bool = False) -> None:
     """Raise `ExportError` unless an export may write into ``out_dir``; nothing is written.
 
-    An export writes config.json, model.safetensors and README.md, overwriting files of those
-    names: a non-empty folder needs ``force``. A run folder (run.json, metrics.jsonl or
+    An export writes config.json, model.safetensors and README.md (and open_clip_config.json and
+    open_clip_model.safetensors for a CLIP-style method), overwriting files of those names: a
+    non-empty folder needs ``force``. A run folder (run.json, metrics.jsonl or
     checkpoint*.pt) is refused even with ``force``: its files would be overwritten, and
     `mugbench eval` would then read the run as a plain timm folder.
     """
@@ -79,7 +152,8 @@ def check_destination(out_dir: Path, force: bool = False) -> None:
     if entries and not force:
         raise ExportError(
             f"{out_dir} is not empty (it holds {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}): an export "
-            f"writes config.json, model.safetensors and README.md and would overwrite files of those names. Nothing "
+            f"writes config.json, model.safetensors and README.md (and the open_clip files of a CLIP-style method) "
+            f"and would overwrite files of those names. Nothing "
             f"was written. Export into a new or empty folder, or pass --force to write into this one anyway.")
 
 
@@ -112,8 +186,11 @@ def provenance_block(src: EncoderSource) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def model_card(src: EncoderSource, out_dir: Path, data_config: dict) -> str:
-    """A short README.md: what the encoder is, how it was trained, how to load it."""
+def model_card(src: EncoderSource, out_dir: Path, data_config: dict, records=None, results_dir: Path | None = None,
+               open_clip: bool = False) -> str:
+    """The README.md: Hugging Face front matter, what the encoder is and how it was trained, the results
+    mugbench recorded for its run (``records``, read from ``results_dir``; None: no results folder was
+    given), and how to load it in timm, transformers and, with ``open_clip``, open_clip."""
     from .results import git_commit
 
     p = provenance_block(src)
@@ -128,18 +205,27 @@ def model_card(src: EncoderSource, out_dir: Path, data_config: dict) -> str:
             ("trained at commit", p.get("git_commit")), ("exported at commit", git_commit()),
             ("exported from", f"`{src.origin}`")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
+    tags = ["image-feature-extraction", "timm", "transformers", "mugbench"] + ([p["method"]] if p.get("method") else [])
+    tags = list(dict.fromkeys(tags + (["open_clip", "clip"] if open_clip else [])))
+    libraries = "timm and transformers" + (", and its image and text towers for open_clip" if open_clip else "")
     return f"""---
 library_name: timm
-tags: [image-feature-extraction, timm, mugbench]
+pipeline_tag: image-feature-extraction
+license: {_license()}
+tags: {json.dumps(tags)}
 ---
 # {method} ViT encoder (mugbench)
 
-An image encoder pre-trained by mugbench with `{method}`, exported for timm.
-It has no classifier (`num_classes=0`): use its features.
+An image encoder pre-trained by mugbench with `{method}`, exported for {libraries}.
+The image encoder has no classifier (`num_classes=0`): use its features.
 
 | | |
 |---|---|
 {table}
+{_results_section(records, results_dir, p)}
+## Loading
+
+timm:
 
 ```python
 import timm
@@ -147,8 +233,104 @@ model = timm.create_model("local-dir:{out_dir}", pretrained=True).eval()
 tokens = model.forward_features(images)  # [B, 1 + patches, {int(src.encoder.embed_dim)}]; class token first
 ```
 
-`mugbench eval --checkpoint {out_dir}` evaluates it with the benchmark's protocols.
+transformers (its `TimmWrapperModel`, transformers >= 4.53):
+
+```python
+from transformers import AutoImageProcessor, AutoModel, pipeline
+processor = AutoImageProcessor.from_pretrained("{out_dir}")
+model = AutoModel.from_pretrained("{out_dir}").eval()
+out = model(**processor(image, return_tensors="pt"))  # last_hidden_state: the tokens; pooler_output: the class token
+features = pipeline("image-feature-extraction", model="{out_dir}")(image, pool=True)
+```
+{_open_clip_section(out_dir) if open_clip else ""}
+`mugbench eval --checkpoint {out_dir}` evaluates the image encoder with the benchmark's protocols.
 """
+
+
+def _open_clip_section(out_dir: Path) -> str:
+    return f"""
+open_clip (both towers, the logit scale and open_clip's own tokenizer):
+
+```python
+import open_clip
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out_dir}")
+tokenizer = open_clip.get_tokenizer("local-dir:{out_dir}")
+image_embedding = model.encode_image(preprocess(image).unsqueeze(0), normalize=True)
+text_embedding = model.encode_text(tokenizer(["a photo of a dog."]), normalize=True)
+```
+
+`open_clip_config.json` says under "mugbench" which vocabulary the text tower was trained on: ids it never
+saw share the embedding of its unknown token.
+"""
+
+
+def run_records(results_dir: Path, provenance: dict) -> list:
+    """The result records of the exported run under ``results_dir``: its method, pre-training data,
+    preset and seed, and, where both the run and the record know them, its step count (a record of an
+    earlier checkpoint describes other weights) and its like-for-like conditions (a record of another
+    run of the same name, e.g. other epochs, does not describe these weights). Empty when the run's
+    identity is not known."""
+    from .fingerprint import fingerprint
+    from .results import load_records, record_location
+
+    method, data, preset, seed = (provenance.get(k) for k in ("method", "pretrain_data", "preset", "seed"))
+    if None in (method, data, preset, seed):
+        return []
+    folder = record_location(results_dir, data, preset, method, "-", "-", seed).parent
+    steps, conditions = provenance.get("steps"), provenance.get("conditions")
+    ours = fingerprint(conditions) if conditions else ""
+    return [r for r in load_records(folder) if (r.method, r.pretrain_data, r.preset, r.seed) == (method, data, preset, seed)
+            and (not steps or not r.steps or r.steps == steps) and (not ours or not r.fingerprint or r.fingerprint == ours)]
+
+
+def _results_section(records, results_dir: Path | None, p: dict) -> str:
+    """The card's results table (an empty string when no results folder was given)."""
+    from .registry import registered_protocols
+
+    if records is None:
+        return ""
+    who = f"`{p.get('method')}` on {p.get('pretrain_data')} ({p.get('preset')} preset), seed {p.get('seed')}"
+    if not records:
+        return f"\n## Results\n\nNo result records of {who} were found in `{results_dir}`.\n"
+    protocols = registered_protocols()
+
+    def order(r):
+        cls = protocols.get(r.protocol)
+        return getattr(cls, "order", 1000), r.protocol, r.dataset
+
+    lines = []
+    for r in sorted(records, key=order):
+        cls = protocols.get(r.protocol)
+        headline = [m for m in getattr(cls, "headline", ()) if m in r.metrics]
+        names = headline + sorted(m for m in r.metrics if m not in headline)
+        result = ", ".join(f"{m} {_number(r.metrics[m])}" for m in names)
+        lines.append(f"| {getattr(cls, 'label', r.protocol)} | {r.dataset} | {result} |")
+    table = "\n".join(lines)
+    return f"""
+## Results
+
+Measured by mugbench for {who} (result records in `{results_dir}`):
+
+| evaluation | dataset | result |
+|---|---|---|
+{table}
+"""
+
+
+def _number(value: float) -> str:
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4g}"
+
+
+def _license() -> str:
+    """mugbench's licence as a Hugging Face licence id (``other`` when the installed metadata has none)."""
+    from importlib import metadata
+
+    try:
+        meta = metadata.metadata("mugbench")
+        text = meta.get("License-Expression") or meta.get("License")
+    except metadata.PackageNotFoundError:
+        text = None
+    return text.strip().lower() if text and len(text.split()) == 1 else "other"
 
 
 def _fmt(values) -> str:
@@ -157,10 +339,36 @@ def _fmt(values) -> str:
 
 @torch.no_grad()
 def _verify(model: torch.nn.Module, out_dir: Path, img_size: int) -> None:
+    """Load ``out_dir`` back through timm and transformers: both must give the encoder's features."""
     import timm
 
     reloaded = timm.create_model(f"local-dir:{out_dir.resolve()}", pretrained=True).eval()
     images = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-    if not torch.allclose(model.forward_features(images), reloaded.forward_features(images), rtol=0, atol=1e-5):
+    tokens = model.forward_features(images)
+    if reloaded.num_classes != 0 or not torch.allclose(tokens, reloaded.forward_features(images), rtol=0, atol=1e-5):
         raise RuntimeError(f"The export in {out_dir} does not reproduce the encoder's features when loaded "
                            f"through timm; please report this with the timm version.")
+    hf = _transformers_features(out_dir, images)
+    if hf is None:
+        return
+    pooled = model.forward_head(tokens, pre_logits=True)
+    if not (torch.allclose(tokens, hf.last_hidden_state, rtol=0, atol=1e-6)
+            and torch.allclose(pooled, hf.pooler_output, rtol=0, atol=1e-6)):
+        raise RuntimeError(f"The export in {out_dir} does not reproduce the encoder's features when loaded "
+                           f"through transformers' AutoModel; please report this with the transformers version.")
+
+
+def _transformers_features(out_dir: Path, images: torch.Tensor):
+    """transformers' ``AutoModel`` output for ``images`` from the folder, or None without transformers."""
+    try:
+        import transformers
+        from transformers import AutoModel
+    except ImportError:
+        return None
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a weights-loading bar per export is noise
+    try:
+        return AutoModel.from_pretrained(str(out_dir.resolve())).eval()(pixel_values=images)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()

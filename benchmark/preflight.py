@@ -173,10 +173,14 @@ def check_study(cfg: StudyConfig, methods: list[str], data_root: Path | None) ->
 
 
 def check_run(cfg: StudyConfig, *, data_root: Path | None, needs_text: bool, workdir: Path, results: Path,
-              reports: Path, cache: Path, methods: list[str] = ()) -> list[Path]:
-    """Everything `mugbench run` can know to be wrong before training: the study (`check_study`), the batch
-    split, the free space for the first checkpoint, and the four output folders (created if missing,
-    only after everything else passed). Returns the folders it created."""
+              reports: Path, cache: Path, methods: list[str] = (), report_to: tuple[str, ...] = ()) -> list[Path]:
+    """Everything `mugbench run` can know to be wrong before training: the experiment trackers of
+    ``--report-to`` (known, and their package installed), the study (`check_study`), the batch split, the
+    free space for the first checkpoint, and the four output folders (created if missing, only after
+    everything else passed). Returns the folders it created."""
+    from .trackers import check_report_to
+
+    check_report_to(report_to)
     check_study(cfg, list(methods), data_root)
     check_batch_split(cfg, world_size(), pretrain_samples(cfg))
     check_free_space(workdir, checkpoint_bytes(cfg, needs_text))

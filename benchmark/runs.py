@@ -2,6 +2,7 @@
 lives in, keyed by everything that changes training (so a rerun resumes it)."""
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from pathlib import Path
@@ -28,6 +29,25 @@ def run_dir_for(workdir: Path, cfg: StudyConfig, name: str) -> Path:
     key["method"] = name
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return workdir / _safe(cfg.data.name) / cfg.preset / f"{name}-seed{cfg.seed}-{digest}"
+
+
+def set_aside(run_dir: Path, keep: tuple[str, ...] = (".lock",)) -> Path | None:
+    """Move everything in ``run_dir`` except ``keep`` (the lock its caller holds) into a new sibling
+    folder ``<name>.old-<time>``, so the run starts over without losing the old one (`--fresh`); returns
+    that folder, or None when there was nothing to move."""
+    entries = [p for p in sorted(run_dir.iterdir()) if p.name not in keep] if run_dir.is_dir() else []
+    if not entries:
+        return None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    for n in range(1, 1000):  # two fresh starts within a second
+        if not aside.exists():
+            break
+        aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+    aside.mkdir()
+    for entry in entries:
+        entry.rename(aside / entry.name)
+    return aside
 
 
 def _safe(text: str) -> str:

@@ -256,36 +256,78 @@ def _parse_model_args(model_args: str | dict | None) -> dict:
 
 
 def load_timm_source(name: str, weights: Path | None = None, model_args: str | dict | None = None) -> EncoderSource:
-    """Any timm ViT by name, randomly initialised or with ``weights`` (a .safetensors or .pth state dict).
+    """A timm ViT by the name a timm user writes, with ``weights`` (a .safetensors or .pth state dict) if given.
 
-    Never downloads anything: timm's pretrained weights must be passed as a file.
+    ``ARCH`` alone is randomly initialised; ``ARCH.TAG`` loads timm's pretrained weights of that tag and
+    ``hf-hub:REPO`` a hub repository, both only from the local caches (`mugbench.timm_weights`: a
+    `WeightsNotCachedError` when absent); ``local-dir:FOLDER`` a timm folder. Never downloads anything.
     """
     import timm
+    from timm.models import split_model_name_tag
+
+    from .timm_weights import cached_hub_folder, cached_tag_weights, not_cached
 
     model_args = _parse_model_args(model_args)
-    if not timm.is_model(name):
+    kwargs = dict({"num_classes": 0}, **model_args)  # features only: no classifier to fit or load
+    if name.startswith(("hf-hub:", "local-dir:")):
+        if weights is not None:
+            raise EncoderSourceError(f"--timm-model {name} brings its own weights; --weights goes with an "
+                                     f"architecture name (e.g. --timm-model vit_small_patch16_224 --weights FILE).")
+        scheme, _, where = name.partition(":")
+        folder = cached_hub_folder(where) if scheme == "hf-hub" else Path(where).expanduser()
+        if folder is None:
+            raise not_cached(name, f"the Hugging Face repository {where}")
+        if not (folder / "config.json").is_file():
+            raise EncoderSourceError(f"--timm-model {name}: {folder} has no config.json, so it is not a timm model "
+                                     f"folder (one written by timm's save_for_hf, `mugbench export` or the hub).")
+        model = _create(f"local-dir:{folder.resolve()}", True, kwargs, name, model_args)
+        return _vit_source(model, name, model.pretrained_cfg.get("architecture") or name, kwargs, str(folder))
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise EncoderSourceError(f"timm has no model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "."))
-    kwargs = dict({"num_classes": 0}, **model_args)  # features only: no classifier to fit or load
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:
-        raise EncoderSourceError(f"timm model {name!r} does not take these --model-args {model_args}: {exc}") from None
-    if not (hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")):
-        raise EncoderSourceError(f"timm model {name!r} is not a ViT: the harness reads ViT tokens (patch_embed, class token).")
+    if tag and name not in timm.list_pretrained(name):  # get_pretrained_cfg raises on a tag timm lacks
+        tags = timm.list_pretrained(f"{arch}.*")[:6]
+        raise EncoderSourceError(f"timm has no pretrained tag {tag!r} for {arch}" + (
+            f"; its tags include {', '.join(tags)}." if tags else f"; {arch} has no released weights in timm."))
+    if tag and weights is None:
+        found = cached_tag_weights(name)
+        if found is None:
+            raise not_cached(name, f"timm's pretrained weights {name}")
+        # timm's own filter (key renames, position-embedding resize) on a state dict read without pickles
+        overlay = {"pretrained_cfg_overlay": {"state_dict": _read_weights_file(found)}}
+        model = _create(name, True, {**kwargs, **overlay}, name, model_args)
+        return _vit_source(model, name, name, kwargs, str(found))
+    model = _create(name, False, kwargs, name, model_args)
     if weights is not None:
         try:
             model.load_state_dict(_read_state_dict(Path(weights), model, name))
         except RuntimeError as exc:  # shapes that differ from the architecture
             raise EncoderSourceError(f"{weights} does not fit timm model {name!r}: {str(exc).splitlines()[-1].strip()} "
                                      f"Pass the architecture with --model-args.") from None
-    return EncoderSource(model.eval(), "timm", f"timm:{name}", name, kwargs,
-                         weights=str(weights) if weights is not None else None)
+    return _vit_source(model, name, name, kwargs, str(weights) if weights is not None else None)
 
 
-def _read_state_dict(path: Path, model: torch.nn.Module, name: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"No weights file at {path}: pass a .safetensors or .pth state dict of {name}.")
+def _create(spec: str, pretrained: bool, kwargs: dict, name: str, model_args: dict) -> torch.nn.Module:
+    """``timm.create_model`` with its argument errors turned into `EncoderSourceError`."""
+    import timm
+
+    try:
+        return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise EncoderSourceError(f"timm model {name!r} does not take these --model-args {model_args}: {exc}") from None
+    except RuntimeError as exc:  # weights that do not fit the architecture asked for
+        raise EncoderSourceError(f"timm could not load {name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _vit_source(model: torch.nn.Module, name: str, timm_name: str, kwargs: dict, weights: str | None) -> EncoderSource:
+    if not (hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")):
+        raise EncoderSourceError(f"timm model {name!r} is not a ViT: the harness reads ViT tokens (patch_embed, class token).")
+    return EncoderSource(model.eval(), "timm", f"timm:{name}", timm_name, kwargs, weights=weights)
+
+
+def _read_weights_file(path: Path) -> dict:
+    """A state dict from a .safetensors file, or a torch file read with ``weights_only`` (no pickled code)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -303,6 +345,13 @@ def _read_state_dict(path: Path, model: torch.nn.Module, name: str) -> dict:
                 state = state[key]
     if not isinstance(state, dict):
         raise EncoderSourceError(f"{path} holds no state dict.")
+    return state
+
+
+def _read_state_dict(path: Path, model: torch.nn.Module, name: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"No weights file at {path}: pass a .safetensors or .pth state dict of {name}.")
+    state = _read_weights_file(path)
     # A classifier head is not part of the features; the model is built without one.
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = (sorted(set(model.state_dict()) - set(state)), sorted(set(state) - set(model.state_dict())))

@@ -6,8 +6,10 @@ Methods, protocols and evaluation sets never import this module.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -20,18 +22,27 @@ from .fingerprint import fingerprint, like_for_like
 from .preflight import check_study
 from .registry import get_method
 from .results import ResultRecord, record_location, write_record
-from .runs import build_method, run_dir_for
+from .runs import build_method, run_dir_for, set_aside
 from .sources import write_run_info
+from .study_plan import PRETRAIN, StudyPlan
 from .train.checkpoint import export_encoder, load_newest_checkpoint
 from .train.distributed import DistInfo, init_distributed
 from .train.loop import TrainSummary, train
 from .train.run_lock import run_lock
+from .trackers import Tracker, check_report_to
 
 
 def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_dir: Path, cache_dir: Path,
-              data_root: Path | None = None, overrides: list[str] = (), log=print) -> list[ResultRecord]:
-    """Pre-train and evaluate each method like-for-like; write and return the result records."""
+              data_root: Path | None = None, overrides: list[str] = (), fresh: bool = False,
+              report_to: tuple[str, ...] = (), plan: StudyPlan | None = None, log=print) -> list[ResultRecord]:
+    """Pre-train and evaluate each method like-for-like; write and return the result records. With
+    ``fresh`` each run starts over: its old folder's contents are moved aside (`runs.set_aside`), never
+    deleted, and its records are rewritten. ``report_to`` names experiment trackers (`trackers.Tracker`)
+    each run also writes to. Each phase's log line states its place in ``plan`` and the time left (a
+    `StudyPlan` of several seeds; default: this seed's methods)."""
     check_study(cfg, methods, data_root)
+    check_report_to(report_to)
+    plan = plan or StudyPlan(cfg, methods, [cfg.seed])
     info: DistInfo = init_distributed(cfg.train.device)
     if not info.is_main:
         log = lambda *args, **kwargs: None  # noqa: E731  (one voice per job)
@@ -49,40 +60,66 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
     if steps_per_epoch < 1:
         raise ConfigError(f"{data.samples} samples make no full batch of {cfg.train.batch_size}")
     eval_sets, records = EvalSets(cfg, cache_dir, data_root), []
-    for name in _applicable(methods, data, log):
+    for name in _applicable(methods, data, log, plan):
         method = build_method(name, cfg, text_spec(cfg, tokenizer, data))
         run_dir = run_dir_for(workdir, cfg, name)
         # One run per folder at a time, held through training and evaluation (a second identical
         # command stops here instead of training into the same checkpoints and log).
-        with run_lock(run_dir, info):
+        with _claim(run_dir, info, fresh, name, log), _tracker(report_to, run_dir, name, cfg, info) as tracker:
             if type(method).pretrains:
                 batches = pretrain_batches(cfg, data, type(method), tokenizer, per_rank=cfg.train.batch_size // world,
                                            steps_per_epoch=steps_per_epoch,
                                            pin_memory=cfg.data.pin_memory and info.device.type == "cuda")
-                log(f"[{name}] pre-training on {data.name} ({data.samples} samples, {cfg.train.epochs} epochs) "
-                    f"in {run_dir}")
+                place = plan.begin(cfg.seed, name, PRETRAIN)
+                log(f"[{place}] {name} on {data.name} ({data.samples} samples, {cfg.train.epochs} epochs) "
+                    f"in {run_dir}; {plan.outlook()}")
                 summary = train(method, batches, cfg.train, steps_per_epoch=steps_per_epoch, workdir=run_dir,
-                                info=info, seed=cfg.seed, desc=name, max_bad_fraction=cfg.data.max_bad_fraction)
+                                info=info, seed=cfg.seed, desc=name, max_bad_fraction=cfg.data.max_bad_fraction,
+                                on_log=tracker.log_train)
+                plan.end(timed=summary.resumed_from < summary.steps)  # a finished checkpoint's load is no estimate
             else:
                 log(f"[{name}] not pre-trained: its encoder is evaluated as initialised, in {run_dir}")
                 summary = _untrained(method, run_dir, info)
             if info.is_main:
                 records += _finish(name, method, summary, cfg, data, tokenizer, eval_sets, run_dir, info,
-                                   results_dir=results_dir, overrides=overrides, log=log)
+                                   results_dir=results_dir, overrides=overrides, log=log, plan=plan, tracker=tracker)
     return records
 
 
-def _applicable(methods: list[str], data: PretrainData, log) -> list[str]:
+@contextlib.contextmanager
+def _claim(run_dir: Path, info: DistInfo, fresh: bool, name: str, log) -> Iterator[None]:
+    """Hold the run folder's lock; with ``fresh`` (`--fresh`), rank 0 first moves the old run's files
+    aside, before anything (a tracker's event file) is opened in the folder, and every rank waits for it."""
+    with run_lock(run_dir, info):
+        if fresh:
+            if info.is_main:
+                aside = set_aside(run_dir)
+                if aside is not None:
+                    log(f"[{name}] --fresh: the previous run's files were moved to {aside}; starting over")
+            if info.world_size > 1:
+                torch.distributed.barrier()
+        yield
+
+
+def _applicable(methods: list[str], data: PretrainData, log, plan: StudyPlan) -> list[str]:
     """The methods that can pre-train on ``data``; each other one is skipped with one log line and no record
-    (a baseline that needs class labels on a set without them is not applicable, not an error)."""
+    (a baseline that needs class labels on a set without them is not applicable, not an error), and leaves
+    the ``plan``."""
     kept = []
     for name in methods:
         reason = not_applicable(get_method(name), data)
         if reason:
             log(f"[{name}] not applicable: {reason}")
+            plan.leave_out(name)
         else:
             kept.append(name)
     return kept
+
+
+def _tracker(report_to: tuple[str, ...], run_dir: Path, name: str, cfg: StudyConfig, info: DistInfo) -> Tracker:
+    """The run's experiment trackers, on rank 0 (the others get one that does nothing)."""
+    return Tracker(report_to if info.is_main else (), run_dir, run_name=run_dir.name,
+                   config=dict(cfg.to_dict(), method=name))
 
 
 def _untrained(method, run_dir: Path, info: DistInfo) -> TrainSummary:
@@ -94,8 +131,10 @@ def _untrained(method, run_dir: Path, info: DistInfo) -> TrainSummary:
 
 
 def _finish(name: str, method, summary: TrainSummary, cfg: StudyConfig, data: PretrainData, tokenizer,
-            eval_sets: EvalSets, run_dir: Path, info: DistInfo, *, results_dir: Path, overrides, log) -> list:
-    """Rank 0 after training: export the encoder, describe the run, evaluate, write the records."""
+            eval_sets: EvalSets, run_dir: Path, info: DistInfo, *, results_dir: Path, overrides, log,
+            plan: StudyPlan, tracker: Tracker) -> list:
+    """Rank 0 after training: export the encoder, describe the run, evaluate, write the records (and the
+    headline metrics to the ``tracker``); each evaluation gets a line with its place in the ``plan``."""
     if cfg.train.strategy == "fsdp" and info.world_size > 1 and type(method).pretrains:
         # Sharded weights cannot be exported or evaluated on one rank: rebuild the method whole from the
         # final checkpoint (written at the last step, always). An untrained method was never sharded.
@@ -111,6 +150,7 @@ def _finish(name: str, method, summary: TrainSummary, cfg: StudyConfig, data: Pr
     progress = EvalProgress(run_dir / "eval" / "progress.json", cfg, overrides, results_dir=results_dir)
     for protocol, dataset in progress.done:
         log(f"[{name}] {protocol} on {dataset}: recorded before the interruption, not run again")
+        plan.mark_done(cfg.seed, name, protocol, dataset)
     records = progress.records()
     # The views actually applied and where view 0 came from, in every record of the method.
     augmentation = dict(augmentation_record(type(method), cfg.data.augment), require_caption=cfg.data.require_caption)
@@ -131,10 +171,16 @@ def _finish(name: str, method, summary: TrainSummary, cfg: StudyConfig, data: Pr
         records.append(record)
         log(f"[{name}] {result.protocol} on {result.dataset}: "
             + ", ".join(f"{k}={v:.2f}" for k, v in result.metrics.items()))
+        tracker.log_eval(result.protocol, result.dataset, result.metrics, step=summary.steps)
+        plan.end()
+
+    def announce(protocol: str, dataset: str) -> None:
+        place = plan.begin(cfg.seed, name, protocol, dataset)
+        log(f"[{place}] {protocol} on {dataset}; {plan.outlook()}")
 
     def artifact_stem(protocol: str, dataset: str) -> Path:
         return record_location(results_dir, data.name, cfg.preset, name, protocol, dataset, cfg.seed).with_suffix("")
 
     evaluate(method, cfg, eval_sets, info.device, workdir=run_dir / "eval", artifact_stem=artifact_stem,
-             tokenizer=tokenizer, done=progress.done, on_result=write_result)
+             tokenizer=tokenizer, done=progress.done, on_result=write_result, on_start=announce)
     return records

@@ -19,14 +19,33 @@ def mugbench(*args, cwd: Path, cache: Path, timeout: float = 600) -> subprocess.
                           text=True, timeout=timeout)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git(*args, cwd: Path) -> str:
+    """Run git in ``cwd`` (no user config needed) and return its output."""
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """One `mugbench run --preset smoke` shared by the tests below."""
+    """One `mugbench run --preset smoke` shared by the tests below, run as a user would in a checkout: a git
+    repository holding the project's .gitignore (the data cache lives outside it, as ~/.cache does)."""
     root = tmp_path_factory.mktemp("e2e")
+    (root / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    git("init", "-q", cwd=root)
+    git("add", ".gitignore", cwd=root)
+    git("commit", "-qm", "checkout", cwd=root)
     start = time.perf_counter()
-    proc = mugbench("run", "--preset", "smoke", cwd=root, cache=root / "cache")
+    proc = mugbench("run", "--preset", "smoke", cwd=root, cache=cache_of(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc, time.perf_counter() - start
+
+
+def cache_of(root: Path) -> Path:
+    """The data cache of the smoke run in ``root``: a sibling folder, outside the checkout."""
+    return root.with_name(root.name + "-cache")
 
 
 def test_run_writes_one_record_per_method_and_protocol(smoke_run):
@@ -36,7 +55,7 @@ def test_run_writes_one_record_per_method_and_protocol(smoke_run):
     # Feature protocols for every method; capability protocols only where the method has one.
     # The default methods: the paper's four and the two baselines (`random` is not pre-trained).
     expected = {(m, p) for m in ("simclr", "mae", "clip", "mug", "random", "supervised")
-                for p in ("knn", "linear", "finetune", "segmentation")}
+                for p in ("knn", "linear", "finetune")}  # segmentation only when asked (--evals)
     expected |= {("mae", "reconstruction"), ("mug", "reconstruction"), ("mug", "captioning")}
     expected |= {("clip", "zeroshot"), ("mug", "zeroshot"), ("clip", "retrieval")}
     assert sorted((r["method"], r["protocol"]) for r in records) == sorted(expected)
@@ -51,8 +70,6 @@ def test_run_writes_one_record_per_method_and_protocol(smoke_run):
         assert r["paradigm"] and r["command"].startswith("mugbench run --preset smoke")
         if r["protocol"] in ("knn", "linear", "finetune", "zeroshot"):
             assert r["dataset"] == "toy-cls" and 0 <= r["metrics"]["top1"] <= 100
-        elif r["protocol"] == "segmentation":
-            assert r["dataset"] == "toy-seg" and 0 <= r["metrics"]["background_mIoU"] <= r["metrics"]["mIoU"] + 1e-6
         else:
             assert r["dataset"] == "toy-caps"
     linear = next(r for r in records if r["protocol"] == "linear")["protocol_options"]
@@ -73,11 +90,40 @@ def test_run_writes_one_record_per_method_and_protocol(smoke_run):
             assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every method trained on the same encoder architecture for the same budget
     assert len({json.dumps(r["encoder"], sort_keys=True) for r in records}) == 1
-    # the table is printed at the end of the run
-    assert "| mae |" in proc.stdout and "| mug |" in proc.stdout
+    # the headline table is printed at the end of the run, then where the full report is
+    end = proc.stdout.split("## `toy` / `smoke`")[-1]
+    assert "| mae |" in end and "| mug |" in end and "k-NN top1 (toy-cls)" in end
+    assert end.rstrip().endswith("(every table: reports/summary.md)") and "Published reference claims" not in end
     assert (root / "reports" / "summary.md").exists()
     # checkpoints and exported encoders live in the run directory, not in results/
     assert len(list((root / "runs").rglob("encoder.safetensors"))) == 6
+
+
+def test_a_run_in_a_checkout_leaves_git_status_clean(smoke_run):
+    root = smoke_run[0]
+    assert (root / "results").is_dir() and (root / "reports").is_dir() and (root / "runs").is_dir()
+    assert git("status", "--porcelain", "--untracked-files=all", cwd=root) == ""
+
+
+def test_fresh_moves_the_old_run_aside_and_starts_over(smoke_run):
+    root = smoke_run[0]
+    args = ("run", "--preset", "smoke", "--methods", "random", "--evals", "knn,segmentation")
+    first = mugbench(*args, cwd=root, cache=cache_of(root))
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = next(p for p in (root / "runs").rglob("random-seed0-*") if ".old-" not in p.name)
+    seg, knn = (next((root / "results").rglob(f"random/{name}-seed0.json")) for name in ("segmentation-toy-seg", "knn-toy-cls"))
+    before = {path: json.loads(path.read_text()) for path in (seg, knn)}
+    assert 0 <= before[seg]["metrics"]["background_mIoU"] <= before[seg]["metrics"]["mIoU"] + 1e-6
+    again = mugbench(*args, "--fresh", cwd=root, cache=cache_of(root))
+    assert again.returncode == 0, again.stderr[-2000:]
+    aside = [p for p in run_dir.parent.iterdir() if p.name.startswith(run_dir.name + ".old-")]
+    assert len(aside) == 1 and f"moved to {aside[0].relative_to(root)}" in again.stdout
+    # the old run is kept whole (its evaluation progress too); the new one evaluated everything again
+    assert (aside[0] / "encoder.safetensors").exists() and (aside[0] / "eval" / "progress.json").exists()
+    assert "recorded before the interruption" not in again.stdout
+    after = {path: json.loads(path.read_text()) for path in (seg, knn)}
+    assert all(after[p]["created"] != before[p]["created"] for p in (seg, knn))
+    assert after[knn]["metrics"] == before[knn]["metrics"]  # the same untrained encoder, the same k-NN
 
 
 def test_report_rebuilds_from_results_alone(smoke_run):
@@ -94,7 +140,7 @@ def test_rerun_resumes_instead_of_retraining(smoke_run):
     root, _, first = smoke_run
     start = time.perf_counter()
     proc = mugbench("run", "--preset", "smoke", "--methods", "mae", "--set", "eval.protocols=[knn]",
-                    cwd=root, cache=root / "cache")
+                    cwd=root, cache=cache_of(root))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "8 steps" in proc.stdout
     assert time.perf_counter() - start < first
@@ -167,7 +213,7 @@ def test_eval_of_an_exported_encoder_reproduces_the_record(smoke_run):
     root = smoke_run[0]
     encoder = next((root / "runs").rglob("mae-seed0-*/encoder.safetensors"))
     proc = mugbench("eval", "--checkpoint", str(encoder), "--preset", "smoke", "--results", "eval-results",
-                    cwd=root, cache=root / "cache")
+                    cwd=root, cache=cache_of(root))
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(next((root / "results").rglob("mae/knn-toy-cls-seed0.json")).read_text())
     again = json.loads(next((root / "eval-results").rglob("mae/knn-toy-cls-seed0.json")).read_text())

@@ -1,4 +1,5 @@
-"""`mugbench export` (timm hub folders), `mugbench eval` of runs and timm models, `run --evals`."""
+"""`mugbench export` (timm hub folders that transformers and, for CLIP-style runs, open_clip load too),
+`mugbench eval` of runs and timm models, `run --evals`."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from mugbench.cli import main
-from mugbench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mugbench.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from mugbench.models.vit import build_encoder
 from mugbench.sources import load_source
 from mugbench.train.checkpoint import export_encoder
@@ -53,6 +54,8 @@ def test_export_of_an_encoder_file_rebuilds_the_same_vit_in_timm(smoke_cfg, tmp_
     assert torch.equal(_features(model), _features(encoder))
     config = json.loads((out / "config.json").read_text())
     assert config["model_args"]["embed_dim"] == 32 and config["model_args"]["depth"] == 2
+    # transformers passes num_classes=0 itself; timm takes it from the top level: no classifier either way
+    assert "num_classes" not in config["model_args"] and model.num_classes == 0
     cfg = config["pretrained_cfg"]
     assert cfg["input_size"] == [3, 32, 32] and cfg["num_classes"] == 0 == config["num_classes"]
     assert cfg["mean"] == pytest.approx(list(IMAGENET_MEAN)) and cfg["std"] == pytest.approx(list(IMAGENET_STD))
@@ -99,6 +102,35 @@ def test_export_into_a_run_folder_is_always_refused(smoke_cfg, tmp_path, capsys,
     assert {p.name: p.read_text() for p in run.iterdir()} == {marker: "run file", "config.json": "{}"}
 
 
+def test_export_loads_in_transformers(smoke_cfg, tmp_path):
+    """transformers' AutoModel / TimmWrapperModel, AutoImageProcessor and the image-feature-extraction
+    pipeline load the folder offline and give timm's tokens and class token (issue 19: they failed on
+    num_classes passed twice); the processor is mugbench's eval preprocessing."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, TimmWrapperModel, pipeline
+
+    out = tmp_path / "hub"
+    assert main(["export", str(_encoder_file(smoke_cfg, tmp_path)), str(out)]) == 0
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tokens = model.forward_features(images)
+        for cls in (AutoModel, TimmWrapperModel):
+            hf = cls.from_pretrained(str(out)).eval()(pixel_values=images)
+            assert (hf.last_hidden_state - tokens).abs().max() <= 1e-6
+            assert (hf.pooler_output - tokens[:, 0]).abs().max() <= 1e-6  # the encoder's "token" pooling
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    pixels = AutoImageProcessor.from_pretrained(str(out))(image, return_tensors="pt")["pixel_values"]
+    assert (pixels[0] - build_eval_transform(32)(image)).abs().max() <= 1e-5
+    with torch.no_grad():
+        expected = model.forward_features(pixels)
+    extract = pipeline("image-feature-extraction", model=str(out))
+    assert (torch.tensor(extract(image)) - expected).abs().max() <= 1e-6
+    assert (torch.tensor(extract(image, pool=True)) - expected[:, 0]).abs().max() <= 1e-6
+
+
 def test_export_timm_checks_the_destination(smoke_cfg, tmp_path):
     from mugbench.export import ExportError, export_timm
 
@@ -126,13 +158,130 @@ def test_run_evals_shorthand_and_run_json(tiny_run):
 def test_export_of_a_run_checkpoint(tiny_run, tmp_path, what):
     root, run_dir = tiny_run
     out = tmp_path / "hub"
-    assert main(["export", str(run_dir / "checkpoint.pt" if what == "checkpoint.pt" else run_dir), str(out)]) == 0
+    source = run_dir / "checkpoint.pt" if what == "checkpoint.pt" else run_dir
+    assert main(["export", str(source), str(out), "--results", str(root / "results")]) == 0
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md"}  # mae: no text tower
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert torch.equal(_features(model), _features(load_source(run_dir / "encoder.safetensors").encoder))
     config = json.loads((out / "config.json").read_text())
     assert config["mugbench"]["method"] == "mae" and config["mugbench"]["pretrain_data"] == "toy"
     card = (out / "README.md").read_text()
     assert "`mae`" in card and "| preset | smoke |" in card and f"local-dir:{out}" in card
+    front = card.split("---\n")[1]
+    for line in ("library_name: timm", "pipeline_tag: image-feature-extraction", "license: apache-2.0"):
+        assert line in front.splitlines()
+    (trained,) = _records(root / "results")  # the run's k-NN record is the card's results table
+    assert f"| k-NN | toy-cls | top1 {trained['metrics']['top1']:.2f} |" in card
+    assert "AutoModel.from_pretrained" in card and "open_clip" not in card
+
+
+@pytest.fixture(scope="module")
+def clip_run(tiny_run, tmp_path_factory):
+    """A `mugbench run --evals zeroshot` of clip on the smoke preset for two optimiser steps, on the toy
+    data `tiny_run` generated: ``(root, cache_dir, run_dir)``."""
+    root, cache = tmp_path_factory.mktemp("clip-run"), tiny_run[0] / "cache"
+    argv = ["run", "--preset", "smoke", "--methods", "clip", "--set", "train.epochs=0.25", "--evals", "zeroshot",
+            "--workdir", str(root / "runs"), "--results", str(root / "results"), "--reports", str(root / "reports"),
+            "--cache-dir", str(cache)]
+    assert main(argv) == 0
+    return root, cache, next((root / "runs").glob("toy/smoke/clip-seed0-*"))
+
+
+def test_export_of_a_clip_run_is_an_open_clip_model_with_the_same_zero_shot(clip_run, tmp_path, capsys):
+    """open_clip loads both towers and its own tokenizer from the export (the run's compact vocabulary
+    mapped back to the full BPE), gives mugbench's embeddings, and classifies every toy val image zero-shot
+    as `mugbench run`'s zeroshot protocol did."""
+    import numpy as np
+    import open_clip
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+    from PIL import Image
+
+    from mugbench.config import from_dict
+    from mugbench.encoder_eval import rebuild_method
+    from mugbench.evalset import EvalSets
+    from mugbench.results import unpack_outcomes
+
+    root, cache, run_dir = clip_run
+    out = tmp_path / "hub"
+    assert main(["export", str(run_dir), str(out), "--results", str(root / "results")]) == 0
+    assert "open_clip: both towers written" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md",
+                                               "open_clip_config.json", "open_clip_model.safetensors"}
+    (record,) = _records(root / "results")
+    card = (out / "README.md").read_text()
+    assert f"| zero-shot | toy-cls | top1 {record['metrics']['top1']:.2f}" in card
+    assert f'open_clip.create_model_and_transforms("local-dir:{out}")' in card
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    model.eval()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    assert (preprocess(image) - build_eval_transform(32)(image)).abs().max() <= 1e-5  # mugbench's eval transform
+    method, mug_tokenizer = rebuild_method(load_source(run_dir))
+    assert mug_tokenizer.vocab is not None  # the smoke preset's compact vocabulary: mapped, not copied
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    texts = ["a red cube left of a blue sphere.", "zebra xylophone quasar", ""]
+    with torch.no_grad():
+        assert (model.encode_image(images, normalize=True) - method.encode_image(images)).abs().max() <= 1e-5
+        assert (model.encode_text(tokenizer(texts), normalize=True) - method.encode_text(mug_tokenizer(texts))
+                ).abs().max() <= 1e-6
+    assert model.logit_scale.item() == method.logit_scale.item()
+
+    data = EvalSets(from_dict(json.loads((run_dir / "run.json").read_text())["config"]), cache).get("toy-cls")
+    classifier = build_zero_shot_classifier(model, tokenizer, data.prompt_words(), data.prompts)
+    with torch.no_grad():
+        right = (model.encode_image(data.val.image, normalize=True) @ classifier).argmax(1) == data.val.label
+    assert record["protocol"] == "zeroshot" and record["dataset"] == "toy-cls"
+    assert right.tolist() == unpack_outcomes(record["per_example"]["top1"]).tolist()  # image by image
+    assert 100.0 * int(right.sum()) / len(right) == record["metrics"]["top1"]
+
+
+@pytest.mark.parametrize("name", ["slip", "flip"])
+def test_open_clip_export_of_clip_variants(smoke_cfg, spec, tokenizer, tmp_path, name):
+    """slip and flip embed like clip (FLIP sees the whole image at inference): the same mapping holds."""
+    from mugbench.export_open_clip import verify_open_clip, write_open_clip
+    from mugbench.runs import build_method
+
+    method = build_method(name, smoke_cfg, spec)
+    with torch.no_grad():  # weights unlike any init: a swapped or dropped tensor cannot pass by accident
+        for p in method.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    write_open_clip(method, tokenizer, tmp_path, 32, IMAGENET_MEAN, IMAGENET_STD)
+    diffs = verify_open_clip(method, tokenizer, tmp_path, 32)
+    assert diffs["image"] <= 1e-5 and diffs["text"] <= 1e-6 and diffs["logit_scale"] == 0
+
+
+@pytest.mark.parametrize("vit_args", [{"qkv_bias": False}, {"pre_norm": True}, {"init_values": 0.1}])
+def test_open_clip_export_of_other_vit_variants(smoke_cfg, spec, tokenizer, tmp_path, vit_args):
+    """ViTs without attention biases or with a pre-norm (timm's CLIP ViTs) map too; layer scale, which
+    the mapping has no place for, is refused before anything is written."""
+    from mugbench.export import ExportError
+    from mugbench.export_open_clip import verify_open_clip, write_open_clip
+    from mugbench.runs import build_method
+
+    method = build_method("clip", smoke_cfg, spec)
+    method.encoder = timm.create_model(smoke_cfg.encoder.timm_name, **smoke_cfg.encoder.timm_kwargs(), **vit_args)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    if "init_values" in vit_args:
+        with pytest.raises(ExportError, match="ls1.gamma"):
+            write_open_clip(method, tokenizer, tmp_path, 32, IMAGENET_MEAN, IMAGENET_STD)
+        assert not any(tmp_path.iterdir())
+        return
+    write_open_clip(method, tokenizer, tmp_path, 32, IMAGENET_MEAN, IMAGENET_STD)
+    assert verify_open_clip(method, tokenizer, tmp_path, 32)["image"] <= 1e-5
+
+
+@pytest.mark.parametrize("name,needle", [("coca", "correct_cls_mask"), ("mae", "no text tower")])
+def test_open_clip_export_refuses_what_open_clip_cannot_express(smoke_cfg, spec, tokenizer, tmp_path, name, needle):
+    from mugbench.export import ExportError
+    from mugbench.export_open_clip import write_open_clip
+    from mugbench.runs import build_method
+
+    with pytest.raises(ExportError, match=needle):
+        write_open_clip(build_method(name, smoke_cfg, spec), tokenizer, tmp_path, 32, IMAGENET_MEAN, IMAGENET_STD)
+    assert not any(tmp_path.iterdir())
 
 
 def test_eval_of_a_run_reproduces_its_record_and_adds_capabilities(tiny_run, tmp_path):

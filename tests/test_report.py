@@ -597,3 +597,14 @@ def test_a_cell_mixing_commits_is_marked_and_its_commits_named():
     for r in records:
         r.git_commit = "b" * 40
     assert "‡" not in write_report_text(records)
+
+
+def test_a_column_only_random_has_draws_no_empty_gain_panel(tmp_path):
+    # `mugbench run --methods random --evals segmentation` beside earlier runs of other methods
+    records = [make_record("mae", protocol="linear", seed=0, preset="toy", top1=40.0),
+               make_record("random", protocol="linear", seed=0, preset="toy", top1=20.0),
+               make_record("random", protocol="segmentation", dataset="toy-seg", seed=0, preset="toy", mIoU=10.0)]
+    for r in records:
+        write_record(r, tmp_path / "results")
+    write_report(tmp_path / "results", tmp_path / "reports", figures=True)
+    assert (tmp_path / "reports" / "figures" / "toy-toy-gain.png").exists()

@@ -38,7 +38,7 @@ def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=
     headers); ``log`` says which (`run_study` passes its own, silent on ranks other than 0).
     """
     if cfg.data.name == "toy":
-        root, manifest = prepare_toy_world(cfg.data, cache_dir)
+        root, manifest = prepare_toy_world(cfg.data, cache_dir, log=log)
         split = manifest["splits"]["pretrain"]
         return PretrainData("toy", [str(root / s) for s in split["shards"]], split["count"], root / "vocab.json",
                             num_classes=len(manifest["classes"]))

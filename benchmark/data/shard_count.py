@@ -22,8 +22,7 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from tqdm.auto import tqdm
-
+from ..progress import progress_bar
 from .catalog import BadDataError, DataNotFoundError, _is_local
 from .pipeline import IMAGE_KEYS, split_sample_key
 
@@ -178,9 +177,13 @@ def _read_cache(path: Path, shards: int) -> int | None:
 
 
 def header_pass(shards: Sequence[str], log: Callable[[str], None] = print) -> list[int]:
-    """`count_shard` for every shard, with a progress bar on a terminal."""
-    bar = tqdm(shards, desc="counting samples", unit="shard", disable=None, leave=False, dynamic_ncols=True)
-    return [count_shard(shard, log) for shard in bar]
+    """`count_shard` for every shard, with a progress bar (plain lines in a log: `progress.progress_bar`)."""
+    counts = []
+    with progress_bar(len(shards), desc="counting samples", unit="shard") as bar:
+        for shard in shards:
+            counts.append(count_shard(shard, log))
+            bar.update()
+    return counts
 
 
 def count_samples(urls: Sequence[str], cache_dir: str | os.PathLike,

@@ -15,6 +15,7 @@ import json
 import math
 import multiprocessing
 import os
+import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -498,7 +499,7 @@ def _read_manifest(path: Path) -> dict | None:
 
 
 def prepare_toy(root: Path, sizes: dict[str, int], seed: int = 0, native_size: int = 64,
-                shard_size: int = 1000, workers: int | None = None) -> dict:
+                shard_size: int = 1000, workers: int | None = None, log=None) -> dict:
     """Generate the toy world into webdataset shards under ``root``; return the manifest.
 
     ``sizes`` maps split names (a subset of ``SPLITS``) to sample counts. Shards are named
@@ -507,7 +508,8 @@ def prepare_toy(root: Path, sizes: dict[str, int], seed: int = 0, native_size: i
     so its presence means the shards are complete; an existing manifest with identical
     parameters is returned without regenerating. ``workers`` processes write shards in
     parallel (default: one per CPU, at most the number of shards); output does not
-    depend on it.
+    depend on it. ``log`` (e.g. ``print``) gets a line when generation starts and one when it
+    ends; a cached world is returned silently.
     """
     unknown = set(sizes) - set(SPLITS)
     if unknown:
@@ -532,6 +534,11 @@ def prepare_toy(root: Path, sizes: dict[str, int], seed: int = 0, native_size: i
         splits[split] = {"count": count, "shards": names}
 
     workers = min(workers or os.cpu_count() or 1, len(jobs))
+    log = log or (lambda message: None)
+    start = time.perf_counter()
+    # Generation takes seconds to minutes (about 20 s for the toy preset on two cores): say so, once.
+    log(f"toy world: generating {sum(int(n) for n in sizes.values()):,} samples in {len(jobs)} shards with "
+        f"{workers} process{'es' if workers > 1 else ''} into {root} (once: later runs read this cache)")
     if workers > 1:
         # Fork where available: "spawn" would re-import the caller's __main__, which breaks
         # scripts without a main guard. The children only use numpy and PIL, never torch.
@@ -545,12 +552,14 @@ def prepare_toy(root: Path, sizes: dict[str, int], seed: int = 0, native_size: i
     manifest = {"generator_version": GENERATOR_VERSION, "seed": int(seed), "native_size": int(native_size),
                 "classes": list(TOY_CLASSES), "shard_size": int(shard_size), "splits": splits, "params": params}
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+    log(f"toy world: ready in {time.perf_counter() - start:.0f} s")
     return manifest
 
 
-def prepare_toy_world(data, cache_dir: Path) -> tuple[Path, dict]:
+def prepare_toy_world(data, cache_dir: Path, log=None) -> tuple[Path, dict]:
     """Generate (or find in the cache) the embedded world a study's ``data`` section describes
-    (``toy_sizes``, ``toy_seed``, ``toy_native_size``, ``toy_shard_size``): its folder and manifest."""
+    (``toy_sizes``, ``toy_seed``, ``toy_native_size``, ``toy_shard_size``): its folder and manifest.
+    ``log`` as in `prepare_toy`: lines when it has to generate."""
     root = toy_cache_dir(cache_dir, data.toy_sizes, data.toy_seed, data.toy_native_size, data.toy_shard_size)
     return root, prepare_toy(root, data.toy_sizes, seed=data.toy_seed, native_size=data.toy_native_size,
-                             shard_size=data.toy_shard_size)
+                             shard_size=data.toy_shard_size, log=log)

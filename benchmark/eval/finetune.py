@@ -23,6 +23,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import random_seed
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..progress import progress_bar
 from .determinism import determinism_note
 from .linear import warmup_cosine
 from .outcomes import percent_right
@@ -157,28 +158,32 @@ def _finetune(encoder: torch.nn.Module, data, opts, *, seed: int, device, pool: 
     transform = train_transform(img_size, opts)
     steps_per_epoch = max(1, data.train_count // batch)
     total, warmup = opts.epochs * steps_per_epoch, opts.warmup_epochs * steps_per_epoch
-    history, step = [], 0
-    for epoch in range(opts.epochs):
-        model.train()
-        for b in data.train_batches(epoch=epoch, batch_size=batch, transform=transform, seed=seed):
-            scale = warmup_cosine(step, total, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * scale * group.get("lr_scale", 1.0)
-            images, labels = b["image"].to(device), b["label"].to(device)
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-                loss = soft_target_loss(model(images), targets)
-            else:
-                loss = F.cross_entropy(model(images), labels, label_smoothing=opts.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-        right = right_per_image(model, data.val.image, data.val.label, batch_size=batch_size, device=device)
-        top1 = percent_right(right)
-        if not history or top1 > max(history):  # the first epoch of the max, as max(history) reports it
-            best = right
-        history.append(top1)
+    history, step, loss = [], 0, None
+    with progress_bar(total, desc="fine-tuning", unit="step") as bar:
+        for epoch in range(opts.epochs):
+            model.train()
+            for b in data.train_batches(epoch=epoch, batch_size=batch, transform=transform, seed=seed):
+                scale = warmup_cosine(step, total, warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * scale * group.get("lr_scale", 1.0)
+                images, labels = b["image"].to(device), b["label"].to(device)
+                if mixup is not None:
+                    images, targets = mixup(images, labels)
+                    loss = soft_target_loss(model(images), targets)
+                else:
+                    loss = F.cross_entropy(model(images), labels, label_smoothing=opts.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                bar.update()
+            right = right_per_image(model, data.val.image, data.val.label, batch_size=batch_size, device=device)
+            top1 = percent_right(right)
+            if not history or top1 > max(history):  # the first epoch of the max, as max(history) reports it
+                best = right
+            history.append(top1)
+            # The loss once per epoch (reading it waits for the device), and only if a batch came.
+            bar.set_postfix(top1=f"{top1:.1f}", **({} if loss is None else {"loss": f"{loss.item():.3f}"}))
     recorded = dataclasses.asdict(opts)  # every recipe option, in declaration order
     recorded.update(pool=pool, top1_per_epoch=history, **determinism_note(device))
     return {"top1": max(history), "top1_last": history[-1]}, recorded, {"top1": best, "top1_last": right}

@@ -83,13 +83,15 @@ def locate_eval_sets(cfg: StudyConfig, data_root: Path | None) -> None:
 def evaluate(subject: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, device, *,
              workdir: Path | None = None, artifact_stem: Callable[[str, str], Path] | None = None,
              tokenizer=None, done: frozenset = frozenset(),
-             on_result: Callable[[EvalResult], None] | None = None) -> list[EvalResult]:
+             on_result: Callable[[EvalResult], None] | None = None,
+             on_start: Callable[[str, str], None] | None = None) -> list[EvalResult]:
     """Run every configured protocol on every configured set of its kind.
 
     ``subject`` is a `Method` (every protocol that applies to it) or a bare encoder (protocols that read
     features or the encoder only). Encoder protocols keep their checkpoints and logs under
     ``workdir/<protocol>-<set>`` (a temporary folder when None); ``artifact_stem(protocol, set)`` places
-    figures (default: in the work folder). Each result is handed to ``on_result`` as soon as it exists;
+    figures (default: in the work folder). ``on_start(protocol, set)`` is called as each evaluation
+    begins (its feature extraction included), each result is handed to ``on_result`` as soon as it exists;
     ``(protocol, set)`` pairs in ``done`` are skipped.
     """
     method = subject if isinstance(subject, Method) else None
@@ -98,6 +100,8 @@ def evaluate(subject: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, de
     features: tuple[str, Features] | None = None  # (set, its features): one set at a time
     with _workdir(workdir) as workdir:
         for protocol, dataset in _plan(cfg, method, done):
+            if on_start is not None:
+                on_start(protocol.name, dataset)
             data = eval_sets.get(dataset)
             extra = 0.0
             if protocol.reads == "features" and (features is None or features[0] != dataset):
@@ -158,7 +162,14 @@ def skipped_protocols(cfg: StudyConfig, subject: torch.nn.Module) -> list[str]:
     return [p for p in cfg.eval.protocols if get_protocol(p).reads == "method"]
 
 
-def _plan(cfg: StudyConfig, method: Method | None, done: frozenset) -> list[tuple[type[Protocol], str]]:
+def planned(cfg: StudyConfig, method: Method | type[Method] | None) -> list[tuple[str, str]]:
+    """``(protocol, set)`` names `evaluate` runs on ``method`` (a `Method` or its class; None: a bare
+    encoder), in its order, before any is done: what a study's plan counts."""
+    return [(protocol.name, dataset) for protocol, dataset in _plan(cfg, method, frozenset())]
+
+
+def _plan(cfg: StudyConfig, method: Method | type[Method] | None,
+          done: frozenset) -> list[tuple[type[Protocol], str]]:
     """``(protocol, set)`` pairs to run, in the harness's order: feature protocols set by set (each set's
     features extracted once), then encoder protocols, then method protocols, each in the study's order."""
     protocols = [get_protocol(p) for p in cfg.eval.protocols]

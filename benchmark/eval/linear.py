@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
+from ..progress import progress_bar
 from ..protocols.linear import SOLVERS  # the protocol validates the option; one list
 from .outcomes import percent_right
 
@@ -74,22 +75,24 @@ def evaluate_linear(train_feats: torch.Tensor, train_labels: torch.Tensor, val_f
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     step = 0
     norm.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(train_feats), generator=gen)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            scale = warmup_cosine(step, total, warmup)
-            for group in opt.param_groups:
-                group["lr"] = group.setdefault("peak_lr", group["lr"]) * scale
-            x = norm(train_feats[idx])
-            # Summed losses: each head's gradient is its own cross-entropy's.
-            loss = sum(F.cross_entropy(head(x), train_labels[idx]) for head in heads)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    with progress_bar(epochs, desc="linear probe", unit="epoch") as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(train_feats), generator=gen)
+            for i in range(0, len(order), batch_size):
+                idx = order[i:i + batch_size]
+                if len(idx) < 2:  # BatchNorm needs two samples
+                    continue
+                scale = warmup_cosine(step, total, warmup)
+                for group in opt.param_groups:
+                    group["lr"] = group.setdefault("peak_lr", group["lr"]) * scale
+                x = norm(train_feats[idx])
+                # Summed losses: each head's gradient is its own cross-entropy's.
+                loss = sum(F.cross_entropy(head(x), train_labels[idx]) for head in heads)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+            bar.update()  # per epoch: probe steps on cached features are many and short
     norm.eval()
     with torch.no_grad():
         x = norm(val_feats)

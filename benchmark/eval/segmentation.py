@@ -32,6 +32,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from ..files import atomic_write_text
+from ..progress import progress_bar
 from ..train.checkpoint import load_checkpoint
 from .determinism import determinism_note
 from .mmseg_compat import ensure_mmseg_importable
@@ -433,6 +434,33 @@ def _weights_only_checkpoint_hook():
     return WeightsOnlyCheckpointHook()
 
 
+def _progress_hook():
+    """An mmengine hook that shows training iterations with `progress.progress_bar` (a bar on a terminal,
+    plain lines in a log): the runner's own logger writes to work_dir only (`_quiet_runner_cls`)."""
+    from mmengine.hooks import Hook
+
+    class ProgressHook(Hook):
+        """Opens the bar when training starts, at the iteration it resumed from; counts iterations."""
+
+        priority = "VERY_LOW"
+
+        def before_train(self, runner) -> None:
+            """Open the bar (training may resume part-way)."""
+            self.bar = progress_bar(runner.max_iters, initial=runner.iter, desc="segmentation", unit="iter")
+
+        def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+            """Count the iteration; show its loss (mmengine's logger has read it already)."""
+            if outputs and "loss" in outputs:
+                self.bar.set_postfix(loss=f"{float(outputs['loss']):.3f}", refresh=False)
+            self.bar.update()
+
+        def after_train(self, runner) -> None:
+            """Close the bar."""
+            self.bar.close()
+
+    return ProgressHook()
+
+
 def _quiet_runner_cls():
     """mmengine's ``Runner`` with a quiet console that resumes only from weights-only checkpoints.
 
@@ -563,7 +591,7 @@ def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch
             checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=max(1, iters // 10),
                             max_keep_ckpts=1, save_last=True),
         ),
-        custom_hooks=[_weights_only_checkpoint_hook()],
+        custom_hooks=[_weights_only_checkpoint_hook(), _progress_hook()],
         log_processor=dict(by_epoch=False),
         resume=True,  # from work_dir's newest checkpoint, if there is one (QuietRunner.load_or_resume)
         env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="nccl"),

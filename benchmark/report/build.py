@@ -220,6 +220,15 @@ class Report:
             lines += ["", "## Files skipped (not records)", ""] + [f"- {_md(s)}" for s in self.skipped]
         return "\n".join(lines) + "\n"
 
+    def headline(self, studies: Sequence[tuple[str, str]] | None = None) -> str:
+        """What a run prints at its end: per study (all, or those of ``studies``: (pretrain_data, preset)
+        pairs), its main table (one headline metric per protocol) and the notes that qualify it."""
+        lines = []
+        for key in self.tables:
+            if studies is None or key in studies:
+                lines += [f"## `{key[0]}` / `{key[1]}`", ""] + self.main_table(key) + [""] + self.notes(key)
+        return "\n".join(lines).rstrip() + "\n" if lines else ""
+
     def _references_section(self) -> list[str]:
         lines = ["## Published reference claims (not produced by these runs)", ""]
         if not self.references:
@@ -340,17 +349,25 @@ def _bench_device(record: ResultRecord) -> str:
     return str(record.protocol_options.get("device", "unknown device"))
 
 
+def build_report(results_dir: str | os.PathLike, *, selection: Selection = Selection(), by: str = "method") -> Report:
+    """The report of the records under ``results_dir`` (malformed or foreign JSON files listed and skipped)."""
+    results_dir = Path(results_dir)
+    records, references, skipped = _load(results_dir)
+    return Report(records, references, skipped, results_dir, by=by, selection=selection)
+
+
 def write_report(results_dir: str | os.PathLike, reports_dir: str | os.PathLike, *,
-                 selection: Selection = Selection(), by: str = "method", figures: bool = True) -> str:
-    """Rebuild ``reports_dir`` from ``results_dir`` alone; returns the Markdown summary.
+                 selection: Selection = Selection(), by: str = "method", figures: bool = True,
+                 report: Report | None = None) -> str:
+    """Rebuild ``reports_dir`` from ``results_dir`` alone (or from ``report``, its `build_report` when
+    already built); returns the Markdown summary.
 
     With ``figures``, the figures and the ``README.md`` index are redrawn too, and figures this build
     did not draw are removed, so the folder always matches the records; without, both are left as
     they are. Malformed or foreign JSON files are listed and skipped.
     """
     results_dir, reports_dir = Path(results_dir), Path(reports_dir)
-    records, references, skipped = _load(results_dir)
-    report = Report(records, references, skipped, results_dir, by=by, selection=selection)
+    report = report or build_report(results_dir, selection=selection, by=by)
     summary = report.summary_markdown()
     atomic_write_text(reports_dir / "summary.md", summary)
     atomic_write_text(reports_dir / "summary.csv", tidy(report.frame).to_csv(index=False))
@@ -366,4 +383,4 @@ def write_report(results_dir: str | os.PathLike, reports_dir: str | os.PathLike,
     return summary
 
 
-__all__ = ["Report", "Selection", "write_report"]
+__all__ = ["Report", "Selection", "build_report", "write_report"]

@@ -104,7 +104,10 @@ def gain_chart(table: pd.DataFrame, columns: list[tuple], long: pd.DataFrame, me
     plain = table.droplevel("paradigm")
     rows = [(paradigm, row) for paradigm, row in table.index if random_row(row, methods, plain.index)]
     floors = {row: random_row(row, methods, plain.index) for _, row in rows}
-    columns = [c for c in columns if any(np.isfinite(plain.at[floors[row], c + ("mean",)]) for _, row in rows)]
+    # A column needs one row with a bar: a value of its own and of its floor (a column only `random`
+    # has, e.g. a protocol asked for the baseline alone, has none).
+    columns = [c for c in columns if any(np.isfinite(plain.at[floors[row], c + ("mean",)])
+                                         and np.isfinite(plain.at[row, c + ("mean",)]) for _, row in rows)]
     if not columns or not rows:
         return []
     styles = method_styles([methods.get(r, r) for _, r in rows])

@@ -22,11 +22,11 @@ import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import random_seed
-from tqdm.auto import tqdm
 
 from ..config import ConfigError, TrainConfig
 from ..data.catalog import BadDataError
 from ..files import atomic_write_text
+from ..progress import progress_bar
 from .checkpoint import CHECKPOINT_LINK, load_newest_checkpoint, save_run_checkpoint
 from .distributed import DistInfo, gather_full_state, load_full_state, shard_with_fsdp
 
@@ -404,11 +404,13 @@ class _Run:
 @dataclass
 class _Session:
     """This session's progress reporting: the non-finite watch, the progress bar, the open
-    metrics log (rank 0 only) and the throughput window since the last log step."""
+    metrics log and the hook each of its rows goes to (rank 0 only), and the throughput window
+    since the last log step."""
 
     watch: _NonFiniteWatch
-    bar: tqdm
+    bar: Any  # `progress.progress_bar`: a tqdm bar on a terminal, plain lines in a log
     log: TextIO | None  # rank 0 only
+    on_log: Callable[[dict], None] | None = None  # rank 0 only
     window_t: float = field(default_factory=time.perf_counter)
     window_images: int = 0
 
@@ -500,15 +502,15 @@ def _resume(run: _Run, seed: int) -> TrainState:
 
 
 @contextlib.contextmanager
-def _session(run: _Run, state: TrainState) -> Iterator[_Session]:
+def _session(run: _Run, state: TrainState, on_log: Callable[[dict], None] | None) -> Iterator[_Session]:
     """Put the model in training mode and open the progress bar and (rank 0) the metrics log
     for appending; both are closed however the session ends."""
     watch = _NonFiniteWatch(run.device)
-    with tqdm(total=run.total, initial=state.step, desc=run.desc, disable=not run.info.is_main,
-              dynamic_ncols=True, leave=False) as bar, \
+    with progress_bar(run.total, initial=state.step, desc=run.desc, unit="step",
+                      disable=not run.info.is_main) as bar, \
             (open(run.log_path, "a") if run.info.is_main else contextlib.nullcontext()) as log:
         run.model.train()
-        yield _Session(watch, bar, log)
+        yield _Session(watch, bar, log, on_log if run.info.is_main else None)
 
 
 def _forward_backward(run: _Run, state: TrainState, session: _Session, batch: dict, sync: bool) -> dict:
@@ -560,6 +562,8 @@ def _log_step(run: _Run, state: TrainState, session: _Session, out: dict) -> Non
     if session.log:
         session.log.write(json.dumps(row) + "\n")
         session.log.flush()
+    if session.on_log:
+        session.on_log(row)
     session.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}",
                             bad=sum(state.skipped.values()), fixed=sum(state.repaired.values()))
     _check_bad_fraction(state, run.max_bad_fraction, info, run.desc, step)
@@ -645,7 +649,7 @@ def _summarize(run: _Run, state: TrainState, resumed_from: int) -> TrainSummary:
 
 def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg: TrainConfig, *,
           steps_per_epoch: int, workdir: Path, info: DistInfo, seed: int, desc: str = "train",
-          max_bad_fraction: float = 1.0) -> TrainSummary:
+          max_bad_fraction: float = 1.0, on_log: Callable[[dict], None] | None = None) -> TrainSummary:
     """Pre-train ``method`` on ``batches(epoch)`` for ``cfg.epochs`` epochs, resuming from ``workdir``.
 
     ``steps_per_epoch`` counts optimiser updates per epoch for the global batch. The run's
@@ -654,13 +658,14 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
     ``workdir/metrics.jsonl``, cut back to the resumed step (0 without a checkpoint) so a rerun never
     repeats rows; checkpoint files of which none loads stop it (`UnreadableCheckpointError`). Skipped
     and repaired samples are summed from the batches; once more than ``max_bad_fraction`` of
-    the samples read are skipped, training stops with `BadDataError`.
+    the samples read are skipped, training stops with `BadDataError`. ``on_log`` (rank 0) gets each
+    metrics row as it is written (an experiment tracker's hook, `trackers.Tracker.log_train`).
     """
     run = _prepare(method, cfg, steps_per_epoch=steps_per_epoch, workdir=workdir, info=info, desc=desc,
                    max_bad_fraction=max_bad_fraction)
     state = _resume(run, seed)
     resumed_from = state.step
-    with _session(run, state) as session:
+    with _session(run, state, on_log) as session:
         while state.step < run.total:
             _run_epoch(run, state, session, batches)
     return _summarize(run, state, resumed_from)
