@@ -125,6 +125,9 @@ def test_records_trained_on_cuda_say_they_are_not_bitwise_repeatable():
     assert "atomic adds" in determinism_note(torch.device("cuda", 0))["determinism"]
 
 
+ALL_PROTOCOLS = "knn,linear,finetune,segmentation,zeroshot,retrieval,captioning,reconstruction"
+
+
 @pytest.mark.slow
 def test_smoke_study_twice_gives_identical_records(tmp_path):
     """The issue's acceptance test: the default study at the smoke preset, all 8 methods and every
@@ -137,12 +140,12 @@ def test_smoke_study_twice_gives_identical_records(tmp_path):
     records = []
     for run in ("first", "second"):
         out = tmp_path / run
-        main(["run", "--preset", "smoke", "--methods", methods, "--seeds", "0", "--workdir", str(out / "w"),
+        main(["run", "--preset", "smoke", "--methods", methods, "--seeds", "0", "--evals", ALL_PROTOCOLS,
+              "--workdir", str(out / "w"),
               "--results", str(out / "r"), "--reports", str(out / "p"), "--cache-dir", str(tmp_path / "cache")])
         found = [ResultRecord.from_dict(json.loads(p.read_text())) for p in sorted((out / "r").rglob("*.json"))]
         records.append({(r.method, r.protocol, r.dataset): _numbers(r) for r in found if r.protocol})
     assert {m for m, _, _ in records[0]} == set(methods.split(","))
-    assert {p for _, p, _ in records[0]} == {"knn", "linear", "finetune", "segmentation", "zeroshot", "retrieval",
-                                             "captioning", "reconstruction"}
+    assert {p for _, p, _ in records[0]} == set(ALL_PROTOCOLS.split(","))
     differing = sorted(k for k in records[0] if records[0][k] != records[1].get(k))
     assert records[0].keys() == records[1].keys() and not differing, differing
