@@ -66,11 +66,6 @@ def load_results(results: str | os.PathLike = "results", summary: bool = False) 
     long = long_frame(records)
     if summary:
         return tidy(summary_frame(records, long=long))
-    commits = {(r.pretrain_data, r.preset, r.method, r.protocol, r.dataset, r.seed, r.created): r.git_commit
-               for r in records}
-    long["git_commit"] = [commits.get(key) for key in zip(long["pretrain_data"], long["record_preset"], long["method"],
-                                                          long["protocol"], long["dataset"], long["seed"],
-                                                          long["created"])]
     long["preset"] = long["record_preset"]
     return long[RESULT_COLUMNS].reset_index(drop=True)
 

@@ -95,7 +95,7 @@ class Report:
         self.methods = self.frame.attrs["methods"]
         self.studies = self.frame.attrs["studies"]
         self.unlike = unlike_rows(self.records, by)  # per table: rows not pre-trained like-for-like, and why
-        self.mixed = mixed_cells(self.records, by)  # per table: cells whose seeds come from several commits
+        self.mixed = mixed_cells(self.long)  # per table: cells whose seeds come from several commits
         # per table: each column's best, and which rows the tests cannot tell apart from it
         self.resolutions = {key: resolve_table(self._long_of(key), table) for key, table in self.tables.items()}
 

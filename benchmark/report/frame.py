@@ -168,8 +168,9 @@ def _outcomes(record: ResultRecord, metric: str) -> dict | None:
 
 
 def long_frame(records: Iterable[ResultRecord], by: str = "method") -> pd.DataFrame:
-    """One row per (record, metric) with the table and row each lands in under grouping ``by``, and the
-    record's per-example outcomes of that metric (``outcomes``: `pack_outcomes`' dict, or None).
+    """One row per (record, metric) with the table and row each lands in under grouping ``by``, the
+    record's per-example outcomes of that metric (``outcomes``: `pack_outcomes`' dict, or None) and its
+    ``git_commit``.
 
     A (study, method, protocol, dataset, seed) seen twice (files copied around) counts once,
     the most recent: counting it twice would shrink the std and inflate n.
@@ -180,12 +181,12 @@ def long_frame(records: Iterable[ResultRecord], by: str = "method") -> pd.DataFr
         {"pretrain_data": r.pretrain_data, "preset": ALL_PRESETS if by == "preset" else r.preset,
          "record_preset": r.preset, "paradigm": paradigm_of(r), "row": _row_label(r, by), "method": r.method,
          "protocol": r.protocol, "dataset": r.dataset, "metric": metric, "seed": r.seed, "created": r.created,
-         "value": float(value), "outcomes": _outcomes(r, metric)}
+         "value": float(value), "outcomes": _outcomes(r, metric), "git_commit": r.git_commit}
         for r in records if r.protocol not in BENCH_PROTOCOLS
         for metric, value in r.metrics.items()
     ]
     columns = ["pretrain_data", "preset", "record_preset", "paradigm", "row", "method", *COLUMN_LEVELS,
-               "seed", "created", "value", "outcomes"]
+               "seed", "created", "value", "outcomes", "git_commit"]
     long = pd.DataFrame(rows, columns=columns).sort_values("created", kind="stable")
     identity = ["pretrain_data", "record_preset", "method", *COLUMN_LEVELS, "seed"]
     return long.drop_duplicates(identity, keep="last").reset_index(drop=True)

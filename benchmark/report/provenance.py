@@ -11,32 +11,24 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from mugbench.report.frame import ALL_PRESETS, BENCH_PROTOCOLS, _row_label
-from mugbench.results import ResultRecord
+import pandas as pd
 
+from mugbench.report.frame import COLUMN_LEVELS
 MIXED_MARK = "‡"  # after a cell whose seeds come from more than one commit
 UNKNOWN = "unknown"
 
 
-def mixed_cells(records: Iterable[ResultRecord], by: str = "method") -> dict[tuple[str, str], dict[tuple, dict]]:
+def mixed_cells(long: pd.DataFrame) -> dict[tuple[str, str], dict[tuple, dict]]:
     """Per table ``(pretrain_data, preset)``: each ``(row, (protocol, dataset, metric))`` cell whose
     records come from more than one commit, as ``{commit: [seeds]}`` (commits shortened to 10 digits).
-    Records are de-duplicated as the tables count them: the latest per (study, method, protocol,
-    dataset, seed)."""
-    latest: dict[tuple, ResultRecord] = {}
-    for r in sorted((r for r in records if r.protocol not in BENCH_PROTOCOLS), key=lambda r: r.created):
-        latest[(r.pretrain_data, r.preset, r.method, r.protocol, r.dataset, r.seed)] = r
-    cells: dict[tuple, dict[tuple, dict[str, list[int]]]] = {}
-    for r in latest.values():
-        table = (r.pretrain_data, ALL_PRESETS if by == "preset" else r.preset)
-        commit = (r.git_commit or UNKNOWN)[:10]
-        for metric in r.metrics:
-            cell = (_row_label(r, by), (r.protocol, r.dataset, metric))
-            cells.setdefault(table, {}).setdefault(cell, {}).setdefault(commit, []).append(r.seed)
-    return {table: {cell: {c: sorted(s) for c, s in sorted(commits.items())}
-                    for cell, commits in found.items() if len(commits) > 1}
-            for table, found in cells.items()
-            if any(len(commits) > 1 for commits in found.values())}
+    ``long`` is the report's `long_frame`: records already counted as the tables count them."""
+    out: dict[tuple[str, str], dict[tuple, dict]] = {}
+    commits = long["git_commit"].fillna(UNKNOWN).str[:10]
+    for key, part in long.assign(commit=commits).groupby(["pretrain_data", "preset", "row", *COLUMN_LEVELS], sort=True):
+        if part["commit"].nunique() > 1:
+            seeds = {c: sorted(int(s) for s in g["seed"]) for c, g in part.groupby("commit", sort=True)}
+            out.setdefault(key[:2], {})[(key[2], tuple(key[3:]))] = seeds
+    return out
 
 
 def mixed_note(mixed: dict[tuple, dict], rows: Iterable[str], columns: Iterable[tuple]) -> list[str]:
