@@ -37,14 +37,6 @@ def check_report_to(names) -> None:
                               f"Nothing was started.")
 
 
-def headline_metrics(protocol: str, metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics of ``protocol`` a main table shows (its ``headline``; every metric when it names none)."""
-    from .registry import get_protocol
-
-    headline = get_protocol(protocol).headline
-    return {k: v for k, v in metrics.items() if not headline or k in headline}
-
-
 class _TensorBoard:
     """TensorBoard events through torch's ``SummaryWriter``, opened on the first scalar (so a run with
     nothing to log, or one that stops before training, leaves no empty event file)."""
@@ -105,7 +97,10 @@ class Tracker:
 
     def log_eval(self, protocol: str, dataset: str, metrics: dict[str, float], step: int) -> None:
         """A protocol's headline metrics as ``eval/<protocol>/<dataset>/<metric>`` at pre-training ``step``."""
-        values = {f"eval/{protocol}/{dataset}/{k}": float(v) for k, v in headline_metrics(protocol, metrics).items()}
+        from .report.frame import headline_metrics  # the main table's choice (all metrics when none declared)
+
+        headline = headline_metrics(protocol)
+        values = {f"eval/{protocol}/{dataset}/{k}": float(v) for k, v in metrics.items() if not headline or k in headline}
         for sink in self.sinks:
             sink.scalars(values, step)
 
