@@ -608,3 +608,74 @@ def test_a_column_only_random_has_draws_no_empty_gain_panel(tmp_path):
         write_record(r, tmp_path / "results")
     write_report(tmp_path / "results", tmp_path / "reports", figures=True)
     assert (tmp_path / "reports" / "figures" / "toy-toy-gain.png").exists()
+
+
+# The critical-difference view (Friedman + Nemenyi, autorank) over every transfer column and seed.
+
+def ordered_study(order_per_block):
+    """knn and linear records on 3 seeds (6 blocks); ``order_per_block(i)`` gives block i's methods,
+    best first, scored 60, 50, 40, ... (block i = protocol i // 3, seed i % 3)."""
+    records = []
+    for i in range(6):
+        protocol, seed = ("knn", "linear")[i // 3], i % 3
+        for place, method in enumerate(order_per_block(i)):
+            records.append(make_record(method, protocol=protocol, dataset="toy-cls", seed=seed, preset="toy",
+                                       top1=60.0 - 10 * place))
+    return records
+
+
+def cd_paragraph(text: str) -> str:
+    return next(line for line in text.splitlines() if "critical-difference" in line.lower() or
+                line.startswith("Critical difference"))
+
+
+def test_a_consistent_order_is_told_apart_by_the_critical_difference(tmp_path):
+    # mae always first, clip always last, mug and simclr take turns: mean ranks 1, 2.5, 2.5, 4 over 6 blocks.
+    records = ordered_study(lambda i: ("mae", "mug", "simclr", "clip") if i % 2 else ("mae", "simclr", "mug", "clip"))
+    for r in records:
+        write_record(r, tmp_path / "results")
+    write_report(tmp_path / "results", tmp_path / "reports")
+    text = (tmp_path / "reports" / "summary.md").read_text()
+    paragraph = cd_paragraph(text)
+    assert "over 6 blocks (2 transfer columns × up to 3 seeds" in paragraph
+    assert "Mean ranks (1 = best): mae 1.00, mug 2.50, simclr 2.50, clip 4.00." in paragraph
+    # Nemenyi's CD for 4 methods on 6 blocks: q(0.05, 4, inf) / sqrt(2) * sqrt(4 * 5 / (6 * 6)) = 1.91 ranks.
+    assert "Nemenyi's CD at α = 0.05 is 1.91 ranks" in paragraph
+    assert "told apart): mae ahead of clip." in paragraph  # 3 ranks apart; the 1.5-rank gaps are not
+    assert "not independent benchmarks" in paragraph
+    assert (tmp_path / "reports" / "figures" / "toy-toy-cd.png").stat().st_size > 5_000
+    assert "![cd](figures/toy-toy-cd.png)" in (tmp_path / "reports" / "README.md").read_text()
+
+
+def test_methods_that_take_turns_are_not_told_apart():
+    # Each of the three methods is first, second and third equally often: equal mean ranks, Friedman p = 1.
+    turns = ("mae", "mug", "clip")
+    paragraph = cd_paragraph(write_report_text(ordered_study(lambda i: turns[i % 3:] + turns[:i % 3])))
+    assert "mae 2.00, mug 2.00, clip 2.00" in paragraph or "clip 2.00, mae 2.00, mug 2.00" in paragraph
+    assert "does not reject equal ranks (p = 1" in paragraph and "no pair of methods is told apart" in paragraph
+
+
+def test_too_few_blocks_give_no_critical_difference_and_say_why(tmp_path):
+    records = [r for r in ordered_study(lambda i: ("mae", "mug", "clip")) if r.seed < 2]  # 2 columns x 2 seeds
+    for r in records:
+        write_record(r, tmp_path / "results")
+    write_report(tmp_path / "results", tmp_path / "reports")
+    text = (tmp_path / "reports" / "summary.md").read_text()
+    assert ("the Friedman test needs at least 5 complete blocks (a transfer column on one seed, every method "
+            "present), this study has 4") in text
+    assert not (tmp_path / "reports" / "figures" / "toy-toy-cd.png").exists()
+
+
+def test_the_critical_difference_leaves_out_baselines_and_methods_missing_a_column():
+    from mugbench.report.critical_difference import performance_matrix
+    from mugbench.report.frame import headline_columns, long_frame, summary_frame
+
+    records = ordered_study(lambda i: ("mae", "mug", "clip", "random"))
+    for r in records:
+        r.paradigm = "baseline" if r.method == "random" else r.paradigm
+    records += [make_record("simclr", protocol="knn", dataset="toy-cls", seed=s, preset="toy", top1=1.0)
+                for s in range(3)]  # no linear-probe column
+    long = long_frame(records)
+    matrix, left_out = performance_matrix(long, headline_columns(summary_frame(records, long=long).columns))
+    assert sorted(matrix.columns) == ["clip", "mae", "mug"] and left_out == ["simclr"]
+    assert matrix.shape == (6, 3) and (matrix["mae"] == 60.0).all()

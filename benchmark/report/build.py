@@ -18,6 +18,7 @@ from typing import Sequence
 import pandas as pd
 
 from mugbench.report import plots
+from mugbench.report.critical_difference import CriticalDifference, cd_diagram, critical_difference
 from mugbench.report.frame import (
     BENCH_PROTOCOLS, Selection, describe_encoder, headline_columns, long_frame, study_details, summary_frame,
 )
@@ -48,6 +49,9 @@ FIGURE_NOTES = {
     "gain": "each panel is one column of the main table: each method's bar starts at the `random` row's mean (the "
             "dashed line: what the protocol gives an untrained encoder) and shows what pre-training added (± sample "
             "std over seeds; seeds as dots)",
+    "cd": "critical-difference diagram: each method at its mean rank over the transfer columns and seeds (1 = best, "
+          "on the right); a bar joins methods whose mean ranks differ by less than Nemenyi's critical difference "
+          "(the CD span above the axis), which the test cannot tell apart",
     "bench": "`mugbench bench` train steps: each method's step time as a multiple of a plain ViT step",
 }
 
@@ -98,6 +102,9 @@ class Report:
         self.mixed = mixed_cells(self.long)  # per table: cells whose seeds come from several commits
         # per table: each column's best, and which rows the tests cannot tell apart from it
         self.resolutions = {key: resolve_table(self._long_of(key), table) for key, table in self.tables.items()}
+        # per table: the Friedman and Nemenyi tests over every ranked method and transfer column (or why not)
+        self.critical = {key: critical_difference(self._long_of(key), headline_columns(table.columns), ALPHA)
+                         for key, table in self.tables.items()} if by == "method" else {}
 
     def _long_of(self, key) -> pd.DataFrame:
         """The part of the long frame that makes table ``key``."""
@@ -205,8 +212,7 @@ class Report:
         for key, table in self.tables.items():
             lines += self._study_header(key) + [""] + self.main_table(key) + [""] + self.notes(key)
             if self.by == "method":
-                ranking = ranking_section(table, headline_columns(table.columns), self.methods, self.resolutions[key])
-                lines += ranking + ([""] if ranking else [])
+                lines += self.ranking_lines(key)
             gaps = missing_cells(table, headline_columns(table.columns), self.methods, self._seeds(key), self.by)
             if gaps:
                 lines += ["Missing from this table:", ""] + gaps + [""]
@@ -219,6 +225,17 @@ class Report:
         if self.skipped:
             lines += ["", "## Files skipped (not records)", ""] + [f"- {_md(s)}" for s in self.skipped]
         return "\n".join(lines) + "\n"
+
+    def ranking_lines(self, key, figure: str = "") -> list[str]:
+        """One study's ranking on transfer, then what the critical-difference test over all of it says
+        (``figure``: where its diagram is, when drawn)."""
+        table = self.tables[key]
+        ranking = ranking_section(table, headline_columns(table.columns), self.methods, self.resolutions[key])
+        if not ranking:
+            return []
+        cd = self.critical.get(key)
+        words = cd.lines(figure) if isinstance(cd, CriticalDifference) else [cd] if cd else []
+        return ranking + [""] + (words + [""] if words else [])
 
     def headline(self, studies: Sequence[tuple[str, str]] | None = None) -> str:
         """What a run prints at its end: per study (all, or those of ``studies``: (pretrain_data, preset)
@@ -276,6 +293,10 @@ class Report:
             gains = plots.gain_chart(table, columns, long, self.methods, f"{title}: gain over {RANDOM}",
                                      Path(f"{stem}-gain"))
             drawn += [("gain", title, gains[0])] if gains else []
+            if isinstance(self.critical.get(key), CriticalDifference):
+                paths = cd_diagram(self.critical[key], f"{title}: critical difference over the transfer columns",
+                                   Path(f"{stem}-cd"))
+                drawn.append(("cd", title, paths[0]))
             if self.by != "method":  # the per-run figures below draw one study's runs, one per method and seed
                 continue
             for kind, paths in (
@@ -310,8 +331,7 @@ class Report:
         for key, table in self.tables.items():
             lines += [f"## `{key[0]}` / `{key[1]}`", ""] + self.main_table(key) + [""] + self.notes(key)
             if self.by == "method":
-                ranking = ranking_section(table, headline_columns(table.columns), self.methods, self.resolutions[key])
-                lines += ranking + ([""] if ranking else [])
+                lines += self.ranking_lines(key, figure="figure `cd` below")
             for kind, title, png in figures:
                 if title == f"{key[0]} / {key[1]}":
                     rel = os.path.relpath(png, reports_dir)

@@ -96,6 +96,11 @@ def is_baseline(metric: str) -> bool:
     return metric.lower().startswith(BASELINE_PREFIXES)
 
 
+def transfer_columns(columns: Iterable[tuple]) -> list[tuple]:
+    """The columns a ranking covers: transfer protocols' metrics, never a trivial predictor's score."""
+    return [c for c in columns if is_transfer(c[0]) and not is_baseline(c[2])]
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which records a report covers; an empty field selects everything.

@@ -18,8 +18,8 @@ from typing import Any, Collection, Iterable, Sequence
 import pandas as pd
 
 from mugbench.report.frame import (
-    COLUMN_LEVELS, STATS, _row_label, finite, headline_columns, is_baseline, is_baseline_row, is_transfer,
-    lower_is_better, protocol_applies, protocol_label, protocol_order_key, ranked,
+    COLUMN_LEVELS, STATS, _row_label, finite, headline_columns, is_baseline, is_baseline_row, lower_is_better,
+    protocol_applies, protocol_label, protocol_order_key, ranked, transfer_columns,
 )
 from mugbench.report.resolution import (
     ALPHA, BEST, RESOLVED, TIED, TIED_MARK, UNRESOLVED, UNRESOLVED_MARK, TableResolution,
@@ -286,7 +286,7 @@ def ranking_section(frame: pd.DataFrame, columns: list[tuple], methods: dict[str
     rows of equal mean rank share a place."""
     plain = frame.droplevel("paradigm")
     baselines = baseline_rows(frame)
-    transfer = [c for c in columns if is_transfer(c[0]) and not is_baseline(c[2])]
+    transfer = transfer_columns(columns)
     if not transfer or len(plain.index.difference(list(baselines))) < 2:
         return []
     ranks: dict[str, list[int]] = {row: [] for row in plain.index if row not in baselines}
