@@ -14,6 +14,7 @@ from typing import Iterable
 import pandas as pd
 
 from mugbench.report.frame import COLUMN_LEVELS
+
 MIXED_MARK = "‡"  # after a cell whose seeds come from more than one commit
 UNKNOWN = "unknown"
 
@@ -23,7 +24,7 @@ def mixed_cells(long: pd.DataFrame) -> dict[tuple[str, str], dict[tuple, dict]]:
     records come from more than one commit, as ``{commit: [seeds]}`` (commits shortened to 10 digits).
     ``long`` is the report's `long_frame`: records already counted as the tables count them."""
     out: dict[tuple[str, str], dict[tuple, dict]] = {}
-    commits = long["git_commit"].fillna(UNKNOWN).str[:10]
+    commits = long["git_commit"].map(lambda c: (c or UNKNOWN)[:10])  # None or "" (a hand-made record): unknown
     for key, part in long.assign(commit=commits).groupby(["pretrain_data", "preset", "row", *COLUMN_LEVELS], sort=True):
         if part["commit"].nunique() > 1:
             seeds = {c: sorted(int(s) for s in g["seed"]) for c, g in part.groupby("commit", sort=True)}
