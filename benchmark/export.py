@@ -65,13 +65,16 @@ def export_timm(source: Path | EncoderSource, out_dir: Path, verify: bool = True
 
     towers = _open_clip_towers(src, log) if open_clip else None
     if towers is not None:
-        write_open_clip(*towers, out_dir, src.img_size, mean, std)
-    else:  # open_clip files of an earlier export (--force) would pair another model's towers with this one
+        try:
+            write_open_clip(*towers, out_dir, src.img_size, mean, std)
+        except ExportError as exc:  # an image-tower layout open_clip has no place for (it writes nothing then)
+            log(f"open_clip: not written: {exc}")
+            towers = None
+    if towers is None:  # open_clip files of an earlier export (--force) would pair another model's towers with this one
         for name in OPEN_CLIP_FILES:
             (out_dir / name).unlink(missing_ok=True)
-    records = run_records(results, provenance) if results is not None else None
-    atomic_write_text(out_dir / "README.md", model_card(src, out_dir, data_config, records=records,
-                                                        results_dir=results, open_clip=towers is not None))
+    atomic_write_text(out_dir / "README.md", model_card(src, out_dir, data_config, results_dir=results,
+                                                        open_clip=towers is not None, provenance=provenance))
     if verify:
         _verify(model, out_dir, src.img_size)
         if towers is not None:
@@ -186,14 +189,15 @@ def provenance_block(src: EncoderSource) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def model_card(src: EncoderSource, out_dir: Path, data_config: dict, records=None, results_dir: Path | None = None,
-               open_clip: bool = False) -> str:
+def model_card(src: EncoderSource, out_dir: Path, data_config: dict, results_dir: Path | None = None,
+               open_clip: bool = False, provenance: dict | None = None) -> str:
     """The README.md: Hugging Face front matter, what the encoder is and how it was trained, the results
-    mugbench recorded for its run (``records``, read from ``results_dir``; None: no results folder was
-    given), and how to load it in timm, transformers and, with ``open_clip``, open_clip."""
+    mugbench recorded for its run (its records in ``results_dir``; None: no results folder was given),
+    and how to load it in timm, transformers and, with ``open_clip``, open_clip. ``provenance``: the
+    source's `provenance_block`, when already built."""
     from .results import git_commit
 
-    p = provenance_block(src)
+    p = provenance if provenance is not None else provenance_block(src)
     method = p.get("method") or "unknown method"
     epochs = p.get("epochs") or (p.get("config") or {}).get("train", {}).get("epochs")
     rows = [("method", f"`{method}`"), ("pre-training data", p.get("pretrain_data")), ("preset", p.get("preset")),
@@ -222,7 +226,7 @@ The image encoder has no classifier (`num_classes=0`): use its features.
 | | |
 |---|---|
 {table}
-{_results_section(records, results_dir, p)}
+{_results_section(results_dir, p)}
 ## Loading
 
 timm:
@@ -278,33 +282,28 @@ def run_records(results_dir: Path, provenance: dict) -> list:
         return []
     folder = record_location(results_dir, data, preset, method, "-", "-", seed).parent
     steps, conditions = provenance.get("steps"), provenance.get("conditions")
-    ours = fingerprint(conditions) if conditions else ""
+    ours = fingerprint(conditions)  # "" when the run recorded none
     return [r for r in load_records(folder) if (r.method, r.pretrain_data, r.preset, r.seed) == (method, data, preset, seed)
             and (not steps or not r.steps or r.steps == steps) and (not ours or not r.fingerprint or r.fingerprint == ours)]
 
 
-def _results_section(records, results_dir: Path | None, p: dict) -> str:
-    """The card's results table (an empty string when no results folder was given)."""
-    from .registry import registered_protocols
+def _results_section(results_dir: Path | None, p: dict) -> str:
+    """The card's results table: the run's records in ``results_dir`` (`run_records`; an empty string
+    when no results folder was given), ordered and labelled as the report shows protocols."""
+    from .report.frame import headline_metrics, protocol_label, protocol_order_key
 
-    if records is None:
+    if results_dir is None:
         return ""
+    records = run_records(results_dir, p)
     who = f"`{p.get('method')}` on {p.get('pretrain_data')} ({p.get('preset')} preset), seed {p.get('seed')}"
     if not records:
         return f"\n## Results\n\nNo result records of {who} were found in `{results_dir}`.\n"
-    protocols = registered_protocols()
-
-    def order(r):
-        cls = protocols.get(r.protocol)
-        return getattr(cls, "order", 1000), r.protocol, r.dataset
-
     lines = []
-    for r in sorted(records, key=order):
-        cls = protocols.get(r.protocol)
-        headline = [m for m in getattr(cls, "headline", ()) if m in r.metrics]
+    for r in sorted(records, key=lambda r: (protocol_order_key(r.protocol), r.dataset)):
+        headline = [m for m in headline_metrics(r.protocol) if m in r.metrics]
         names = headline + sorted(m for m in r.metrics if m not in headline)
         result = ", ".join(f"{m} {_number(r.metrics[m])}" for m in names)
-        lines.append(f"| {getattr(cls, 'label', r.protocol)} | {r.dataset} | {result} |")
+        lines.append(f"| {protocol_label(r.protocol)} | {r.dataset} | {result} |")
     table = "\n".join(lines)
     return f"""
 ## Results

@@ -297,6 +297,7 @@ def load_timm_source(name: str, weights: Path | None = None, model_args: str | d
         # timm's own filter (key renames, position-embedding resize) on a state dict read without pickles
         overlay = {"pretrained_cfg_overlay": {"state_dict": _read_weights_file(found)}}
         model = _create(name, True, {**kwargs, **overlay}, name, model_args)
+        model.pretrained_cfg.pop("state_dict", None)  # timm keeps the overlay: a second copy of every weight
         return _vit_source(model, name, name, kwargs, str(found))
     model = _create(name, False, kwargs, name, model_args)
     if weights is not None:

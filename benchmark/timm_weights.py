@@ -76,7 +76,7 @@ def not_cached(name: str, what: str) -> WeightsNotCachedError:
         f"({hub_cache_dir()}; set HF_HUB_CACHE or HF_HOME to use another) and in torch hub's checkpoints. Fetch "
         f"them once where there is internet (e.g. `python -c \"import timm; timm.create_model('{name}', "
         f"pretrained=True)\"` or `hf download <repo>`) and copy the cache here, or pass the file with --weights; "
-        f"for a randomly initialised ViT, give the architecture alone ({name.split(':')[-1].split('.')[0]}).")
+        f"for a randomly initialised ViT, give the architecture alone ({name.split(':')[-1].split('/')[-1].split('.')[0]}).")
 
 
 __all__ = ["WeightsNotCachedError", "cached_hub_folder", "cached_tag_weights", "hub_cache_dir", "not_cached"]
