@@ -25,9 +25,9 @@ def _flags(options: Mapping[str, Any]) -> list[str]:
         if value is True:
             argv.append(flag)
         elif key == "set":
-            pairs = value.items() if isinstance(value, Mapping) else (str(v).split("=", 1) for v in value)
-            for k, v in pairs:
-                argv += [flag, f"{k}={v}"]
+            items = (f"{k}={v}" for k, v in value.items()) if isinstance(value, Mapping) else map(str, value)
+            for item in items:  # an item without "=" is the command's own ConfigError
+                argv += [flag, item]
         elif isinstance(value, (list, tuple)):
             argv += [flag, ",".join(str(v) for v in value)]
         else:
@@ -66,7 +66,6 @@ def load_results(results: str | os.PathLike = "results", summary: bool = False) 
     long = long_frame(records)
     if summary:
         return tidy(summary_frame(records, long=long))
-    long["preset"] = long["record_preset"]
     return long[RESULT_COLUMNS].reset_index(drop=True)
 
 

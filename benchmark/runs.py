@@ -13,6 +13,7 @@ from .config import StudyConfig, TrainConfig
 from .method import Method, TextSpec
 from .models.vit import build_encoder
 from .registry import get_method
+from .train.run_lock import LOCK_NAME
 
 
 def build_method(name: str, cfg: StudyConfig, spec: TextSpec) -> Method:
@@ -31,11 +32,11 @@ def run_dir_for(workdir: Path, cfg: StudyConfig, name: str) -> Path:
     return workdir / _safe(cfg.data.name) / cfg.preset / f"{name}-seed{cfg.seed}-{digest}"
 
 
-def set_aside(run_dir: Path, keep: tuple[str, ...] = (".lock",)) -> Path | None:
-    """Move everything in ``run_dir`` except ``keep`` (the lock its caller holds) into a new sibling
-    folder ``<name>.old-<time>``, so the run starts over without losing the old one (`--fresh`); returns
-    that folder, or None when there was nothing to move."""
-    entries = [p for p in sorted(run_dir.iterdir()) if p.name not in keep] if run_dir.is_dir() else []
+def set_aside(run_dir: Path) -> Path | None:
+    """Move everything in ``run_dir`` except the run lock (`LOCK_NAME`, which its caller holds) into a new
+    sibling folder ``<name>.old-<time>``, so the run starts over without losing the old one (`--fresh`);
+    returns that folder, or None when there was nothing to move."""
+    entries = [p for p in sorted(run_dir.iterdir()) if p.name != LOCK_NAME] if run_dir.is_dir() else []
     if not entries:
         return None
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -97,10 +97,10 @@ class Tracker:
 
     def log_eval(self, protocol: str, dataset: str, metrics: dict[str, float], step: int) -> None:
         """A protocol's headline metrics as ``eval/<protocol>/<dataset>/<metric>`` at pre-training ``step``."""
-        from .report.frame import headline_metrics  # the main table's choice (all metrics when none declared)
+        from .report.frame import headline_columns  # the main table's choice of a protocol's metrics
 
-        headline = headline_metrics(protocol)
-        values = {f"eval/{protocol}/{dataset}/{k}": float(v) for k, v in metrics.items() if not headline or k in headline}
+        shown = {metric for _, _, metric in headline_columns((protocol, dataset, k) for k in metrics)}
+        values = {f"eval/{protocol}/{dataset}/{k}": float(v) for k, v in metrics.items() if k in shown}
         for sink in self.sinks:
             sink.scalars(values, step)
 
