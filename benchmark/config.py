@@ -231,8 +231,15 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, ~30% slower
     compile: bool = False  # torch.compile the method; a failure to compile falls back to eager with a warning
     compile_backend: str = "inductor"
+    # Minutes any collective of a torchrun job may wait before the job stops with an error (the process
+    # group's timeout). Every rank works in every phase, so no rank waits through another's work; what
+    # this must cover is the slowest rank's share of one step, and one-off preparation (the embedded
+    # world, shard counts) on the first rank of each cache. Generous by default: a dead rank is still
+    # noticed within the hour, NCCL's own 10-minute default is too short for a first shard count.
+    dist_timeout_min: float = POSITIVE.field(60)
 
-    PERFORMANCE_ONLY = ("optimizer_impl", "grad_checkpointing", "compile", "compile_backend")
+    # Speed, memory and job plumbing only: the same training either way, so a run directory is not keyed by them.
+    PERFORMANCE_ONLY = ("optimizer_impl", "grad_checkpointing", "compile", "compile_backend", "dist_timeout_min")
 
     @property
     def lr(self) -> float:

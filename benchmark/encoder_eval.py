@@ -47,7 +47,9 @@ def eval_config(source: EncoderSource, preset: str | None, overrides: list[str],
         log(f"note: the study's images are {cfg.encoder.img_size} px; they are resized to the encoder's "
             f"{source.img_size} px")
     cfg.encoder = dataclasses.replace(cfg.encoder, img_size=source.img_size)
-    check_evaluation(cfg)
+    from .preflight import world_size
+
+    check_evaluation(cfg, world_size=world_size())
     return cfg
 
 
@@ -87,11 +89,19 @@ def rebuild_method(source: EncoderSource, device="cpu"):
 def evaluate_source(source: EncoderSource, cfg: StudyConfig, *, results_dir: Path, cache_dir: Path,
                     data_root: Path | None = None, overrides: list[str] = (), device=None,
                     log=print) -> list[ResultRecord]:
-    """Run ``cfg``'s protocols on ``source``; write and return one record per (protocol, dataset)."""
+    """Run ``cfg``'s protocols on ``source``; write and return one record per (protocol, dataset).
+
+    Under torchrun every rank evaluates (each protocol shards its work over them, `mugbench.eval.sharding`)
+    and rank 0 alone logs, writes and returns the records (the others return none)."""
     from .eval.harness import evaluate, skipped_protocols
     from .evalset import EvalSets
+    from .train.distributed import init_distributed
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = init_distributed(torch.device(device).type if device is not None else cfg.train.device,
+                            cfg.train.dist_timeout_min)
+    device = torch.device(device) if device is not None and info.world_size == 1 else info.device
+    if not info.is_main:
+        log = lambda *args, **kwargs: None  # noqa: E731  (one voice per job)
     name, pretrain_data = record_identity(source)
     _note_source(source, log)
     _note_normalisation(source, log)
@@ -121,10 +131,12 @@ def evaluate_source(source: EncoderSource, cfg: StudyConfig, *, results_dir: Pat
             preset=cfg.preset, seed=cfg.seed, metrics=result.metrics, method_options=options,
             protocol_options=dict(result.options, encoder_source=source.describe()),
             encoder=encoder_record_fields(source), epochs=float(epochs), steps=int(steps or 0),
-            timings={"eval_s": result.seconds}, overrides=list(overrides), examples=result.examples,
+            timings={"eval_s": result.seconds, "eval_world_size": info.world_size}, overrides=list(overrides),
+            examples=result.examples,
             per_example=result.per_example, fingerprint=conditions_id, conditions=conditions)
-        write_record(record, results_dir)
-        records.append(record)
+        if info.is_main:
+            write_record(record, results_dir)
+            records.append(record)
         log(f"{result.protocol:8s} {result.dataset:10s} " + "  ".join(f"{k}={v:.2f}" for k, v in result.metrics.items())
             + f"  ({result.seconds:.1f}s)")
     return records

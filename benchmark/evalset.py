@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from .data.catalog import DataNotFoundError
+from .data.train_batches import GlobalTrainBatches
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import StudyConfig
@@ -50,9 +51,10 @@ class ClassificationSet:
 
     ``classes``: label names by index as stored (folder names, WordNet ids); ``class_names``: the
     words prompts use for them (zero-shot), the classes themselves unless given; ``prompts``: zero-shot
-    templates with ``{}`` for the class word. ``train_batches(epoch=, batch_size=, transform=, seed=)``
-    yields augmented ``{"image", "label"}`` batches of the train split, read again from its source
-    (protocols that augment, such as fine-tuning); the order depends only on seed and epoch.
+    templates with ``{}`` for the class word. ``train_batches(epoch=, batch_size=, transform=, seed=,
+    rank=, world_size=)`` yields augmented ``{"image", "label"}`` batches of the train split, read again
+    from its source (protocols that augment, such as fine-tuning): this rank's rows of each global batch
+    of ``batch_size``; the batches depend only on seed and epoch (`data.train_batches.GlobalTrainBatches`).
     """
 
     kind: ClassVar[str] = "classification"
@@ -183,8 +185,12 @@ class EvalSets:
         if name not in self._loaded:
             from .registry import get_eval_set
 
+            from .train.distributed import once_per_cache
+
             source = get_eval_set(name)
-            data = source().load(self.ctx)
+            # A generated set is written into the cache on first use: in a torchrun job by one rank per
+            # cache folder, before the others read it (every rank loads its sets in the same order).
+            data = once_per_cache(self.ctx.cache_dir, lambda: source().load(self.ctx))
             expected = EVAL_SET_TYPES[source.kind]
             if not isinstance(data, expected):
                 raise TypeError(f"evaluation set {name!r} ({source.__module__}) is of kind {source.kind!r} but "
@@ -193,17 +199,24 @@ class EvalSets:
         return self._loaded[name]
 
 
-class ShardTrainBatches:
-    """Augmented, shuffled batches of labelled webdataset shards, one epoch per call (the
-    ``train_batches`` of a shard-backed `ClassificationSet`); the order depends on seed and epoch only."""
+class ShardTrainBatches(GlobalTrainBatches):
+    """Augmented, shuffled training batches of a labelled shard split small enough to keep decoded in memory
+    (the toy world's ``cls-train``: 2,000 images of 64 px), read once on first use (`GlobalTrainBatches`)."""
 
     def __init__(self, urls: list[str], count: int):
         self.urls, self.count = list(urls), int(count)
+        self._items: list | None = None
 
-    def __call__(self, *, epoch: int, batch_size: int, transform: Callable, seed: int):
-        """The batches of one epoch (a sample buffer as large as the split: a full shuffle)."""
-        from .data.pipeline import make_loader
+    def __len__(self) -> int:
+        return len(self._read())
 
-        return make_loader(self.urls, batch_size=batch_size, image_transforms=[transform], tokenizer=None,
-                           need_caption=False, need_label=True, shuffle=True, seed=seed, epoch=epoch,
-                           shuffle_buffer=self.count)
+    def load(self, index: int):
+        """The decoded image at ``index`` (shard order), its label and its key."""
+        return self._read()[index]
+
+    def _read(self) -> list:
+        if self._items is None:
+            from .data.pipeline import read_labelled_images
+
+            self._items = read_labelled_images(self.urls)
+        return self._items

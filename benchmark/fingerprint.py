@@ -38,7 +38,7 @@ NOT_CONDITIONS = {
                         "need, the same for every method (study.pretrain_batches)",
     },
     "train": {
-        **{name: "speed and memory only (TrainConfig.PERFORMANCE_ONLY): the same training either way"
+        **{name: "speed, memory or job plumbing only (TrainConfig.PERFORMANCE_ONLY): the same training either way"
            for name in TrainConfig.PERFORMANCE_ONLY},
         "device": "where it runs; the numerics it implies are kept as the resolved train.precision",
         "strategy": "ddp and fsdp compute the same update (fsdp shards the weights to save memory)",

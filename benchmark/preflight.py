@@ -168,7 +168,7 @@ def check_study(cfg: StudyConfig, methods: list[str], data_root: Path | None) ->
     from .registry import get_method
 
     check_sample_stream(cfg, methods)
-    check_evaluation(cfg, [get_method(name) for name in methods])
+    check_evaluation(cfg, [get_method(name) for name in methods], world_size())
     locate_eval_sets(cfg, data_root)
 
 

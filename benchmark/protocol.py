@@ -128,6 +128,12 @@ class Protocol:
         return []
 
     @classmethod
+    def world_problems(cls, options: Any, world_size: int) -> list[str]:
+        """What keeps ``options`` from running over ``world_size`` ranks of a torchrun job (a global batch
+        that does not split evenly over them), found before any training; empty when nothing does."""
+        return []
+
+    @classmethod
     def option_defaults(cls) -> dict[str, Any]:
         """The protocol's options with their default values."""
         return dataclasses.asdict(cls.Options())

@@ -17,6 +17,7 @@ from .config import ConfigError, StudyConfig
 from .data.pretrain import PretrainData, build_tokenizer, not_applicable, pretrain_batches, resolve_data, text_spec
 from .data.transforms import augmentation_record
 from .eval.harness import EvalProgress, EvalResult, evaluate
+from .eval.sharding import broadcast_object
 from .evalset import EvalSets
 from .fingerprint import fingerprint, like_for_like
 from .preflight import check_study
@@ -26,7 +27,7 @@ from .runs import build_method, run_dir_for, set_aside
 from .sources import write_run_info
 from .study_plan import PRETRAIN, StudyPlan
 from .train.checkpoint import export_encoder, load_newest_checkpoint
-from .train.distributed import DistInfo, init_distributed
+from .train.distributed import DistInfo, init_distributed, once_per_cache
 from .train.loop import TrainSummary, train
 from .train.run_lock import run_lock
 from .trackers import Tracker, check_report_to
@@ -43,16 +44,17 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
     check_study(cfg, methods, data_root)
     check_report_to(report_to)
     plan = plan or StudyPlan(cfg, methods, [cfg.seed])
-    info: DistInfo = init_distributed(cfg.train.device)
+    info: DistInfo = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     if not info.is_main:
         log = lambda *args, **kwargs: None  # noqa: E731  (one voice per job)
-    # Rank 0 generates the embedded data and the vocabulary cache; the others then find them cached.
-    for turn in (True, False):
-        if info.is_main == turn:
-            data = resolve_data(cfg, data_root, cache_dir, log=log)
-            tokenizer = build_tokenizer(cfg, data)
-        if info.world_size > 1:
-            torch.distributed.barrier()
+
+    def prepare() -> tuple[PretrainData, object]:
+        data = resolve_data(cfg, data_root, cache_dir, log=log)
+        return data, build_tokenizer(cfg, data)
+
+    # The embedded data, shard counts and vocabulary are made by one rank per cache folder (per node for
+    # node-local caches); the others then find them cached.
+    data, tokenizer = once_per_cache(cache_dir, prepare, info)
     world = info.world_size * cfg.train.accum_steps
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by world size x accum_steps = {world}")
@@ -80,9 +82,9 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
             else:
                 log(f"[{name}] not pre-trained: its encoder is evaluated as initialised, in {run_dir}")
                 summary = _untrained(method, run_dir, info)
-            if info.is_main:
-                records += _finish(name, method, summary, cfg, data, tokenizer, eval_sets, run_dir, info,
-                                   results_dir=results_dir, overrides=overrides, log=log, plan=plan, tracker=tracker)
+            # Every rank evaluates (each protocol shards its work over them); rank 0 writes the records.
+            records += _finish(name, method, summary, cfg, data, tokenizer, eval_sets, run_dir, info,
+                               results_dir=results_dir, overrides=overrides, log=log, plan=plan, tracker=tracker)
     return records
 
 
@@ -133,25 +135,30 @@ def _untrained(method, run_dir: Path, info: DistInfo) -> TrainSummary:
 def _finish(name: str, method, summary: TrainSummary, cfg: StudyConfig, data: PretrainData, tokenizer,
             eval_sets: EvalSets, run_dir: Path, info: DistInfo, *, results_dir: Path, overrides, log,
             plan: StudyPlan, tracker: Tracker) -> list:
-    """Rank 0 after training: export the encoder, describe the run, evaluate, write the records (and the
-    headline metrics to the ``tracker``); each evaluation gets a line with its place in the ``plan``."""
+    """After training, on every rank: rank 0 exports the encoder and describes the run; all ranks evaluate
+    (sharded); rank 0 writes the records (and the headline metrics to the ``tracker``) and returns them. Each
+    evaluation gets a line with its place in the ``plan``."""
     if cfg.train.strategy == "fsdp" and info.world_size > 1 and type(method).pretrains:
-        # Sharded weights cannot be exported or evaluated on one rank: rebuild the method whole from the
-        # final checkpoint (written at the last step, always). An untrained method was never sharded.
+        # Sharded weights are evaluated whole: every rank rebuilds the method from the final checkpoint
+        # (written at the last step, always, in the shared run folder). An untrained method was never sharded.
         method = build_method(name, cfg, text_spec(cfg, tokenizer, data))
         method.load_state_dict(load_newest_checkpoint(run_dir)[0]["model"])
         method.to(info.device)
-    export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
     # The like-for-like conditions every record of this run carries (and `mugbench eval` reads back).
     conditions = like_for_like(cfg, device=info.device, world_size=info.world_size)
-    write_run_info(run_dir, name, cfg, summary=summary, tokenizer=tokenizer, conditions=conditions)  # checkpoint.pt's description
-    if summary.steps:
-        log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
-    progress = EvalProgress(run_dir / "eval" / "progress.json", cfg, overrides, results_dir=results_dir)
-    for protocol, dataset in progress.done:
+    progress, done = None, frozenset()
+    if info.is_main:
+        export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)
+        write_run_info(run_dir, name, cfg, summary=summary, tokenizer=tokenizer, conditions=conditions)  # checkpoint.pt's description
+        if summary.steps:
+            log(f"[{name}] {summary.steps} steps, {summary.images_per_s:.0f} img/s, final loss {summary.final_loss:.4f}")
+        progress = EvalProgress(run_dir / "eval" / "progress.json", cfg, overrides, results_dir=results_dir)
+        done = progress.done
+    done = broadcast_object(done)  # what rank 0 has recorded is skipped by every rank
+    for protocol, dataset in sorted(done):
         log(f"[{name}] {protocol} on {dataset}: recorded before the interruption, not run again")
         plan.mark_done(cfg.seed, name, protocol, dataset)
-    records = progress.records()
+    records = progress.records() if progress is not None else []
     # The views actually applied and where view 0 came from, in every record of the method.
     augmentation = dict(augmentation_record(type(method), cfg.data.augment), require_caption=cfg.data.require_caption)
     shared = dict(method=name, pretrain_data=data.name, preset=cfg.preset, seed=cfg.seed,
@@ -162,16 +169,18 @@ def _finish(name: str, method, summary: TrainSummary, cfg: StudyConfig, data: Pr
                   conditions=conditions)
 
     def write_result(result: EvalResult) -> None:
-        timings = {"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s, "eval_s": result.seconds,
-                   "peak_memory_mb": summary.peak_memory_mb, "data_share": summary.data_share}
-        record = ResultRecord(protocol=result.protocol, dataset=result.dataset, metrics=result.metrics,
-                              protocol_options=result.options, timings=timings, examples=result.examples,
-                              per_example=result.per_example, **shared)
-        progress.mark(record, write_record(record, results_dir))  # a rerun skips it now
-        records.append(record)
-        log(f"[{name}] {result.protocol} on {result.dataset}: "
-            + ", ".join(f"{k}={v:.2f}" for k, v in result.metrics.items()))
-        tracker.log_eval(result.protocol, result.dataset, result.metrics, step=summary.steps)
+        if info.is_main:
+            timings = {"pretrain_s": summary.seconds, "images_per_s": summary.images_per_s,
+                       "eval_s": result.seconds, "eval_world_size": info.world_size,
+                       "peak_memory_mb": summary.peak_memory_mb, "data_share": summary.data_share}
+            record = ResultRecord(protocol=result.protocol, dataset=result.dataset, metrics=result.metrics,
+                                  protocol_options=result.options, timings=timings, examples=result.examples,
+                                  per_example=result.per_example, **shared)
+            progress.mark(record, write_record(record, results_dir))  # a rerun skips it now
+            records.append(record)
+            log(f"[{name}] {result.protocol} on {result.dataset}: "
+                + ", ".join(f"{k}={v:.2f}" for k, v in result.metrics.items()))
+            tracker.log_eval(result.protocol, result.dataset, result.metrics, step=summary.steps)
         plan.end()
 
     def announce(protocol: str, dataset: str) -> None:

@@ -3,7 +3,6 @@ ImageFolder layout), read lazily so that 1.28M training images never sit in memo
 """
 from __future__ import annotations
 
-import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -12,6 +11,7 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from .decode import BadImage, decode_rgb
+from .train_batches import GlobalTrainBatches
 
 
 def _load_rgb(path: str):
@@ -64,32 +64,17 @@ def load_folder_split(root: Path, transform: Callable, image_size: int, threads:
             "classes": list(folder.classes), "skipped": {}}
 
 
-class _Augmented(torch.utils.data.Dataset):
-    """(image, label) pairs of a sample list through a training transform."""
-
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        return self.transform(_load_rgb(path)), label
-
-
-class FolderTrainBatches:
-    """Augmented, shuffled training batches of an ImageFolder split, one epoch per call, in the
-    batch-dict format of `pipeline.make_loader` (``image``, ``label``); the order depends only
-    on (seed, epoch), and the final partial batch is dropped."""
+class FolderTrainBatches(GlobalTrainBatches):
+    """Augmented, shuffled training batches of an ImageFolder split (`GlobalTrainBatches`): the images are
+    decoded from their files as the batches are loaded, in ``num_workers`` loader processes."""
 
     def __init__(self, samples: list[tuple[str, int]], num_workers: int = 0):
         self.samples, self.num_workers = samples, num_workers
 
-    def __call__(self, *, epoch: int, batch_size: int, transform: Callable, seed: int):
-        """The batches of one epoch."""
-        generator = torch.Generator().manual_seed(random.Random(f"{seed}:{epoch}").getrandbits(63))
-        loader = torch.utils.data.DataLoader(_Augmented(self.samples, transform), batch_size=batch_size,
-                                             shuffle=True, drop_last=True, generator=generator,
-                                             num_workers=self.num_workers)
-        return ({"image": images, "label": labels} for images, labels in loader)
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int):
+        """The image at ``index``, its label, and its path as the key its augmentation is seeded by."""
+        path, label = self.samples[index]
+        return _load_rgb(path), label, path

@@ -394,6 +394,16 @@ def make_loader(urls: str | Sequence[str], *, batch_size: int, image_transforms:
                                        persistent_workers=False, pin_memory=pin_memory, **extra)
 
 
+def read_labelled_images(urls: str | Sequence[str]) -> list[tuple]:
+    """Every labelled sample of a (small) split, in shard order, as ``(decoded RGB PIL image, label, key)``:
+    what an augmenting protocol re-reads each epoch (`evalset.ShardTrainBatches`)."""
+    counter = SkipCounter()
+    to_example = _ToExample(counter, None, 0, 0, False, True, False, None)
+    stages = _sample_pipeline(expand_urls(urls), counter, to_example, shuffle=False, seed=0, epoch=0,
+                              shuffle_buffer=0, split=False)
+    return [(ex["views"][0], int(ex["label"]), ex["key"]) for ex in wds.DataPipeline(*stages) if ex is not None]
+
+
 def load_split_tensors(urls: str | Sequence[str], transform: Callable, need_mask: bool = False,
                        mask_size: int | None = None) -> dict:
     """Read a whole (small) evaluation split, in shard order, into memory.

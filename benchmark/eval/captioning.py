@@ -12,6 +12,7 @@ import re
 import torch
 
 from ..data.toy import SHAPE_WORDS
+from .sharding import batch_seed, map_batches
 
 
 def _names(caption: str, words) -> bool:
@@ -67,10 +68,11 @@ def naming_rates(captions: list[str], objects: list[list[dict]]) -> dict[str, fl
 def caption_images(method, images: torch.Tensor, tokenizer, *, beam: int, max_len: int, seed: int,
                    batch_size: int = 100, device="cpu") -> list[str]:
     """Generated captions for ``images``; a method that captions from a randomly masked latent
-    (MUG) draws its masks from ``seed``, so the captions repeat run to run."""
-    out = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(0, len(images), batch_size):
-            out += method.caption(images[i:i + batch_size].to(device), tokenizer, max_len=max_len, beam=beam)
-    return out
+    (MUG) draws each batch's masks from ``seed`` and the batch's place (`sharding.batch_seed`), so the
+    captions repeat run to run and whichever rank of a torchrun job captions the batch."""
+    def batch(a: int, b: int) -> list[str]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_seed(seed, a))
+            return method.caption(images[a:b].to(device), tokenizer, max_len=max_len, beam=beam)
+
+    return map_batches(batch, len(images), batch_size, desc="captioning")

@@ -27,6 +27,7 @@ from ..progress import progress_bar
 from .determinism import determinism_note
 from .linear import warmup_cosine
 from .outcomes import percent_right
+from .sharding import is_main, map_batches, world
 
 
 def set_drop_path(model: torch.nn.Module, rate: float) -> None:
@@ -57,9 +58,10 @@ def fit_probe_head(model: torch.nn.Module, images, labels: torch.Tensor, *, batc
     cross-entropy plus ``l2`` times the squared weights. Fine-tuning then starts from a head that already
     reads the features, instead of one whose first gradients distort them."""
     model.eval()
-    with torch.no_grad():
-        feats = torch.cat([model.forward_head(model.forward_features(images[i:i + batch_size].to(device)),
-                                              pre_logits=True) for i in range(0, len(labels), batch_size)])
+    with torch.no_grad():  # sharded over the ranks of a torchrun job; every rank fits the same head
+        feats = map_batches(lambda a, b: model.forward_head(model.forward_features(images[a:b].to(device)),
+                                                            pre_logits=True).float().cpu(),
+                            len(labels), batch_size, desc="fine-tuning: probe features").to(device)
     head, labels = model.head, labels.to(device)
     optimizer = torch.optim.LBFGS(head.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
 
@@ -101,11 +103,11 @@ def _posterize(img: Image.Image, bits: int, **_) -> Image.Image:
 @torch.no_grad()
 def right_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
                     device) -> torch.Tensor:
-    """Whether ``model``'s top-1 class is each preprocessed image's label: a CPU bool tensor, in order."""
+    """Whether ``model``'s top-1 class is each preprocessed image's label: a CPU bool tensor, in order
+    (sharded over the ranks of a torchrun job; ``model`` unwrapped, as its forward must run no collective)."""
     model.eval()
-    right = [model(images[i:i + batch_size].to(device)).argmax(1).cpu() == labels[i:i + batch_size]
-             for i in range(0, len(images), batch_size)]
-    return torch.cat(right) if right else torch.zeros(0, dtype=torch.bool)
+    return map_batches(lambda a, b: model(images[a:b].to(device)).argmax(1).cpu() == labels[a:b], len(images),
+                       batch_size)
 
 
 @contextlib.contextmanager
@@ -122,6 +124,22 @@ def flushing_denormals():
         torch.set_flush_denormal(False)
 
 
+def split_batch(batch_size: int, world_size: int, accum_steps: int = 1, *, even: bool = False) -> int:
+    """The images of one forward pass when a global batch of ``batch_size`` is split over ``world_size``
+    ranks and ``accum_steps`` passes each; a `ValueError` saying what divides when it does not split
+    evenly, or (``even``: Mixup/CutMix, which pair each image with another of its pass) when a pass is odd."""
+    parts = world_size * accum_steps
+    if batch_size % parts:
+        raise ValueError(f"eval.finetune.batch_size={batch_size} does not split evenly over {world_size} rank(s) x "
+                         f"{accum_steps} accumulation pass(es): choose a multiple of {parts}, or another "
+                         f"eval.finetune.accum_steps.")
+    micro = batch_size // parts
+    if even and micro % 2:
+        raise ValueError(f"eval.finetune.batch_size={batch_size} over {world_size} rank(s) x {accum_steps} pass(es) "
+                         f"gives passes of {micro} images, and Mixup/CutMix pair the images of a pass: make it even.")
+    return micro
+
+
 def finetune(encoder: torch.nn.Module, data, options, *, seed: int, device, pool: str, batch_size: int):
     """Fine-tune a copy of ``encoder`` on ``data``'s augmented train batches and score its val split
     after every epoch; returns ``(metrics, recorded options, outcomes)``: best and last top-1 in percent.
@@ -132,6 +150,12 @@ def finetune(encoder: torch.nn.Module, data, options, *, seed: int, device, pool
     (``eval.pool``) and ``batch_size`` the scoring batch (``eval.batch_size``). A third value holds
     the per-image outcomes behind the two numbers: ``{"top1": right, "top1_last": right}``, whether
     each val image was right after the best epoch (the first to reach the best top-1) and the last.
+
+    In a torchrun job every rank calls it: the model trains under DDP, ``options.batch_size`` is the
+    global batch (each rank loads its rows of it, `GlobalTrainBatches`; the learning rate follows the
+    global batch) and scoring is sharded. One process and N ranks then train on the same batches with
+    the same crops; they differ by float reduction order and, where on, by drop path and Mixup/CutMix,
+    which each rank draws for its own rows (as in MAE's and DeiT's DDP recipes).
     """
     with flushing_denormals():
         return _finetune(encoder, data, options, seed=seed, device=device, pool=pool, batch_size=batch_size)
@@ -143,37 +167,46 @@ def _finetune(encoder: torch.nn.Module, data, opts, *, seed: int, device, pool: 
     # or methods run before in the same process: torch (init, drop path), Python's (timm's RandAugment
     # magnitudes, random erasing) and numpy's (timm's Mixup / CutMix, RandAugment's choice of ops).
     random_seed(seed)
+    rank, size = world()
+    device = torch.device(device)
+    mixing = opts.mixup > 0 or opts.cutmix > 0
+    micro = split_batch(opts.batch_size, size, opts.accum_steps, even=mixing)
     img_size = int(data.val.image.shape[-1])
     model = classifier_from_encoder(encoder, data.num_classes, pool, opts.drop_path).to(device)
     if opts.head_init == "probe":
         fit_probe_head(model, data.train.image, data.train.label, batch_size=batch_size, device=device)
     batch = opts.batch_size
-    lr = opts.blr * batch / 256  # MAE's linear scaling rule
+    lr = opts.blr * batch / 256  # MAE's linear scaling rule, on the global batch
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=opts.weight_decay,
                                     layer_decay=opts.layer_decay, betas=(0.9, 0.999))
+    # DDP broadcasts rank 0's weights (the probe head included) and averages gradients: the mean of the
+    # ranks' mean losses over equal shares is the global batch's mean loss.
+    trained = model if size == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     mixup, soft_target_loss = None, SoftTargetCrossEntropy()
-    if opts.mixup > 0 or opts.cutmix > 0:
+    if mixing:
         mixup = Mixup(mixup_alpha=opts.mixup, cutmix_alpha=opts.cutmix, label_smoothing=opts.label_smoothing,
                       num_classes=data.num_classes)
     transform = train_transform(img_size, opts)
     steps_per_epoch = max(1, data.train_count // batch)
     total, warmup = opts.epochs * steps_per_epoch, opts.warmup_epochs * steps_per_epoch
     history, step, loss = [], 0, None
-    with progress_bar(total, desc="fine-tuning", unit="step") as bar:
+    with progress_bar(total, desc="fine-tuning", unit="step", disable=not is_main()) as bar:
         for epoch in range(opts.epochs):
-            model.train()
-            for b in data.train_batches(epoch=epoch, batch_size=batch, transform=transform, seed=seed):
+            trained.train()
+            for b in data.train_batches(epoch=epoch, batch_size=batch, transform=transform, seed=seed, rank=rank,
+                                        world_size=size):
                 scale = warmup_cosine(step, total, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * scale * group.get("lr_scale", 1.0)
-                images, labels = b["image"].to(device), b["label"].to(device)
-                if mixup is not None:
-                    images, targets = mixup(images, labels)
-                    loss = soft_target_loss(model(images), targets)
-                else:
-                    loss = F.cross_entropy(model(images), labels, label_smoothing=opts.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                passes = list(zip(b["image"].split(micro), b["label"].split(micro)))
+                for k, (images, labels) in enumerate(passes):
+                    last = k == len(passes) - 1  # DDP reduces the summed gradients once, after the last pass
+                    with contextlib.nullcontext() if last or size == 1 else trained.no_sync():
+                        loss = _pass_loss(trained, images.to(device), labels.to(device), mixup, soft_target_loss,
+                                          opts.label_smoothing)
+                        (loss / len(passes)).backward()
                 optimizer.step()
                 step += 1
                 bar.update()
@@ -187,3 +220,13 @@ def _finetune(encoder: torch.nn.Module, data, opts, *, seed: int, device, pool: 
     recorded = dataclasses.asdict(opts)  # every recipe option, in declaration order
     recorded.update(pool=pool, top1_per_epoch=history, **determinism_note(device))
     return {"top1": max(history), "top1_last": history[-1]}, recorded, {"top1": best, "top1_last": right}
+
+
+def _pass_loss(model, images: torch.Tensor, labels: torch.Tensor, mixup, soft_target_loss,
+               label_smoothing: float) -> torch.Tensor:
+    """The mean loss of one forward pass: soft-target cross-entropy after Mixup/CutMix, else cross-entropy
+    with label smoothing."""
+    if mixup is not None:
+        images, targets = mixup(images, labels)
+        return soft_target_loss(model(images), targets)
+    return F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)

@@ -45,9 +45,10 @@ class EvalResult:
     per_example: dict = field(default_factory=dict)  # metric -> `pack_outcomes` form, as records keep it
 
 
-def check_evaluation(cfg: StudyConfig, methods: list[type] = ()) -> None:
-    """Refuse, before any training, unknown protocols and sets, and any method that a configured
-    protocol would apply to but could not evaluate (`Protocol.method_problems`)."""
+def check_evaluation(cfg: StudyConfig, methods: list[type] = (), world_size: int = 1) -> None:
+    """Refuse, before any training, unknown protocols and sets, any method that a configured protocol
+    would apply to but could not evaluate (`Protocol.method_problems`), and protocol options that cannot
+    run over ``world_size`` ranks (`Protocol.world_problems`)."""
     for kind, names, lookup in (("protocol", cfg.eval.protocols, get_protocol),
                                 ("evaluation set", cfg.eval.datasets, get_eval_set)):
         for name in names:
@@ -56,6 +57,11 @@ def check_evaluation(cfg: StudyConfig, methods: list[type] = ()) -> None:
             except UnknownNameError as exc:
                 raise ConfigError(f"{exc} (in the study's eval.{'protocols' if kind == 'protocol' else 'datasets'})") \
                     from None
+    for name in cfg.eval.protocols:
+        problems = get_protocol(name).world_problems(cfg.eval.options_for(name), world_size)
+        if problems:
+            raise ConfigError(f"The {name!r} protocol of this study cannot run on {world_size} process(es): "
+                              f"{'; '.join(problems)}")
     for method in methods:
         for name in cfg.eval.protocols:
             problems = get_protocol(name).method_problems(method)
@@ -93,6 +99,10 @@ def evaluate(subject: torch.nn.Module, cfg: StudyConfig, eval_sets: EvalSets, de
     figures (default: in the work folder). ``on_start(protocol, set)`` is called as each evaluation
     begins (its feature extraction included), each result is handed to ``on_result`` as soon as it exists;
     ``(protocol, set)`` pairs in ``done`` are skipped.
+
+    In a torchrun job every rank calls it with the same arguments and every rank works in every protocol
+    (each shards its part over the ranks, `mugbench.eval.sharding`); every rank gets every result, through
+    ``on_result`` and in the returned list, and only rank 0 should write them.
     """
     method = subject if isinstance(subject, Method) else None
     encoder = subject.encoder if method is not None else subject
@@ -189,11 +199,12 @@ def _plan(cfg: StudyConfig, method: Method | type[Method] | None,
 
 
 def _features(encoder: torch.nn.Module, data, cfg: StudyConfig, device) -> Features:
-    """Frozen features of the set's train and val images."""
-    def extract(images):
-        return extract_features(encoder, images, pool=cfg.eval.pool, batch_size=cfg.eval.batch_size, device=device)
+    """Frozen features of the set's train and val images (sharded over the ranks of a torchrun job)."""
+    def extract(images, split: str):
+        return extract_features(encoder, images, pool=cfg.eval.pool, batch_size=cfg.eval.batch_size, device=device,
+                                desc=f"features of {data.name} {split}")
 
-    return Features(extract(data.train.image), extract(data.val.image))
+    return Features(extract(data.train.image, "train"), extract(data.val.image, "val"))
 
 
 class EvalProgress:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .sharding import batch_seed, map_batches
 
 
 def _to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -30,17 +31,23 @@ def reconstruction_error(method, images: torch.Tensor, *, seed: int, patch_size:
     normalised pixel space (masks drawn from ``seed``), beside ``flat_patch_mse``: the error of
     filling each removed patch with its own true mean value. With MAE's per-patch normalised
     targets a reconstruction gets each patch's mean and scale for free, so beating the flat patch
-    is what shows that edges and textures were predicted. ``patch_size``: the encoder's, in pixels."""
-    total, flat, count = 0.0, 0.0, 0.0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(device)
+    is what shows that edges and textures were predicted. ``patch_size``: the encoder's, in pixels.
+
+    Each batch draws its masks from ``seed`` and its place (`sharding.batch_seed`); in a torchrun job the
+    ranks reconstruct their runs of the batches and the per-image sums are gathered and added in order,
+    so the numbers are those of one process."""
+    def batch(a: int, b: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_seed(seed, a))
+            x = images[a:b].to(device)
             out = method.reconstruct(x)
-            removed = out["pixel_mask"].expand_as(x)
-            total += float(((out["reconstruction"] - x) ** 2 * removed).sum())
-            flat += float(((_flat_patches(x, patch_size) - x) ** 2 * removed).sum())
-            count += float(removed.sum())
+        removed = out["pixel_mask"].expand_as(x)
+        dims = tuple(range(1, x.ndim))
+        sums = [((out["reconstruction"] - x) ** 2 * removed).sum(dims),
+                ((_flat_patches(x, patch_size) - x) ** 2 * removed).sum(dims), removed.sum(dims)]
+        return torch.stack(sums, 1).double().cpu()  # per image: error, flat-patch error, removed pixels
+
+    total, flat, count = map_batches(batch, len(images), batch_size, desc="reconstruction").sum(0).tolist()
     return {"masked_mse": total / max(count, 1.0), "flat_patch_mse": flat / max(count, 1.0)}
 
 

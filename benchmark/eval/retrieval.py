@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..method import evaluating
+from .sharding import map_batches
 
 
 def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
@@ -29,12 +30,13 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: 
 @torch.no_grad()
 def embed_pairs(method, images: torch.Tensor, captions: list[list[str]], tokenizer, *, batch_size: int = 256,
                 device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(image embeddings, text embeddings, text_to_image)`` for images with caption lists."""
+    """``(image embeddings, text embeddings, text_to_image)`` for images with caption lists; in a torchrun
+    job each rank embeds its run of the batches of each (`sharding.map_batches`), and every rank gets all."""
     texts = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
     with evaluating(method):
-        img = torch.cat([method.encode_image(images[i:i + batch_size].to(device)).cpu()
-                         for i in range(0, len(images), batch_size)])
-        txt = torch.cat([method.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).cpu()
-                         for i in range(0, len(texts), batch_size)])
+        img = map_batches(lambda a, b: method.encode_image(images[a:b].to(device)).float().cpu(), len(images),
+                          batch_size, desc="retrieval: images")
+        txt = map_batches(lambda a, b: method.encode_text(tokenizer(texts[a:b]).to(device)).float().cpu(), len(texts),
+                          batch_size, desc="retrieval: captions")
     return img, txt, owner

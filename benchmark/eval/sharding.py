@@ -108,14 +108,22 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
-def map_batches(fn: Callable[[int, int], Any], n: int, batch_size: int) -> Any:
+def map_batches(fn: Callable[[int, int], Any], n: int, batch_size: int, *, desc: str | None = None) -> Any:
     """``fn(start, stop)`` for this rank's batches of ``n`` items, gathered on every rank in dataset order.
 
     ``fn`` returns a tensor with one row per item (gathered into one ``[n, ...]`` CPU tensor), a list with
     one entry per item (one list), or a dict of such tensors (a dict). ``fn`` must not run collectives
-    itself: ranks run different numbers of batches (a DDP-wrapped model: pass its ``.module``).
+    itself: ranks run different numbers of batches (a DDP-wrapped model: pass its ``.module``). With
+    ``desc``, rank 0 shows its share as a progress bar (`mugbench.progress.progress_bar`).
     """
-    local = [fn(a, b) for a, b in my_batches(n, batch_size)]
+    from ..progress import progress_bar  # here: progress imports nothing of eval, but keep this module light
+
+    spans = my_batches(n, batch_size)
+    with progress_bar(len(spans), desc=desc or "", unit="batch", disable=desc is None or not is_main()) as bar:
+        local = []
+        for a, b in spans:
+            local.append(fn(a, b))
+            bar.update()
     if not local and n == 0:
         return []
     sample = local[0] if local else None

@@ -5,6 +5,10 @@ dict loads into ``timm.create_model(spec.timm_name, **spec.timm_kwargs())`` unch
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 import timm
 from timm.models import checkpoint_seq
@@ -47,16 +51,34 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([embed(xs), embed(ys)], dim=1).float()
 
 
+# Set while the trainer runs a step (`global_batch_masks`): only then is a rank's batch a slice of one
+# global batch. Evaluation shards whole batches over ranks instead (`mugbench.eval.sharding`), so there
+# a rank draws for its own batch, as one process would for that batch.
+_SLICE_OF_GLOBAL_BATCH: contextvars.ContextVar[bool] = contextvars.ContextVar("mugbench_global_batch", default=False)
+
+
+@contextlib.contextmanager
+def global_batch_masks() -> Iterator[None]:
+    """Within the block, random masks are drawn for the global batch of a training step and sliced per
+    rank (`_global_batch_noise`); the trainer wraps its forward passes in it."""
+    token = _SLICE_OF_GLOBAL_BATCH.set(True)
+    try:
+        yield
+    finally:
+        _SLICE_OF_GLOBAL_BATCH.reset(token)
+
+
 def _global_batch_noise(b: int, n: int, device) -> torch.Tensor:
     """Uniform noise ``[b, n]`` for this rank's rows of the global batch.
 
-    Every rank draws the noise of the whole global batch (ranks share the RNG seed) and keeps
-    its own slice, so the masks, and with them the run, do not depend on how many processes
-    share the batch: two ranks of 16 mask exactly as one process of 32 does.
+    In a training step (`global_batch_masks`) every rank draws the noise of the whole global batch
+    (ranks share the RNG seed) and keeps its own slice, so the masks, and with them the run, do not
+    depend on how many processes share the batch: two ranks of 16 mask exactly as one process of 32
+    does. Elsewhere the batch is this process's own.
     """
     from ..train.distributed import rank_and_world  # here, not at the top: train/ imports models/
 
-    rank, world = rank_and_world()
+    rank, world = rank_and_world() if _SLICE_OF_GLOBAL_BATCH.get() else (0, 1)
     if world == 1:
         return torch.rand(b, n, device=device)
     return torch.rand(b * world, n, device=device)[rank * b:(rank + 1) * b]

@@ -41,10 +41,26 @@ class FineTune(Protocol):
         # mae: MAE's near-zero head (std 2e-5); probe: LP-FT (Kumar et al., ICLR 2022), the head starts as a
         # linear probe fitted on the frozen encoder's features of the train split.
         head_init: str = "mae"
+        # Speed and memory only: each rank's share of the global batch_size runs in this many passes, their
+        # gradients summed before one update (MAE's accum_iter: 1,024 = 8 GPUs x 4 passes x 32 images).
+        accum_steps: int = COUNT.field(1)
 
         def __post_init__(self):
             if self.head_init not in HEAD_INITS:
                 raise ConfigError(f"eval.finetune.head_init={self.head_init!r} is not one of {', '.join(HEAD_INITS)}.")
+
+    @classmethod
+    def world_problems(cls, options, world_size: int) -> list[str]:
+        """The global batch must split into equal passes over the ranks and accumulation steps (even ones
+        with Mixup/CutMix)."""
+        from ..eval.finetune import split_batch
+
+        try:
+            split_batch(options.batch_size, world_size, options.accum_steps,
+                        even=options.mixup > 0 or options.cutmix > 0)
+        except ValueError as exc:
+            return [str(exc)]
+        return []
 
     def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
         """Fine-tune and score the val split after every epoch; the record keeps whether each val image

@@ -28,5 +28,6 @@ class KNN(Protocol):
         from ..eval.knn import knn_outcomes  # torch: imported when run, not when the registry is read
         from ..eval.outcomes import percent
         opts = {"k": options.k, "temperature": options.temperature, "standardize_features": options.standardize}
-        outcomes = knn_outcomes(subject.train, data.train.label, subject.val, data.val.label, data.num_classes, **opts)
+        outcomes = knn_outcomes(subject.train, data.train.label, subject.val, data.val.label, data.num_classes,
+                                device=ctx.device, **opts)
         return ProtocolResult(percent(outcomes), opts, per_example=outcomes)

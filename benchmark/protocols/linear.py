@@ -45,5 +45,5 @@ class LinearProbe(Protocol):
                                                   data.num_classes, epochs=options.epochs, lrs=lrs,
                                                   batch_size=options.batch_size, weight_decay=options.weight_decay,
                                                   warmup_epochs=options.warmup_epochs, solver=options.solver,
-                                                  seed=ctx.seed)
+                                                  seed=ctx.seed, device=ctx.device)
         return ProtocolResult(metrics, dict(opts, **grid), per_example=outcomes)

@@ -36,13 +36,16 @@ class Reconstruction(Protocol):
         return problems
 
     def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
-        """Masks drawn from the seed; the figure goes to ``ctx.artifact`` + ``.png``."""
+        """Masks drawn from the seed; the figure goes to ``ctx.artifact`` + ``.png`` (drawn by rank 0 alone in a
+        torchrun job)."""
         from ..eval.reconstruction import reconstruction_error, save_reconstruction_grid  # torch: imported when run, not when the registry is read
+        from ..eval.sharding import is_main
         images = data.val.image
         patch = subject.encoder.patch_embed.patch_size[0]  # the shared timm ViT's
         metrics = reconstruction_error(subject, images, seed=ctx.seed, patch_size=patch, device=ctx.device)
-        grid = save_reconstruction_grid(subject, images[:options.figure_images], ctx.artifact.with_suffix(".png"),
-                                        seed=ctx.seed, device=ctx.device)
+        grid = ctx.artifact.with_suffix(".png")
+        if is_main():
+            save_reconstruction_grid(subject, images[:options.figure_images], grid, seed=ctx.seed, device=ctx.device)
         # The figure's columns by key, so a report can set each beside other methods' captions of that image.
         columns = [{"key": k} for k in data.val.key[:options.figure_images]]
         return ProtocolResult(metrics, {"mask_ratio": subject.options.mask_ratio, "figure": grid.name}, columns)

@@ -1,11 +1,18 @@
 """torch.distributed set-up: one process, or torchrun (NCCL on GPU, gloo on CPU)."""
 from __future__ import annotations
 
+import datetime
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,13 +47,16 @@ def launched_rank_and_world() -> tuple[int, int]:
         return 0, 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes in the environment (no-op without torchrun)."""
+def init_distributed(device: str = "auto", timeout_min: float | None = None) -> DistInfo:
+    """Join the process group torchrun describes in the environment (no-op without torchrun), with
+    collectives that give up after ``timeout_min`` minutes (``train.dist_timeout_min``; None: torch's
+    default) instead of waiting for a dead rank forever."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if "RANK" in os.environ and launched_rank_and_world()[1] > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+            timeout = {} if timeout_min is None else {"timeout": datetime.timedelta(minutes=float(timeout_min))}
+            dist.init_process_group(backend="nccl" if want_cuda else "gloo", **timeout)
         if want_cuda:
             torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
@@ -109,3 +119,49 @@ def load_full_state(method: torch.nn.Module, optimizer: torch.optim.Optimizer, m
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(method, model_state, options=options)
     set_optimizer_state_dict(method, optimizer, optimizer_state, options=options)
+
+
+def once_per_cache(cache_dir: Path, prepare: Callable[[], T], info: DistInfo | None = None) -> T:
+    """``prepare()`` (which fills ``cache_dir`` and returns what it made) run first by one rank of each group
+    of ranks that see the same ``cache_dir``, then by the others, which find everything cached.
+
+    A cluster keeps caches on node-local scratch (`MUGBENCH_CACHE`) or on a shared file system: each rank
+    drops a marker file in the folder and learns who shares it from the markers it sees, so one rank per
+    node prepares a node-local cache and one rank in all a shared one; nobody waits on a file another node
+    cannot see. Should a file system show a marker late, two ranks prepare into one folder at once, which
+    the cache's writers allow (atomic renames of identical content). Every rank must call it (collective);
+    ``info``: this process's place (default: the initialised process group's).
+    """
+    if info is None:
+        initialised = dist.is_available() and dist.is_initialized()
+        info = DistInfo(dist.get_rank(), dist.get_world_size()) if initialised else DistInfo()
+    if info.world_size == 1:
+        return prepare()
+    leader = _cache_leader(Path(cache_dir), info)
+    if info.rank == leader:
+        result = prepare()
+    dist.barrier()  # the others wait for their folder's leader (rank 0 for a shared folder) to finish
+    if info.rank != leader:
+        result = prepare()
+    return result
+
+
+_LEADERS: dict[tuple[str, int], int] = {}
+
+
+def _cache_leader(cache_dir: Path, info: DistInfo) -> int:
+    """The lowest rank that sees the same ``cache_dir`` as this one (found once per folder and job)."""
+    key = (str(cache_dir.resolve()), id(dist.group.WORLD))
+    if key not in _LEADERS:
+        token = [uuid.uuid4().hex if info.is_main else None]
+        dist.broadcast_object_list(token, src=0)
+        markers = cache_dir / ".ranks" / token[0]
+        markers.mkdir(parents=True, exist_ok=True)
+        (markers / str(info.rank)).touch()
+        dist.barrier()
+        sharing = sorted(int(p.name) for p in markers.iterdir() if p.name.isdigit())
+        dist.barrier()  # everyone has listed the markers: they can go
+        if info.rank == sharing[0]:
+            shutil.rmtree(markers, ignore_errors=True)
+        _LEADERS[key] = sharing[0]
+    return _LEADERS[key]

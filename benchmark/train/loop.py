@@ -26,6 +26,7 @@ from timm.utils import random_seed
 from ..config import ConfigError, TrainConfig
 from ..data.catalog import BadDataError
 from ..files import atomic_write_text
+from ..models.vit import global_batch_masks
 from ..progress import progress_bar
 from .checkpoint import CHECKPOINT_LINK, load_newest_checkpoint, save_run_checkpoint
 from .distributed import DistInfo, gather_full_state, load_full_state, shard_with_fsdp
@@ -521,7 +522,7 @@ def _forward_backward(run: _Run, state: TrainState, session: _Session, batch: di
     cfg, info = run.cfg, run.info
     # DDP skips the gradient all-reduce on accumulation micro-steps; FSDP reduces every one.
     with (contextlib.nullcontext() if sync or info.world_size == 1 or run.fsdp else run.model.no_sync()):
-        with autocast(cfg, run.device):
+        with autocast(cfg, run.device), global_batch_masks():
             out = run.step_fn(batch)
         session.watch.observe(out, state.step)
         (out["loss"] / cfg.accum_steps).backward()
