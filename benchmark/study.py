@@ -140,7 +140,9 @@ def _finish(name: str, method, summary: TrainSummary, cfg: StudyConfig, data: Pr
     evaluation gets a line with its place in the ``plan``."""
     if cfg.train.strategy == "fsdp" and info.world_size > 1 and type(method).pretrains:
         # Sharded weights are evaluated whole: every rank rebuilds the method from the final checkpoint
-        # (written at the last step, always, in the shared run folder). An untrained method was never sharded.
+        # (written at the last step, always, in the shared run folder), once rank 0 has written it. An
+        # untrained method was never sharded.
+        torch.distributed.barrier()
         method = build_method(name, cfg, text_spec(cfg, tokenizer, data))
         method.load_state_dict(load_newest_checkpoint(run_dir)[0]["model"])
         method.to(info.device)
@@ -191,5 +193,5 @@ def _finish(name: str, method, summary: TrainSummary, cfg: StudyConfig, data: Pr
         return record_location(results_dir, data.name, cfg.preset, name, protocol, dataset, cfg.seed).with_suffix("")
 
     evaluate(method, cfg, eval_sets, info.device, workdir=run_dir / "eval", artifact_stem=artifact_stem,
-             tokenizer=tokenizer, done=progress.done, on_result=write_result, on_start=announce)
+             tokenizer=tokenizer, done=done, on_result=write_result, on_start=announce)
     return records
