@@ -188,6 +188,9 @@ def _finetune(encoder: torch.nn.Module, data, opts, *, seed: int, device, pool: 
         mixup = Mixup(mixup_alpha=opts.mixup, cutmix_alpha=opts.cutmix, label_smoothing=opts.label_smoothing,
                       num_classes=data.num_classes)
     transform = train_transform(img_size, opts)
+    # bf16 autocast on CUDA, as pre-training (MAE's fine-tuning uses fp16 AMP), fp32 on the CPU.
+    cuda = device.type == "cuda"
+    precision = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     steps_per_epoch = max(1, data.train_count // batch)
     total, warmup = opts.epochs * steps_per_epoch, opts.warmup_epochs * steps_per_epoch
     history, step, loss = [], 0, None
@@ -204,8 +207,9 @@ def _finetune(encoder: torch.nn.Module, data, opts, *, seed: int, device, pool: 
                 for k, (images, labels) in enumerate(passes):
                     last = k == len(passes) - 1  # DDP reduces the summed gradients once, after the last pass
                     with contextlib.nullcontext() if last or size == 1 else trained.no_sync():
-                        loss = _pass_loss(trained, images.to(device), labels.to(device), mixup, soft_target_loss,
-                                          opts.label_smoothing)
+                        with precision:
+                            loss = _pass_loss(trained, images.to(device), labels.to(device), mixup,
+                                              soft_target_loss, opts.label_smoothing)
                         (loss / len(passes)).backward()
                 optimizer.step()
                 step += 1
@@ -218,7 +222,7 @@ def _finetune(encoder: torch.nn.Module, data, opts, *, seed: int, device, pool: 
             # The loss once per epoch (reading it waits for the device), and only if a batch came.
             bar.set_postfix(top1=f"{top1:.1f}", **({} if loss is None else {"loss": f"{loss.item():.3f}"}))
     recorded = dataclasses.asdict(opts)  # every recipe option, in declaration order
-    recorded.update(pool=pool, top1_per_epoch=history, **determinism_note(device))
+    recorded.update(pool=pool, top1_per_epoch=history, precision="bf16" if cuda else "fp32", **determinism_note(device))
     return {"top1": max(history), "top1_last": history[-1]}, recorded, {"top1": best, "top1_last": right}
 
 
