@@ -21,7 +21,7 @@ from mugbench.protocols.finetune import FineTune
 
 # What a fine-tuning record keeps besides the recipe's options (all of FineTune.Options) on the CPU
 # (on CUDA also the determinism note).
-_RECORD_EXTRAS = {"pool", "top1_per_epoch"}
+_RECORD_EXTRAS = {"pool", "top1_per_epoch", "precision"}
 
 
 def _tinted(rng: np.random.Generator, blue: bool, size: int = 48) -> Image.Image:
