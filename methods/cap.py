@@ -85,11 +85,23 @@ class CaptioningMixin:
         With a masked latent (``mask_ratio`` > 0) the score depends on the random mask, shared by
         an image's K captions: seed torch for repeatable scores.
         """
-        t = self.text_spec
-        if len(text) % len(images):
-            raise ValueError(f"{len(text)} captions do not split evenly over {len(images)} images")
+        return self.score_text_with_memory(self.scoring_memory(images, mask_ratio), text)
+
+    def scoring_memory(self, images: torch.Tensor, mask_ratio: Optional[float] = None) -> torch.Tensor:
+        """The image tokens ``[B, T, D]`` that `score_text_with_memory` scores captions against (a masking
+        method draws its masks here): encode a batch once, then score its captions in as many calls as
+        memory asks for (generative zero-shot: 7,000 ImageNet prompts per image)."""
         with evaluating(self), torch.no_grad():
-            memory = self.caption_memory(images, mask_ratio).repeat_interleave(len(text) // len(images), 0)
+            return self.caption_memory(images, mask_ratio)
+
+    def score_text_with_memory(self, memory: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """`score_text` of ``text`` (K captions per row of ``memory``) against image tokens from
+        `scoring_memory`; ``[B*K]``."""
+        t = self.text_spec
+        if len(text) % len(memory):
+            raise ValueError(f"{len(text)} captions do not split evenly over {len(memory)} images")
+        with evaluating(self), torch.no_grad():
+            memory = memory.repeat_interleave(len(text) // len(memory), 0)
             return caption_log_likelihood(self.caption_decoder, memory, text.to(memory.device), t.pad_id, t.eot_id)
 
 

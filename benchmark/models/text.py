@@ -203,8 +203,17 @@ def caption_log_likelihood(decoder: nn.Module, image_tokens: torch.Tensor, text:
     than sum, so that captions of different lengths compare (generative zero-shot scoring).
     """
     labels = caption_targets(text, pad_id, eot_id)
-    logp = decoder(image_tokens, text[:, :-1]).float().log_softmax(-1)
-    picked = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    logits = decoder(image_tokens, text[:, :-1]).float()
+    # log_softmax at the label, as the label's logit minus the log normaliser (logsumexp): no [B, L, V]
+    # log-probabilities beside the logits, which dominate the memory of scoring many captions (generative
+    # zero-shot). Without a gradient to keep, the normaliser is computed in the logits' own memory.
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if logits.requires_grad:
+        norm = logits.logsumexp(-1)
+    else:
+        peak = logits.amax(-1, keepdim=True)
+        norm = logits.sub_(peak).exp_().sum(-1).log_().add_(peak.squeeze(-1))
+    picked = picked - norm
     valid = (labels != pad_id).to(picked.dtype)
     return (picked * valid).sum(1) / valid.sum(1).clamp(min=1)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import COUNT0
+from ..config import COUNT, COUNT0
 from ..protocol import EvalContext, Protocol, ProtocolResult
 from ..registry import register_protocol
 
@@ -17,9 +17,13 @@ class ZeroShot(Protocol):
 
     @dataclass
     class Options:
-        """How many validation images are scored."""
+        """How many validation images are scored; the memory one likelihood-scoring call may take."""
 
         images: int = COUNT0.field(0)  # 0 = all; likelihood scoring costs classes x prompts per image
+        # MB one decoder call of likelihood scoring (captioners) may use: it sets how many (image, prompt)
+        # sequences a call scores (`mugbench.eval.zeroshot.sequences_per_call`), so any class count fits. The scores
+        # do not depend on it while it holds one prompt for each image of an eval.batch_size batch.
+        max_memory_mb: int = COUNT.field(1024)
 
     def run(self, subject, data, options, ctx: EvalContext) -> ProtocolResult:
         """Score every class's prompts (the set's own templates) for the first ``images`` val images;
@@ -33,11 +37,15 @@ class ZeroShot(Protocol):
         words = data.prompt_words()
         if callable(getattr(subject, "encode_text", None)):
             mode = "embedding"
-            scores = embedding_scores(subject, images, words, templates, ctx.tokenizer, device=ctx.device)
+            scores = embedding_scores(subject, images, words, templates, ctx.tokenizer, batch_size=ctx.batch_size,
+                                      device=ctx.device)
         else:
             mode = "likelihood"
             scores = likelihood_scores(subject, images, words, templates, ctx.tokenizer, seed=ctx.seed,
+                                       batch_size=ctx.batch_size, max_memory_mb=options.max_memory_mb,
                                        device=ctx.device)
         outcomes = topk_outcomes(scores, val.label[:n])  # per scored image, in the val split's order
-        return ProtocolResult(percent(outcomes), {"mode": mode, "prompts": list(templates), "images": len(images)},
-                              per_example=outcomes)
+        kept = {"mode": mode, "prompts": list(templates), "images": len(images)}
+        if mode == "likelihood":  # it sets the image batch, and with it a masking method's masks, when it is small
+            kept["max_memory_mb"] = options.max_memory_mb
+        return ProtocolResult(percent(outcomes), kept, per_example=outcomes)
