@@ -291,6 +291,18 @@ def _check_score_text(who, method, images, text) -> None:
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise _fail(who, f"returns {shape} from score_text(images, text) for {k} texts per image, not finite "
                          f"scores [{len(images) * k}]")
+    encode, score = getattr(method, "scoring_memory", None), getattr(method, "score_text_with_memory", None)
+    if callable(encode) and callable(score):  # the encode-once path zero-shot takes must score as score_text
+        texts = text.repeat(k, 1)[:len(images) * k]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            direct = method.score_text(images, texts)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            split = score(encode(images), texts)
+        if not torch.allclose(direct, split, rtol=1e-5, atol=1e-6):
+            raise _fail(who, "scores differently through score_text_with_memory(scoring_memory(images), text) "
+                             "than through score_text(images, text) under the same seed; zero-shot takes the former")
 
 
 def _check_reconstruct(who, method, images, text) -> None:

@@ -78,6 +78,28 @@ class BadCaption(Method):
         return "a circle"
 
 
+class SplitScoring(Method):
+    """Scores texts one way through score_text and another through its encode-once path."""
+
+    paradigm = "multi-modal generative"
+
+    def forward(self, batch):
+        """A loss that trains the encoder."""
+        return {"loss": _features_loss(self, batch)}
+
+    def score_text(self, images, text):
+        """Each text scored by its image's mean pixel."""
+        return images.mean((1, 2, 3)).repeat_interleave(len(text) // len(images))
+
+    def scoring_memory(self, images):
+        """The mean pixels plus one: not what score_text reads (the bug)."""
+        return images.mean((1, 2, 3)) + 1
+
+    def score_text_with_memory(self, memory, text):
+        """The memory, repeated per text."""
+        return memory.repeat_interleave(len(text) // len(memory))
+
+
 class NoRun(Protocol):
     """Declares everything but ``run``."""
 
@@ -112,6 +134,7 @@ _KINDS = {"Method": (METHODS, check_method), "Protocol": (PROTOCOLS, check_proto
     ("Method", "broken-mask", NoMaskRatio, "mask_ratio"),
     ("Method", "broken-loss", NoLoss, "no 'loss' tensor from forward(batch)"),
     ("Method", "broken-caption", BadCaption, "from caption(images, tokenizer), not a list of 4 strings"),
+    ("Method", "broken-scoring", SplitScoring, "scores differently through score_text_with_memory"),
     ("Protocol", "broken-run", NoRun, "is not a usable protocol: run() is not implemented"),
     ("Protocol", "broken-headline", NoHeadline,
      "returns no 'top1' among its metrics (mean_norm) though its headline names it"),
