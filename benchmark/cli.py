@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                      "folder under --workdir: tensorboard (RUN_DIR/tensorboard/; `tensorboard --logdir WORKDIR` "
                      "shows every run; needs the tensorboard package) or wandb (offline, RUN_DIR/wandb/; needs the "
                      "wandb package)")
-    _add_study_args(run)
+    # No fixed default: `_run_preset` picks paper for the web-scale sets and toy otherwise, and says so.
+    _add_study_args(run, preset_default=None,
+                    preset_help="default: paper with --data cc3m, cc12m or laion400m, else toy")
 
     rep = sub.add_parser("report", help="rebuild reports/ (tables, figures, index) from results/ alone")
     rep.add_argument("--results", type=Path, default=Path("results"))
@@ -143,6 +145,24 @@ def _list_override(key: str, value: str | None) -> list[str]:
     return [f"{key}=[{', '.join(v.strip() for v in value.split(',') if v.strip())}]"]
 
 
+def _run_preset(preset: str | None, data: str | None) -> tuple[str, str]:
+    """The preset `mugbench run` uses and why, for its first log line: ``--preset`` when given, else
+    ``paper`` for a named web-scale set (``--data cc3m|cc12m|laion400m``, `catalog.PRETRAIN_SETS`) and
+    ``toy`` for the embedded world, no ``--data`` or a shard pattern."""
+    from .data.catalog import PRETRAIN_SETS
+
+    if preset is not None:
+        return preset, "given with --preset"
+    if data in PRETRAIN_SETS:
+        # The named sets are the paper's data: the toy model (96 wide, 32 px) on them measures nothing
+        # the study is about, while a download that large is only fetched to train at the paper's scale.
+        return "paper", f"the default for the web-scale set {data}; --preset toy for a quick look"
+    if data and data != "toy":
+        # A pattern's size is unknown here (a 64-sample test set or a full download): the cheap preset.
+        return "toy", "the default for a shard pattern; --preset paper for the paper's ViT-B/16 setting"
+    return "toy", "the default for the embedded world; --preset paper with --data cc3m for the paper's setting"
+
+
 def _cmd_run(args) -> int:
     # Redirected, stdout is block-buffered: its phase lines would reach a log long after the progress lines
     # (stderr, line-buffered) that follow them.
@@ -151,9 +171,12 @@ def _cmd_run(args) -> int:
     from .config import load_config
     from .data.catalog import default_cache_dir, default_data_root, resolve_pretrain_urls
 
+    preset, why = _run_preset(args.preset, args.data)
+    if os.environ.get("RANK", "0") in ("", "0"):  # one voice per torchrun job; torch is not imported yet
+        print(f"preset: {preset} ({why})")
     overrides = list(args.overrides) + ([f"data.name={args.data}"] if args.data else [])
     overrides += _list_override("eval.protocols", args.evals)
-    cfg = load_config(args.preset, overrides)
+    cfg = load_config(preset, overrides)
     seeds = _parse_seeds(args.seeds, cfg.seed)
     data_root = args.data_root or default_data_root()
     if cfg.data.name != "toy":  # fail fast, before the heavy imports
@@ -207,6 +230,18 @@ def _parse_seeds(text: str | None, default: int) -> list[int]:
                               f"separated by commas, e.g. --seeds 0,1,2.") from None
         seeds.append(check_range(f"--seeds {text}: seed", seed, SEED))
     return seeds
+
+
+def _where_this_rank_is() -> str:
+    """In a job of several processes: ``rank 1 of 2, in [mae 2/6 · finetune 3/4]`` (the phase when one was
+    running); '' in a single process, whose errors need no place."""
+    from .progress import phase
+    from .train.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    if world == 1:
+        return ""
+    return f"rank {rank} of {world}" + (f", in [{phase()}]" if phase() else "")
 
 
 def _is_main_process() -> bool:
@@ -331,7 +366,8 @@ def _cmd_eval(args) -> int:
     check_folders({"--results": args.results, "--cache-dir": cache_dir})  # before any evaluation runs
     records = evaluate_source(source, cfg, results_dir=args.results, cache_dir=cache_dir,
                               data_root=args.data_root or default_data_root(), overrides=overrides)
-    print(f"written: {len(records)} record(s) under {args.results} (`mugbench report` puts them in the table)")
+    if _is_main_process():
+        print(f"written: {len(records)} record(s) under {args.results} (`mugbench report` puts them in the table)")
     return 0
 
 
@@ -432,9 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except Exception as exc:
+        where = _where_this_rank_is()
         if not isinstance(exc, user_errors()):
+            if where:  # torchrun prints the traceback; say which rank failed, and where in the study
+                print(f"mugbench: {where} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             raise
-        print(f"mugbench: error: {exc}", file=sys.stderr)
+        print(f"mugbench: error{f' ({where})' if where else ''}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mugbench: interrupted; rerun the same command to resume from the last checkpoint.", file=sys.stderr)

@@ -223,3 +223,37 @@ def test_eval_of_an_exported_encoder_reproduces_the_record(smoke_run):
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = mugbench("eval", "--checkpoint", str(tmp_path / "nope.safetensors"), cwd=tmp_path, cache=tmp_path / "c")
     assert proc.returncode == 2 and "nope.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("data", ["cc3m", "cc12m", "laion400m"])
+def test_a_web_scale_set_without_preset_runs_the_paper_preset(data, tmp_path):
+    # The mission's command: the named sets are the paper's data, so they get the paper's setting, and the
+    # first line says so before the missing set is named in one paragraph.
+    empty = tmp_path / "data"
+    empty.mkdir()
+    proc = mugbench("run", "--methods", "mae", "--data", data, "--data-root", str(empty),
+                    cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stdout.splitlines()[0] == \
+        f"preset: paper (the default for the web-scale set {data}; --preset toy for a quick look)"
+    error = proc.stderr.strip()
+    assert error.count("\n") == 0 and f"Pre-training set '{data}' was not found" in error and str(empty) in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and list(empty.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("args,first_line", [
+    (["--preset", "toy", "--data", "cc3m"], "preset: toy (given with --preset)"),  # an explicit preset wins
+    (["--preset", "smoke"], "preset: smoke (given with --preset)"),
+    ([], "preset: toy (the default for the embedded world; --preset paper with --data cc3m for the paper's setting)"),
+    (["--data", "toy"], "preset: toy (the default for the embedded world; --preset paper with --data cc3m for the "
+                        "paper's setting)"),
+    (["--data", "shards/{00000..00003}.tar"],
+     "preset: toy (the default for a shard pattern; --preset paper for the paper's ViT-B/16 setting)"),
+])
+def test_the_first_line_names_the_preset_and_why(args, first_line, tmp_path):
+    # An unknown method stops the run right after the preset is chosen: nothing is trained or written.
+    proc = mugbench("run", "--methods", "nope", *args, "--data-root", str(tmp_path / "data"),
+                    cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stdout.splitlines()[0] == first_line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()

@@ -202,3 +202,72 @@ def test_a_foreign_shard_set_trains_without_samples_per_epoch(tmp_path, capsys, 
     assert f"samples per epoch: {real} from {source}" in out
     records = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("*.json")]
     assert records and all(r["pretrain_data"] == pattern and r["steps"] == real // 32 for r in records)
+
+
+def _stats_set(root: Path, counts: list[int]) -> str:
+    """Shards of ``counts`` JPEG samples each with img2dataset's stats files (their real counts); the pattern."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(counts):
+        _write_shard(root / f"{i:05d}.tar", [m for k in range(n) for m in _sample(f"{i}{k:04d}", JPEG, "jpg")])
+        stats_file(root / f"{i:05d}.tar").write_text(json.dumps({"count": n + 1, "successes": n}))
+    return str(root / f"{{00000..{len(counts) - 1:05d}}}.tar")
+
+
+def test_the_paper_preset_counts_its_named_set(tmp_path, monkeypatch):
+    # paper.yaml sets no epoch length: a named set under the data root is counted like a pattern.
+    from mugbench.data import catalog
+
+    monkeypatch.setitem(catalog.PRETRAIN_SETS, "cc3m", "cc3m/{00000..00001}.tar")  # a two-shard "download"
+    _stats_set(tmp_path / "root" / "cc3m", [5, 6])
+    cfg = load_config("paper")
+    assert cfg.data.name == "cc3m" and cfg.data.samples_per_epoch is None
+    lines, warnings = [], []
+    data = resolve_data(cfg, tmp_path / "root", tmp_path / "cache", log=lines.append, warn=warnings.append)
+    assert data.samples == 11 and len(data.urls) == 2
+    assert lines == ["samples per epoch: 11 from img2dataset stats files"] and warnings == []
+
+
+@pytest.mark.parametrize("explicit,warned", [(100, False), (103, False), (97, False), (104, True), (64, True)])
+def test_an_explicit_epoch_length_wins_and_is_checked_against_the_shards(tmp_path, explicit, warned):
+    pattern = _stats_set(tmp_path / "shards", [60, 40])  # 100 samples
+    cfg = load_config("paper", [f"data.name={pattern}", f"data.samples_per_epoch={explicit}"])
+    lines, warnings = [], []
+    data = resolve_data(cfg, None, tmp_path / "cache", log=lines.append, warn=warnings.append)
+    assert data.samples == explicit and lines == [f"samples per epoch: {explicit} from data.samples_per_epoch"]
+    if warned:  # both numbers, where the count came from, and that the explicit value is used
+        (warning,) = warnings
+        assert f"data.samples_per_epoch={explicit}" in warning and "the 100 samples" in warning
+        assert "img2dataset stats files" in warning and f"the explicit {explicit} is used" in warning
+    else:
+        assert warnings == []
+
+
+def test_resampled_or_remote_shards_are_not_checked(tmp_path, monkeypatch):
+    # With data.resampled an epoch is deliberately N draws from a larger set (README's LAION example):
+    # nothing is counted, so 41k shards cost nothing either.
+    pattern = _stats_set(tmp_path / "shards", [10])
+    monkeypatch.setattr(shard_count, "count_samples", lambda *a, **k: pytest.fail("counted resampled shards"))
+    cfg = load_config("paper", [f"data.name={pattern}", "data.samples_per_epoch=1000", "data.resampled=true"])
+    warnings = []
+    assert resolve_data(cfg, None, tmp_path / "cache", log=print, warn=warnings.append).samples == 1000
+    remote = load_config("paper", ["data.name=pipe:cat /x/{00000..00001}.tar", "data.samples_per_epoch=1000"])
+    assert resolve_data(remote, None, tmp_path / "cache", log=print, warn=warnings.append).samples == 1000
+    assert warnings == []
+
+
+def test_the_mismatch_warning_goes_to_stderr_by_default_and_a_failed_count_only_warns(tmp_path, capsys):
+    urls, real = _shard_set(tmp_path / "shards")  # no stats files: a header pass
+    pattern = str(tmp_path / "shards" / "{00000..00002}.tar")
+    cfg = load_config("smoke", [f"data.name={pattern}", "data.samples_per_epoch=64"])
+    assert resolve_data(cfg, None, tmp_path / "cache", log=print).samples == 64
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == "samples per epoch: 64 from data.samples_per_epoch"
+    (warning,) = [line for line in err.splitlines() if line.startswith("warning:")]  # beside the count's bar
+    assert warning.startswith("warning: data.samples_per_epoch=64 differs from the 12 samples") and \
+        "a header pass over 3 shards" in warning
+    (tmp_path / "empty").mkdir()
+    _write_shard(tmp_path / "empty" / "00000.tar", _sample("k", None))  # nothing to count: said, not raised
+    cfg = load_config("smoke", [f"data.name={tmp_path / 'empty' / '00000.tar'}", "data.samples_per_epoch=64"])
+    warnings = []
+    assert resolve_data(cfg, None, tmp_path / "cache", log=print, warn=warnings.append).samples == 64
+    assert len(warnings) == 1 and "could not be checked" in warnings[0] and "no sample with an image" in warnings[0]

@@ -30,13 +30,26 @@ class PretrainData:
     num_classes: int = 0
 
 
-def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=print) -> PretrainData:
+def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=print, warn=None) -> PretrainData:
     """Find the pre-training shards; ``toy`` is generated on demand, others must exist.
 
     The epoch length of a shard set is ``data.samples_per_epoch`` when set, else counted
     (`shard_count.count_samples`: img2dataset's stats files, or one cached pass over the tar
-    headers); ``log`` says which (`run_study` passes its own, silent on ranks other than 0).
+    headers); ``log`` says which (`run_study` passes its own, silent on ranks other than 0). An
+    explicit value is checked against that count when the shards are local and not resampled, and
+    ``warn`` (default: a ``warning:`` line on stderr, from rank 0 only) names both when they differ by
+    more than `shard_count.SAMPLES_MISMATCH`; the explicit value is still used.
     """
+
+    def _warn_on_rank0(message: str) -> None:
+        # Every rank resolves the data (run_study: rank 0 first); one of them says it.
+        import sys
+
+        from ..train.distributed import rank_and_world
+
+        if rank_and_world()[0] == 0:
+            print(f"warning: {message}", file=sys.stderr)
+
     if cfg.data.name == "toy":
         root, manifest = prepare_toy_world(cfg.data, cache_dir, log=log)
         split = manifest["splits"]["pretrain"]
@@ -44,7 +57,8 @@ def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=
                             num_classes=len(manifest["classes"]))
     urls = catalog.resolve_pretrain_urls(cfg.data.name, data_root)
     samples, source = cfg.data.samples_per_epoch, "data.samples_per_epoch"
-    if not samples and not all(catalog._is_local(u) for u in urls):
+    local = all(catalog._is_local(u) for u in urls)
+    if not samples and not local:
         raise catalog.DataNotFoundError(
             f"Pre-training data {cfg.data.name!r} is read from remote shards, whose samples cannot be counted "
             f"before training, so the epoch length is unknown. Set it with --set data.samples_per_epoch=N "
@@ -53,6 +67,15 @@ def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=
         from .shard_count import count_samples  # imported here: only resolve_data counts shards
 
         samples, source = count_samples(urls, cache_dir, log=log)
+    elif local and not cfg.data.resampled:
+        # An explicit value wins, but one sized for another download (or a preset's nominal size) trains
+        # epochs of the wrong length: said, never corrected. Resampled data is left alone: its epoch is
+        # deliberately N draws from a larger set.
+        from .shard_count import explicit_count_warning
+
+        warning = explicit_count_warning(urls, samples, cache_dir, cfg.data.name, log=log)
+        if warning:
+            (warn or _warn_on_rank0)(warning)
     log(f"samples per epoch: {samples:,} from {source}")
     key = hashlib.sha1("\n".join(urls).encode()).hexdigest()[:12]
     return PretrainData(cfg.data.name, urls, samples, cache_dir / "vocab" / f"{key}.json")

@@ -27,6 +27,10 @@ from .catalog import BadDataError, DataNotFoundError, _is_local
 from .pipeline import IMAGE_KEYS, split_sample_key
 
 STATS_SOURCE = "img2dataset stats files"
+# How far an explicit data.samples_per_epoch may stray from the shards' own count before a run warns:
+# wider than the few samples a download's stats and its tars disagree on, narrower than a partial download
+# or another set's nominal size (2.8M against a 2.6M download is 8 %).
+SAMPLES_MISMATCH = 0.03
 CACHE_FOLDER = "shard-counts"
 # Part of the cache key: a change to how samples are counted must not reuse old counts.
 _COUNT_RULES = "tar-headers-v1"
@@ -227,3 +231,21 @@ def _cached_header_count(urls: list[str], cache_dir: Path, log: Callable[[str], 
     atomic_write_text(cache, json.dumps({"samples": total, "shards": len(urls), "first_shard": urls[0],
                                          "per_shard": counts}) + "\n")
     return total, source
+
+
+def explicit_count_warning(urls: Sequence[str], samples: int, cache_dir: str | os.PathLike, name: str,
+                           log: Callable[[str], None] = print) -> str | None:
+    """What is wrong with an explicit ``data.samples_per_epoch`` of ``samples`` for the local shards ``urls``
+    (the set ``name``), as one warning line without its ``warning:`` prefix, or None when it is within
+    `SAMPLES_MISMATCH` of their count (`count_samples`). Advisory: a count that fails is reported the same
+    way, never raised, since the explicit value needs no count to train."""
+    try:
+        counted, source = count_samples(urls, cache_dir, log=log)
+    except (BadDataError, DataNotFoundError, OSError) as exc:
+        return f"data.samples_per_epoch={samples:,} could not be checked against the shards of {name}: {exc}"
+    if abs(samples - counted) <= SAMPLES_MISMATCH * counted:
+        return None
+    return (f"data.samples_per_epoch={samples:,} differs from the {counted:,} samples the shards of {name} hold "
+            f"(counted from {source}) by {abs(samples - counted) / counted:.0%}; the explicit {samples:,} is used, "
+            f"so every epoch is {samples:,} samples long. Leave data.samples_per_epoch unset (null) to train on "
+            f"the {counted:,} counted.")
