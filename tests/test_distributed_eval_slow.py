@@ -94,7 +94,7 @@ def test_a_study_outlasting_the_process_group_timeout_finishes(tmp_path):
     for rank 0 in its first collective, past the timeout; now both train UperNet."""
     proc = _run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", *MUGBENCH, "run", "--preset", "smoke",
                  "--methods", "mae,random", "--evals", "knn,segmentation", "--set", "train.dist_timeout_min=0.25",
-                 "--set", "eval.segmentation.iters=300"], tmp_path)
+                 "--set", "eval.segmentation.iters=1000"], tmp_path)
     records = _records(tmp_path / "results")
     assert sorted(records) == [(m, p, d) for m in ("mae", "random") for p, d in (("knn", "toy-cls"),
                                                                                 ("segmentation", "toy-seg"))]

@@ -4,7 +4,14 @@ The setting of BEiT (Bao et al., 2022) and MAE (He et al., 2022) on ADE20K, buil
 mmsegmentation 1.x parts: the encoder's block outputs are rescaled to strides 4/8/16/32
 (`ViTPyramid`), decoded by ``UPerHead`` plus an auxiliary ``FCNHead`` inside ``EncoderDecoder``,
 trained with mmengine's ``Runner`` (AdamW, layer-wise lr decay, linear warmup then poly decay)
-on mmseg's datasets and transforms, and scored with mmseg's ``IoUMetric``. Numbers not taken
+on mmseg's datasets and transforms, and scored with mmseg's ``IoUMetric``.
+
+In a job of several ranks (a process group of world size W > 1) every rank calls `segment` with the same
+arguments and the Runner trains under DDP, as mmseg's 8x2 ADE20K runs: the global batch of
+``batch_size`` crops is split evenly (`check_batch_split`), each iteration's crops are one global
+sample stream whatever W is (`GlobalStreamSampler`, `PositionDataset`), BatchNorm is SyncBN on CUDA
+(per rank on the CPU, where torch's SyncBatchNorm does not run), validation is sharded over ranks and
+gathered, and rank 0 alone writes the records. Numbers not taken
 from the protocol's options (``eval.segmentation.*``) are those of mmseg's
 ``mae-base_upernet_8xb2-amp-160k_ade20k`` config and its ADE20K dataset defaults, cited where used.
 """
@@ -36,6 +43,7 @@ from ..progress import progress_bar
 from ..train.checkpoint import load_checkpoint
 from .determinism import determinism_note
 from .mmseg_compat import ensure_mmseg_importable
+from .sharding import broadcast_object, gather_objects, world
 
 _RESULT_FILE, _RUN_FILE = "result.json", "run.json"
 # The names mmengine's CheckpointHook gives this protocol's checkpoints (by_epoch=False).
@@ -61,7 +69,8 @@ def _rescale(dim: int, factor: float) -> nn.Module:
     """Resample a [B, dim, h, w] map by ``factor`` (a power of two), as BEiT's fpn1-4.
 
     Up by 2^k: k stride-2 2x2 transposed convolutions with BatchNorm + GELU between them (BEiT
-    uses SyncBN; one process here); 1: identity; down by 2^k: a 2^k max-pool.
+    uses SyncBN: so does a CUDA job of several ranks, `QuietRunner.wrap_model`); 1: identity; down
+    by 2^k: a 2^k max-pool.
     """
     k = round(math.log2(factor))
     if 2.0 ** k != factor:
@@ -161,7 +170,9 @@ def _model_cfg(backbone: dict, num_classes: int, embed_dim: int, crop: int, opti
     ``options``: the protocol's ``Segmentation.Options`` (head width, auxiliary loss weight)."""
     from mmengine.config import ConfigDict  # mmseg reads test_cfg by attribute
 
-    norm = dict(type="BN", requires_grad=True)  # SyncBN in mmseg's configs; a single process here
+    # SyncBN in mmseg's configs: built as BN here, converted to SyncBN for a CUDA job of several ranks
+    # (`QuietRunner.wrap_model`), BN in one process (what mmengine reverts SyncBN to there anyway).
+    norm = dict(type="BN", requires_grad=True)
 
     def ce(weight):
         return dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=weight)
@@ -242,30 +253,148 @@ def class_names(data) -> list[str]:
     return names
 
 
-class _ResumableInfiniteSampler(torch.utils.data.Sampler):
-    """Endless shuffled indices, one fresh permutation per pass seeded by (seed, pass).
+def check_batch_split(batch_size: int, world_size: int, *, synced_bn: bool = False) -> int:
+    """The per-rank batch of a global batch of ``batch_size`` crops over ``world_size`` ranks; a
+    `ValueError` saying what to change when it does not split evenly, or leaves one crop per rank
+    where BatchNorm is not synchronised (``synced_bn``: SyncBN, a CUDA job of several ranks).
 
-    Unlike mmengine's ``InfiniteSampler`` it can start at any position without replaying the
-    data, so a resumed run skips what it already trained on at no cost (mmengine's loop loads
-    and augments every skipped batch: hours at ADE20K scale). Single process only.
+    The study calls it before training, so that a job that cannot run stops before pre-training.
+    One crop is refused because UPerHead's pooling branch at scale 1 normalises a 1x1 map: per-rank
+    BatchNorm then sees a single value per channel, which torch refuses in training (SyncBN counts
+    the crops of every rank).
+    """
+    batch_size, world_size = int(batch_size), int(world_size)
+    if world_size < 1 or batch_size < 1:
+        raise ValueError(f"segmentation needs a positive batch and world size, got {batch_size} over {world_size}")
+    per_rank, left = divmod(batch_size, world_size)
+    if left:
+        raise ValueError(f"eval.segmentation.batch_size={batch_size} (the global batch) does not split evenly over "
+                         f"{world_size} ranks: make it a multiple of {world_size}, or run on a number of ranks "
+                         f"that divides it")
+    if per_rank == 1 and not synced_bn:
+        where = "one process" if world_size == 1 else f"{world_size} ranks without SyncBN (the CPU)"
+        raise ValueError(f"eval.segmentation.batch_size={batch_size} over {where} gives one crop per rank, which "
+                         f"UPerHead's BatchNorm cannot train on: use at least {2 * world_size}")
+    return per_rank
+
+
+def stream_order(seed: int, size: int, epoch: int) -> list[int]:
+    """The order in which pass ``epoch`` of the global sample stream visits a set of ``size`` samples:
+    a permutation seeded by ``seed + epoch`` (one fresh shuffle per pass)."""
+    gen = torch.Generator().manual_seed(int(seed) + int(epoch))
+    return torch.randperm(int(size), generator=gen).tolist()
+
+
+class GlobalStreamSampler(torch.utils.data.Sampler):
+    """This rank's positions in the job's one global sample stream, endless and resumable.
+
+    Positions p = 0, 1, 2, ... are the stream (`PositionDataset` maps position p to sample
+    ``stream_order(seed, N, p // N)[p % N]`` and seeds its augmentation from (seed, p)). Iteration t's
+    global batch is positions ``[t*B, (t+1)*B)``; rank r of W reads ``[t*B + r*b, t*B + (r+1)*b)``,
+    b = B / W. So every iteration trains on the same crops whatever the number of ranks, and the
+    ranks' slices in rank order are the batch one process would load.
+
+    Unlike mmengine's ``InfiniteSampler`` it can start at any iteration without replaying the data
+    (`resume_at`), so a resumed run skips what it already trained on at no cost (mmengine's loop
+    loads and augments every skipped batch: hours at ADE20K scale).
+
+    ``dataset`` and ``seed`` are what mmengine's ``build_dataloader`` passes every sampler (only the
+    dataset's length is read: the order is `PositionDataset`'s); ``batch_size`` is the GLOBAL batch B;
+    ``rank``, ``world_size`` default to the process group's (`sharding.world`).
     """
 
-    def __init__(self, dataset, seed: int | None = 0, shuffle: bool = True):
-        self.size, self.seed, self.shuffle, self.start = len(dataset), int(seed or 0), shuffle, 0
+    def __init__(self, dataset, seed: int | None = 0, batch_size: int = 1, rank: int | None = None,
+                 world_size: int | None = None):
+        if rank is None or world_size is None:
+            rank, world_size = world()
+        self.size, self.seed = len(dataset), int(seed or 0)
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+        self.per_rank = self.batch_size // self.world_size
+        if self.per_rank * self.world_size != self.batch_size or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"a global batch of {batch_size} does not split evenly over {world_size} ranks "
+                             f"(rank {rank}): see check_batch_split")
+        self.start = 0  # the global position the stream starts at: a whole number of global batches
+
+    def resume_at(self, iteration: int) -> None:
+        """Start the stream at iteration ``iteration``'s global batch (position ``iteration * B``)."""
+        self.start = int(iteration) * self.batch_size
 
     def __iter__(self):
-        epoch, offset = divmod(self.start, self.size)
+        if self.start % self.batch_size:
+            raise ValueError(f"the stream starts at position {self.start}, not at a whole global batch of "
+                             f"{self.batch_size}")
+        first = self.start + self.rank * self.per_rank
         while True:
-            if self.shuffle:
-                gen = torch.Generator().manual_seed(self.seed + epoch)
-                order = torch.randperm(self.size, generator=gen).tolist()
-            else:
-                order = list(range(self.size))
-            yield from order[offset:]
-            epoch, offset = epoch + 1, 0
+            yield from range(first, first + self.per_rank)
+            first += self.batch_size
 
     def __len__(self) -> int:
         return self.size
+
+
+def _position_seed(seed: int, position: int) -> int:
+    """A 32-bit seed for the augmentation of stream position ``position`` (numpy mixes the pair, so
+    neighbouring positions and seeds give unrelated draws)."""
+    return int(np.random.SeedSequence([int(seed), int(position)]).generate_state(1)[0])
+
+
+class PositionDataset(torch.utils.data.Dataset):
+    """An mmseg dataset read by stream position: item p is sample ``stream_order(seed, N, p // N)[p % N]``
+    of ``dataset``, through its pipeline with ``random``, ``numpy.random`` and torch's CPU generator
+    seeded from (seed, p).
+
+    mmseg's RandomResize, RandomCrop (and its retries), RandomFlip and PhotoMetricDistortion, and
+    mmengine's re-draw of a sample the pipeline drops, draw from those global generators: seeded per
+    position, a crop depends on (seed, position) alone, not on which rank (or dataloader worker)
+    loads it nor on what it loaded before. The generators' states are restored afterwards, so the
+    training step's own draws (dropout) go on as without the wrapper.
+
+    ``dataset``: an mmseg dataset or its config (built in the current registry scope).
+    """
+
+    def __init__(self, dataset, seed: int = 0):
+        if isinstance(dataset, dict):
+            from mmseg.registry import DATASETS
+
+            dataset = DATASETS.build(dataset)
+        self.dataset, self.seed = dataset, int(seed)
+        self._orders: dict[int, list[int]] = {}  # the pass being read (and the last one: workers overlap)
+
+    @property
+    def metainfo(self) -> dict:
+        """The wrapped dataset's metainfo (class names, palette) for mmengine's loop and visualizer."""
+        return self.dataset.metainfo
+
+    def full_init(self) -> None:
+        """Load the wrapped dataset's annotations (mmengine's ``build_dataloader`` calls it)."""
+        if hasattr(self.dataset, "full_init"):
+            self.dataset.full_init()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def index(self, position: int) -> int:
+        """The sample at stream position ``position``."""
+        epoch, offset = divmod(int(position), len(self.dataset))
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = stream_order(self.seed, len(self.dataset), epoch)
+        return self._orders[epoch][offset]
+
+    def __getitem__(self, position: int) -> dict:
+        """The sample at ``position`` through the pipeline, its random draws seeded from (seed, position)."""
+        index = self.index(position)
+        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+        value = _position_seed(self.seed, position)
+        try:
+            random.seed(value)
+            np.random.seed(value)
+            torch.random.default_generator.manual_seed(value)  # the CPU generator only: CUDA's is the step's
+            return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.random.set_rng_state(torch_state)
 
 
 def _resumable_loop_cls():
@@ -292,7 +421,7 @@ def _resumable_loop_cls():
 
         def run(self):
             if self._iter > 0:
-                self.dataloader.sampler.start = self._iter * self.dataloader.batch_size
+                self.dataloader.sampler.resume_at(self._iter)  # GlobalStreamSampler
                 # The old iterator may already have prefetched from position 0: start afresh.
                 self.dataloader_iterator = _Skip(self._iter, _InfiniteDataloaderIterator(self.dataloader))
             return super().run()
@@ -331,10 +460,12 @@ def _fingerprint(encoder: nn.Module) -> str:
 @contextlib.contextmanager
 def _isolated_globals(device: torch.device):
     """Restore what mmengine's Runner changes process-wide: RNG states (it seeds python, numpy
-    and torch), cuDNN flags, mmengine's default scope."""
+    and torch), cuDNN flags, mmengine's default scope, and the OMP / MKL thread variables it sets
+    in a distributed job."""
     from mmengine.registry import DefaultScope
 
     py_state, np_state = random.getstate(), np.random.get_state()
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
     try:
@@ -344,6 +475,11 @@ def _isolated_globals(device: torch.device):
         random.setstate(py_state)
         np.random.set_state(np_state)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class _UnusableCheckpoint(Exception):
@@ -434,9 +570,48 @@ def _weights_only_checkpoint_hook():
     return WeightsOnlyCheckpointHook()
 
 
-def _progress_hook():
+def _bn_average_hook():
+    """An mmengine hook that averages BatchNorm running statistics over the ranks after every iteration,
+    for a job whose BatchNorm is per rank (the CPU, where SyncBN does not run).
+
+    DDP averages gradients but not buffers: each rank's running mean / variance would follow its own
+    crops, so validation would score each rank's share of the images with another model, and the
+    checkpoint (rank 0's) would not be the model validated. The running statistics are an exponential
+    average, linear in the batch statistics, so averaging after every update keeps every rank at the
+    average of what the ranks would have tracked alone. It runs before CheckpointHook (higher priority),
+    so every checkpoint holds the averaged statistics.
+    """
+    import torch.distributed as dist
+    from mmengine.hooks import Hook
+    from mmengine.model import is_model_wrapper
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    class BNAverageHook(Hook):
+        """All-reduces (mean) the running statistics of every BatchNorm that is not SyncBN."""
+
+        priority = "NORMAL"
+
+        def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+            """Average the statistics this iteration's forward pass updated (in one collective)."""
+            model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+            buffers = [b for m in model.modules()
+                       if isinstance(m, _BatchNorm) and not isinstance(m, nn.SyncBatchNorm) and m.track_running_stats
+                       for b in (m.running_mean, m.running_var)]
+            if not buffers:
+                return
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+                b.copy_(part.view_as(b))
+
+    return BNAverageHook()
+
+
+def _progress_hook(disable: bool = False):
     """An mmengine hook that shows training iterations with `progress.progress_bar` (a bar on a terminal,
-    plain lines in a log): the runner's own logger writes to work_dir only (`_quiet_runner_cls`)."""
+    plain lines in a log): the runner's own logger writes to work_dir only (`_quiet_runner_cls`).
+    ``disable``: ranks other than 0 count silently."""
     from mmengine.hooks import Hook
 
     class ProgressHook(Hook):
@@ -446,7 +621,8 @@ def _progress_hook():
 
         def before_train(self, runner) -> None:
             """Open the bar (training may resume part-way)."""
-            self.bar = progress_bar(runner.max_iters, initial=runner.iter, desc="segmentation", unit="iter")
+            self.bar = progress_bar(runner.max_iters, initial=runner.iter, desc="segmentation", unit="iter",
+                                    disable=disable)
 
         def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
             """Count the iteration; show its loss (mmengine's logger has read it already)."""
@@ -467,18 +643,54 @@ def _quiet_runner_cls():
     Its own logger would print INFO lines (the environment report, every logged iteration); here
     everything goes to work_dir and only errors to stdout. Its own resume would unpickle
     (fully, with the switch torch >= 2.6 needs) whatever file ``last_checkpoint`` names, so a
-    planted file would run code; here see `load_or_resume` and `load_checkpoint`.
+    planted file would run code; here see `load_or_resume` and `load_checkpoint`. In a job of
+    several ranks it wraps the model for DDP on the protocol's device (`wrap_model`).
     """
     from mmengine.model import is_model_wrapper
+    from mmengine.registry import MODEL_WRAPPERS
     from mmengine.runner import Runner
 
     class QuietRunner(Runner):
-        """A Runner with a quiet console and a weights-only resume confined to work_dir."""
+        """A Runner with a quiet console and a weights-only resume confined to work_dir.
 
-        def __init__(self, *args, **kwargs):
+        ``device``: where the model trains; distributed (``launcher="pytorch"``), ``model_wrapper_cfg``
+        wraps it (mmengine reads that from a config file's ``cfg``; given here, no config is dumped
+        into work_dir) and ``sync_bn`` converts its BatchNorm to SyncBN.
+        """
+
+        def __init__(self, *args, device: torch.device = torch.device("cpu"), sync_bn: bool = False,
+                     model_wrapper_cfg: dict | None = None, **kwargs):
             # Checkpoints not resumed from, with the reason: the protocol reports them when done.
             self.refused_checkpoints: list[str] = []
+            self.train_device, self.sync_bn = torch.device(device), bool(sync_bn)
+            self.ddp_cfg = dict(model_wrapper_cfg or dict(type="MMDistributedDataParallel"))
             super().__init__(*args, **kwargs)
+
+        def wrap_model(self, model_wrapper_cfg, model):
+            """One process: mmengine's own (the model as it is, SyncBN reverted; `_build_runner` then
+            moves it to the device). Distributed: the model on ``device``, BatchNorm made SyncBN if
+            ``sync_bn``, wrapped as the ``model_wrapper_cfg`` given to the runner says
+            (``MMDistributedDataParallel``).
+
+            mmengine's own distributed branch moves the model to ``get_device()`` (the current GPU
+            whenever one exists, even for a CPU job) and reads ``LOCAL_RANK`` from the environment
+            even when the config gives ``device_ids``; here the device is the protocol's, and
+            ``device_ids`` come from the config alone (None on the CPU, the rank's GPU on CUDA).
+            """
+            if not self.distributed or is_model_wrapper(model):
+                return super().wrap_model(model_wrapper_cfg, model)
+            model = model.to(self.train_device)
+            if self.sync_bn:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            return MODEL_WRAPPERS.build(dict(self.ddp_cfg), default_args=dict(module=model))
+
+        def train(self):
+            """mmengine's training; afterwards the model holds the trained weights, so a `val` that
+            follows scores them as they are instead of resuming them from the last checkpoint (which
+            rank 0 alone wrote: other ranks need not see it, nor read it)."""
+            model = super().train()
+            self._has_loaded = True
+            return model
 
         def build_logger(self, *args, **kwargs):
             """The usual logger, its console handler raised to ERROR."""
@@ -494,18 +706,30 @@ def _quiet_runner_cls():
             A file that does not (a crafted pickle, a truncated write, a link out of work_dir)
             is never executed: it is noted in ``refused_checkpoints``, the next older one is
             tried, and with none left training starts from scratch.
+
+            In a job of several ranks every rank reads the shared work_dir and resumes on its own;
+            the ranks then compare what they resumed from, and a difference (a file one rank could
+            read and another not) is an error rather than ranks training different models.
             """
             if self._has_loaded:
                 return
+            resumed = None
             for path in _checkpoints(Path(self.work_dir)):
                 try:
                     self.resume(str(path))
-                    return
+                    resumed = path.name
+                    break
                 except _UnusableCheckpoint as exc:
                     note = f"{path}: {exc}"
                     self.logger.warning(f"not resuming from {note}")
-                    if note not in self.refused_checkpoints:  # train() and val() both look
+                    if note not in self.refused_checkpoints:  # once per file, however often asked
                         self.refused_checkpoints.append(note)
+            if self.distributed:
+                seen = gather_objects([resumed])
+                if len(set(seen)) > 1:
+                    raise RuntimeError(f"segmentation: the ranks resumed from different checkpoints of "
+                                       f"{self.work_dir} ({', '.join(f'rank {r}: {n}' for r, n in enumerate(seen))}): "
+                                       f"is the work_dir on a file system every rank sees the same way?")
 
         def load_checkpoint(self, filename, map_location="cpu", strict=False, revise_keys=None):
             """Read ``filename`` with the harness's weights-only loader, confined to work_dir, and
@@ -550,7 +774,9 @@ def _import_mmseg() -> None:
 
 def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch.device, workdir: Path,
                   name: str, classes: list, indices: list[int], val_batch: int):
-    """mmengine's Runner for UperNet on a copy of ``encoder``, resuming from ``workdir``."""
+    """mmengine's Runner for UperNet on a copy of ``encoder``, resuming from ``workdir``; under DDP over
+    the process group's ranks when it has more than one (``launcher="pytorch"``: mmengine's
+    ``setup_env`` joins the existing group rather than initialising one)."""
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
     from mmseg.registry import MODELS
 
@@ -571,17 +797,46 @@ def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch
     if warmup < iters:
         schedule.append(dict(type="PolyLR", power=1.0, eta_min=0.0, begin=warmup, end=iters, by_epoch=False))
     train_pipe, test_pipe = _pipelines(crop, bool(data.reduce_zero_label), options.scale_range)
-    loader = dict(num_workers=0, persistent_workers=False)  # loading and augmentation in this process
+    # Loading and augmentation in `options.workers` processes per rank (0: in this one). Each crop is seeded
+    # by its stream position (`PositionDataset`), so the crops do not depend on the worker count.
+    workers = int(options.workers)
+    loader = dict(num_workers=workers, persistent_workers=workers > 0)
+    rank, size = world()
+    sync_bn = device.type == "cuda" and size > 1  # torch's SyncBatchNorm refuses CPU tensors
+    distributed = {}
+    if size > 1:
+        # MMDistributedDataParallel as mmengine builds it (buffers not broadcast: SyncBN keeps them
+        # equal on CUDA, `_bn_average_hook` on the CPU), on the rank's GPU, or device_ids=None on the CPU.
+        # Every parameter of the pruned encoder, pyramid and heads reaches the loss: no unused ones.
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else None
+        distributed = dict(launcher="pytorch", model_wrapper_cfg=dict(
+            type="MMDistributedDataParallel", device_ids=device_ids, broadcast_buffers=False,
+            find_unused_parameters=False))
+    hooks = [_weights_only_checkpoint_hook(), _progress_hook(disable=rank != 0)]
+    if size > 1 and not sync_bn:
+        hooks.append(_bn_average_hook())
     runner = _quiet_runner_cls()(
         model=model, work_dir=str(workdir), experiment_name=name, default_scope="mmseg",
-        train_dataloader=dict(loader, batch_size=options.batch_size, dataset=_dataset_cfg(data, "train", train_pipe),
-                              sampler=dict(type=_ResumableInfiniteSampler, shuffle=True)),
+        device=device, sync_bn=sync_bn, **distributed,
+        # Each rank loads its slice of every global batch (`GlobalStreamSampler`), b = B / W crops,
+        # each augmented as its stream position says (`PositionDataset`).
+        train_dataloader=dict(loader, batch_size=check_batch_split(options.batch_size, size, synced_bn=sync_bn),
+                              dataset=dict(type=PositionDataset, dataset=_dataset_cfg(data, "train", train_pipe),
+                                           seed=seed),
+                              sampler=dict(type=GlobalStreamSampler, batch_size=int(options.batch_size))),
+        # DefaultSampler (not shuffled) gives rank r images r, r + W, ..., padded to equal counts by
+        # repeating the first ones; IoUMetric's collection interleaves the ranks' results back into
+        # dataset order and cuts the padding, so each image counts once.
         val_dataloader=dict(loader, batch_size=val_batch, dataset=_dataset_cfg(data, "val", test_pipe),
                             sampler=dict(type="DefaultSampler", shuffle=False)),
         # Validation only once, after training, so that a resumed run scores the same way.
         train_cfg=dict(type=_resumable_loop_cls(), max_iters=iters, val_interval=iters + 1, val_begin=iters + 1),
         val_cfg=dict(type="ValLoop"),
-        val_evaluator=dict(type="IoUMetric", iou_metrics=["mIoU"], ignore_index=ignore_index),
+        # collect_device "gpu" is mmengine's name for gathering through the process group
+        # (all_gather_object, gloo too); its "cpu" mode would write pickles under ./.dist_test.
+        val_evaluator=dict(type="IoUMetric", iou_metrics=["mIoU"], ignore_index=ignore_index,
+                           collect_device="gpu"),
         optim_wrapper=optim, param_scheduler=schedule,
         default_hooks=dict(
             timer=dict(type="IterTimerHook"),
@@ -591,7 +846,7 @@ def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch
             checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=max(1, iters // 10),
                             max_keep_ckpts=1, save_last=True),
         ),
-        custom_hooks=[_weights_only_checkpoint_hook(), _progress_hook()],
+        custom_hooks=hooks,
         log_processor=dict(by_epoch=False),
         resume=True,  # from work_dir's newest checkpoint, if there is one (QuietRunner.load_or_resume)
         env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="nccl"),
@@ -599,7 +854,8 @@ def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch
         randomness=dict(seed=seed),
         log_level="INFO",
     )
-    runner.model.to(device)  # the Runner moved it to its own choice of device
+    if size == 1:
+        runner.model.to(device)  # the Runner moved it to its own choice of device (distributed: `wrap_model`)
     return runner
 
 
@@ -618,12 +874,25 @@ def segment(encoder: nn.Module, data, options, *, seed: int, device, workdir: Pa
 
     Metrics (percent, ``IoUMetric``): ``mIoU``, ``aAcc``, ``mAcc`` on the validation split and
     ``background_mIoU``, the mIoU of predicting label 0 everywhere.
+
+    In a job of several ranks every rank calls it with the same arguments (``device`` the rank's own;
+    ``workdir`` one folder on a file system they share, which resuming needs: every rank reads the
+    checkpoint, and ranks that resume from different ones stop with an error; folders that differ by
+    rank, as ``mugbench eval``'s temporary ones, serve runs from scratch, rank 0's keeping the records)
+    and it trains under DDP: ``options.batch_size`` is the
+    global batch, split evenly over the ranks (`check_batch_split`), the crops of every iteration
+    are those one process would train on (`GlobalStreamSampler`), BatchNorm is SyncBN on CUDA and per
+    rank on the CPU (torch's SyncBatchNorm needs a GPU), validation is sharded and gathered. Rank 0
+    decides (result already there, stale run to discard) and alone writes the records; every rank
+    returns the same ``(metrics, options)``, whose options then carry ``ranks``.
     """
     device = torch.device(device)
     workdir = Path(workdir).resolve()
     crop, indices = int(options.crop), block_indices(len(encoder.blocks))
     if int(options.iters) < 1:
         raise ValueError(f"eval.segmentation.iters must be at least 1, got {options.iters}")
+    rank, size = world()
+    check_batch_split(options.batch_size, size, synced_bn=device.type == "cuda" and size > 1)
     _import_mmseg()
     classes = class_names(data)
     recorded = {
@@ -637,17 +906,30 @@ def segment(encoder: nn.Module, data, options, *, seed: int, device, workdir: Pa
         "precision": "bf16" if device.type == "cuda" else "fp32",
         **determinism_note(device),
     }
-    signature = {"options": recorded, "seed": int(seed), "dataset": data.name, "classes": classes,
+    # The number of ranks and loader workers is a record of how the run went, not part of the setting it
+    # resumes by: on CUDA (SyncBN, one global sample stream) training is the same algorithm on any number
+    # of GPUs, and crops are seeded by their place in the stream whatever process loads them.
+    signature = {"options": dict(recorded), "seed": int(seed), "dataset": data.name, "classes": classes,
                  "encoder_sha256": _fingerprint(encoder)}
+    recorded["workers"] = int(options.workers)
+    if size > 1:
+        recorded["ranks"] = size
     ignore_index = int(data.ignore_index)
-    done = _read_json(workdir / _RESULT_FILE)
-    if done is not None and done.get("signature") == signature:
+    # Rank 0 reads and changes the work_dir; every rank then takes its branch. The broadcast is also
+    # the barrier: the other ranks receive the decision only once rank 0's files are in place.
+    done = None
+    if rank == 0:
+        done = _read_json(workdir / _RESULT_FILE)
+        if done is None or done.get("signature") != signature:
+            done = None
+            previous = _read_json(workdir / _RUN_FILE)
+            if previous is not None and previous != signature:
+                _discard_run(workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+            _write_json(workdir / _RUN_FILE, signature)
+    done = broadcast_object(done)
+    if done is not None:
         return done["metrics"], done["options"]
-    previous = _read_json(workdir / _RUN_FILE)
-    if previous is not None and previous != signature:
-        _discard_run(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / _RUN_FILE, signature)
     val_batch = int(data.val_batch_size if data.val_batch_size is not None else batch_size)
 
     # Unique per call: mmengine keeps loggers, visualizers and scopes in global tables by name.
@@ -659,8 +941,8 @@ def segment(encoder: nn.Module, data, options, *, seed: int, device, workdir: Pa
             torch.manual_seed(seed)  # the pyramid's and heads' init
             runner = _build_runner(encoder, data, options, seed, device=device, workdir=workdir, name=name,
                                    classes=classes, indices=indices, val_batch=val_batch)
-            # Both resume from work_dir's newest checkpoint when there is one (``val`` too, if
-            # ``train`` started from scratch), read weights-only (QuietRunner.load_or_resume).
+            # ``train`` resumes from work_dir's newest checkpoint when there is one, read weights-only
+            # (QuietRunner.load_or_resume); ``val`` then scores the weights in memory.
             # mmengine prints some notices (checkpoint found / loaded) with print(): into the log.
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
@@ -675,14 +957,17 @@ def segment(encoder: nn.Module, data, options, *, seed: int, device, workdir: Pa
                 if isinstance(handler, logging.FileHandler):
                     handler.close()
                     runner.logger.removeHandler(handler)
-    for note in runner.refused_checkpoints:  # warned here: warnings are silenced while mmengine runs
+    # Warned here (warnings are silenced while mmengine runs), by rank 0: every rank refused the same files.
+    for note in runner.refused_checkpoints if rank == 0 else ():
         warnings.warn(f"segmentation: not resumed from {note}; a checkpoint that cannot be read with "
                       f"weights_only=True is never unpickled, so training started from an earlier one or "
                       f"from scratch", stacklevel=2)
-    metrics = {k: float(scores[k]) for k in ("mIoU", "aAcc", "mAcc")}
+    metrics = {k: float(scores[k]) for k in ("mIoU", "aAcc", "mAcc")}  # IoUMetric's, the same on every rank
     metrics["background_mIoU"] = floor["mIoU"]
-    _write_json(workdir / _RESULT_FILE, {"signature": signature, "metrics": metrics, "options": recorded})
-    return metrics, recorded
+    if rank == 0:
+        _write_json(workdir / _RESULT_FILE, {"signature": signature, "metrics": metrics, "options": recorded})
+    # Rank 0's result everywhere; received once result.json is written (a barrier, as above).
+    return broadcast_object((metrics, recorded))
 
 
 def _discard_run(workdir: Path) -> None:
