@@ -188,9 +188,12 @@ class EvalSets:
             from .train.distributed import once_per_cache
 
             source = get_eval_set(name)
-            # A generated set is written into the cache on first use: in a torchrun job by one rank per
-            # cache folder, before the others read it (every rank loads its sets in the same order).
-            data = once_per_cache(self.ctx.cache_dir, lambda: source().load(self.ctx))
+            if source.folder is None:
+                # A generated set is written into the cache on first use: in a torchrun job by one rank per
+                # cache folder, before the others read it (every rank loads its sets in the same order).
+                data = once_per_cache(self.ctx.cache_dir, lambda: source().load(self.ctx))
+            else:  # read from the data root: every rank at once
+                data = source().load(self.ctx)
             expected = EVAL_SET_TYPES[source.kind]
             if not isinstance(data, expected):
                 raise TypeError(f"evaluation set {name!r} ({source.__module__}) is of kind {source.kind!r} but "
