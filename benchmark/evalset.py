@@ -153,6 +153,12 @@ class EvalSetSource:
         """The set, loaded at the study's resolution: an instance of the type of ``kind``."""
         raise NotImplementedError
 
+    def prepare(self, ctx: EvalSetContext) -> None:
+        """Write what a generated set's ``load`` reads into the cache (`EvalSets` runs it on one rank per
+        cache folder before every rank loads). The default loads the set once; a source whose files can be
+        written without loading them says how, so that the ranks then load at once."""
+        self.load(ctx)
+
     @classmethod
     def locate(cls, data_root: Path | None) -> Path | None:
         """The set's folder under ``data_root`` (None for a generated set), checked to be complete: a
@@ -190,10 +196,9 @@ class EvalSets:
             source = get_eval_set(name)
             if source.folder is None:
                 # A generated set is written into the cache on first use: in a torchrun job by one rank per
-                # cache folder, before the others read it (every rank loads its sets in the same order).
-                data = once_per_cache(self.ctx.cache_dir, lambda: source().load(self.ctx))
-            else:  # read from the data root: every rank at once
-                data = source().load(self.ctx)
+                # cache folder, before every rank reads it (every rank loads its sets in the same order).
+                once_per_cache(self.ctx.cache_dir, lambda: source().prepare(self.ctx))
+            data = source().load(self.ctx)
             expected = EVAL_SET_TYPES[source.kind]
             if not isinstance(data, expected):
                 raise TypeError(f"evaluation set {name!r} ({source.__module__}) is of kind {source.kind!r} but "

@@ -7,8 +7,6 @@ make both sides agree.
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -163,46 +161,32 @@ def test_flip_without_masking_equals_clip_and_masks_tokens(smoke_cfg, spec, toy_
         assert torch.allclose(flip.encode_image(batch["image"]), clip.encode_image(batch["image"]))
 
 
-def _ddp_worker(rank: int, world: int, port: int, za, zb, queue) -> None:
+def _nt_xent_rank(za, zb) -> tuple:
+    """On one gloo rank: its loss on its half of the pairs and the gradients of its rows."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        n = za.shape[0] // world
-        a = za[rank * n:(rank + 1) * n].clone().requires_grad_(True)
-        b = zb[rank * n:(rank + 1) * n].clone().requires_grad_(True)
-        loss = nt_xent_loss(a, b, 0.1)  # rank and world from the process group
-        loss.backward()
-        # The gather's backward already sums every rank's loss gradient into this rank's rows;
-        # DDP then divides by the world size when it averages the parameter gradients.
-        queue.put((rank, loss.item(), (a.grad / world).tolist(), (b.grad / world).tolist()))
-    finally:
-        dist.destroy_process_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = za.shape[0] // world
+    a = za[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    b = zb[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    loss = nt_xent_loss(a, b, 0.1)  # rank and world from the process group
+    loss.backward()
+    # The gather's backward already sums every rank's loss gradient into this rank's rows;
+    # DDP then divides by the world size when it averages the parameter gradients.
+    return rank, loss.item(), (a.grad / world).tolist(), (b.grad / world).tolist()
 
 
 @pytest.mark.slow
 def test_nt_xent_under_ddp_equals_single_process_on_the_global_batch():
     """Two gloo ranks with 3 pairs each: mean loss and averaged gradients equal one process on 6 pairs."""
-    import torch.multiprocessing as mp
+    from gloo import run_on_ranks
 
     g = torch.Generator().manual_seed(0)
     za, zb = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
     a, b = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
     full = nt_xent_loss(a, b, 0.1, rank=0, world_size=1)
     full.backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, za, zb, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_on_ranks(_nt_xent_rank, 2, za, zb, timeout=120)
     assert sum(r[1] for r in results) / 2 == pytest.approx(full.item(), rel=1e-5)
     # Each rank's gradient for its own rows, over the world size, is the single-process gradient
     # of the global mean for those rows: negatives from the other rank receive gradient too.

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import socket
 import tarfile
 import warnings
 from pathlib import Path
@@ -440,33 +439,25 @@ def _record_training(patch=setattr, kill_at: int | None = None) -> tuple[list[in
     return trained, losses, crops
 
 
-def _segment_worker(rank: int, world: int, port: int, root, work, cwd, iters: int, queue) -> None:
+def _segment_rank(root, work, cwd, iters: int) -> tuple:
     """One rank of a gloo job: `segment` as every rank of a study calls it (same arguments, same work_dir),
     killed half-way (on every rank), run again (resumes), and once more (the stored result)."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.chdir(cwd)  # where mmengine's file-based result collection would write; it must stay empty
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    trained, losses, crops = _record_training(kill_at=iters // 2)
+    data, opts = _data(root, ["background", "object"]), _options(iters=iters)
     try:
-        trained, losses, crops = _record_training(kill_at=iters // 2)
-        data, opts = _data(root, ["background", "object"]), _options(iters=iters)
-        try:
-            _segment(_encoder(), data, opts, work)
-            raise AssertionError("not killed")
-        except _Killed:
-            pass
-        metrics, options = _segment(_encoder(), data, opts, work)
-        done = len(trained)
-        stored = _segment(_encoder(), data, opts, work)
-        assert stored == (metrics, options) and len(trained) == done  # decided on rank 0, on every rank
-        queue.put((rank, metrics, options, trained, losses, crops))
-    except BaseException as exc:
-        queue.put((rank, repr(exc), None, None, None, None))
-        raise
-    finally:
-        dist.destroy_process_group()
+        _segment(_encoder(), data, opts, work)
+        raise AssertionError("not killed")
+    except _Killed:
+        pass
+    metrics, options = _segment(_encoder(), data, opts, work)
+    done = len(trained)
+    stored = _segment(_encoder(), data, opts, work)
+    assert stored == (metrics, options) and len(trained) == done  # decided on rank 0, on every rank
+    return dist.get_rank(), metrics, options, trained, losses, crops
 
 
 @pytest.mark.slow
@@ -486,7 +477,7 @@ def test_segmentation_over_two_gloo_ranks_matches_one_process(binary_seg, tmp_pa
     spread). Validation itself is exact: one process scoring the 2-rank run's final checkpoint gets
     its numbers to the last digit, with an odd number of validation images (one rank's share padded,
     the padding dropped)."""
-    import torch.multiprocessing as mp
+    from gloo import run_on_ranks
 
     iters = 200
     root = tmp_path / "toy"
@@ -495,18 +486,7 @@ def test_segmentation_over_two_gloo_ranks_matches_one_process(binary_seg, tmp_pa
         max((root / sub / "val").iterdir()).unlink()
     work, cwd = tmp_path / "work", tmp_path / "cwd"
     cwd.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_segment_worker, args=(r, 2, port, root, work, cwd, iters, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted((queue.get(timeout=900) for _ in procs), key=lambda r: r[0])
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0, results
+    results = run_on_ranks(_segment_rank, 2, root, work, cwd, iters, timeout=900)
     (_, metrics, options, trained0, losses0, crops0), (_, metrics1, options1, trained1, losses1, crops1) = results
     assert trained0 == trained1 == list(range(iters))  # each iteration once: resumed, nothing replayed
     assert (metrics, options) == (metrics1, options1) and options["ranks"] == 2  # every rank returns rank 0's

@@ -23,6 +23,10 @@ class ToyClassification(EvalSetSource):
 
     kind = "classification"
 
+    def prepare(self, ctx: EvalSetContext) -> None:
+        """The toy world's shards in the cache."""
+        prepare_toy_world(ctx.cfg.data, ctx.cache_dir)
+
     def load(self, ctx: EvalSetContext) -> ClassificationSet:
         """Both splits in memory; fine-tuning reads the train shards again with its augmentation."""
         root, manifest = prepare_toy_world(ctx.cfg.data, ctx.cache_dir)
@@ -40,6 +44,7 @@ class ToyCaptions(EvalSetSource):
     """Toy scenes with their reference captions and scene descriptions (``caps-val``)."""
 
     kind = "captions"
+    prepare = ToyClassification.prepare
 
     def load(self, ctx: EvalSetContext) -> CaptionSet:
         """The validation split in memory."""
