@@ -38,6 +38,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from ..data.train_batches import seeded_rngs
 from ..files import atomic_write_text
 from ..progress import progress_bar
 from ..train.checkpoint import load_checkpoint
@@ -383,18 +384,8 @@ class PositionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict:
         """The sample at ``position`` through the pipeline, its random draws seeded from (seed, position)."""
-        index = self.index(position)
-        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-        value = _position_seed(self.seed, position)
-        try:
-            random.seed(value)
-            np.random.seed(value)
-            torch.random.default_generator.manual_seed(value)  # the CPU generator only: CUDA's is the step's
-            return self.dataset[index]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            torch.random.set_rng_state(torch_state)
+        with seeded_rngs(_position_seed(self.seed, position)):  # the CPU generators only: CUDA's is the step's
+            return self.dataset[self.index(position)]
 
 
 def _resumable_loop_cls():
