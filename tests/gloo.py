@@ -24,14 +24,19 @@ def _worker(rank: int, world: int, port: int, target, args, queue) -> None:
         dist.destroy_process_group()
 
 
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now (for a job's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_on_ranks(target, world: int, *args, timeout: float = 600) -> list:
     """``target(*args)`` on ``world`` gloo ranks (module-level, picklable ``target``); each rank's return
     value, in rank order. A rank's exception fails the call with its traceback."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, world, port, target, args, queue)) for r in range(world)]

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from gloo import free_port
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 MUGBENCH = ["-m", "mugbench.cli"]
@@ -149,17 +150,11 @@ def test_kill_and_rerun_under_torchrun_equals_an_uninterrupted_job(tmp_path):
             assert killed[key][field] == record[field], (key, field)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_nodes_with_node_local_caches_each_prepare_their_own(tmp_path):
     """Two torchrun agents as two nodes of one process each, every node with its own MUGBENCH_CACHE (as on
     node-local scratch) and one shared work and results folder."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         cmd = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),

@@ -764,10 +764,11 @@ def _import_mmseg() -> None:
 
 
 def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch.device, workdir: Path,
-                  name: str, classes: list, indices: list[int], val_batch: int):
+                  name: str, classes: list, indices: list[int], val_batch: int, rank_batch: int, sync_bn: bool):
     """mmengine's Runner for UperNet on a copy of ``encoder``, resuming from ``workdir``; under DDP over
     the process group's ranks when it has more than one (``launcher="pytorch"``: mmengine's
-    ``setup_env`` joins the existing group rather than initialising one)."""
+    ``setup_env`` joins the existing group rather than initialising one), each rank loading ``rank_batch``
+    crops of every global batch, BatchNorm made SyncBN where ``sync_bn``."""
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
     from mmseg.registry import MODELS
 
@@ -793,7 +794,6 @@ def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch
     workers = int(options.workers)
     loader = dict(num_workers=workers, persistent_workers=workers > 0)
     rank, size = world()
-    sync_bn = device.type == "cuda" and size > 1  # torch's SyncBatchNorm refuses CPU tensors
     distributed = {}
     if size > 1:
         # MMDistributedDataParallel as mmengine builds it (buffers not broadcast: SyncBN keeps them
@@ -812,7 +812,7 @@ def _build_runner(encoder: nn.Module, data, options, seed: int, *, device: torch
         device=device, sync_bn=sync_bn, **distributed,
         # Each rank loads its slice of every global batch (`GlobalStreamSampler`), b = B / W crops,
         # each augmented as its stream position says (`PositionDataset`).
-        train_dataloader=dict(loader, batch_size=check_batch_split(options.batch_size, size, synced_bn=sync_bn),
+        train_dataloader=dict(loader, batch_size=rank_batch,
                               dataset=dict(type=PositionDataset, dataset=_dataset_cfg(data, "train", train_pipe),
                                            seed=seed),
                               sampler=dict(type=GlobalStreamSampler, batch_size=int(options.batch_size))),
@@ -883,7 +883,8 @@ def segment(encoder: nn.Module, data, options, *, seed: int, device, workdir: Pa
     if int(options.iters) < 1:
         raise ValueError(f"eval.segmentation.iters must be at least 1, got {options.iters}")
     rank, size = world()
-    check_batch_split(options.batch_size, size, synced_bn=device.type == "cuda" and size > 1)
+    sync_bn = device.type == "cuda" and size > 1  # torch's SyncBatchNorm refuses CPU tensors
+    rank_batch = check_batch_split(options.batch_size, size, synced_bn=sync_bn)
     _import_mmseg()
     classes = class_names(data)
     recorded = {
@@ -931,7 +932,8 @@ def segment(encoder: nn.Module, data, options, *, seed: int, device, workdir: Pa
             warnings.simplefilter("ignore")
             torch.manual_seed(seed)  # the pyramid's and heads' init
             runner = _build_runner(encoder, data, options, seed, device=device, workdir=workdir, name=name,
-                                   classes=classes, indices=indices, val_batch=val_batch)
+                                   classes=classes, indices=indices, val_batch=val_batch, rank_batch=rank_batch,
+                                   sync_bn=sync_bn)
             # ``train`` resumes from work_dir's newest checkpoint when there is one, read weights-only
             # (QuietRunner.load_or_resume); ``val`` then scores the weights in memory.
             # mmengine prints some notices (checkpoint found / loaded) with print(): into the log.
@@ -941,24 +943,28 @@ def segment(encoder: nn.Module, data, options, *, seed: int, device, workdir: Pa
                 scores = runner.val()
             if printed.getvalue().strip():
                 runner.logger.info(printed.getvalue().strip())
-            floor = _constant_prediction_scores(runner.val_dataloader.dataset, classes, ignore_index)
+            # Rank 0's result is every rank's: it alone reads the val labels again for the floor.
+            floor = _constant_prediction_scores(runner.val_dataloader.dataset, classes, ignore_index) \
+                if rank == 0 else None
     finally:
         if runner is not None:  # release the log file: a study runs this once per method
             for handler in list(runner.logger.handlers):
                 if isinstance(handler, logging.FileHandler):
                     handler.close()
                     runner.logger.removeHandler(handler)
-    # Warned here (warnings are silenced while mmengine runs), by rank 0: every rank refused the same files.
-    for note in runner.refused_checkpoints if rank == 0 else ():
-        warnings.warn(f"segmentation: not resumed from {note}; a checkpoint that cannot be read with "
-                      f"weights_only=True is never unpickled, so training started from an earlier one or "
-                      f"from scratch", stacklevel=2)
-    metrics = {k: float(scores[k]) for k in ("mIoU", "aAcc", "mAcc")}  # IoUMetric's, the same on every rank
-    metrics["background_mIoU"] = floor["mIoU"]
+    result = None
     if rank == 0:
+        # Warned here (warnings are silenced while mmengine runs): every rank refused the same files.
+        for note in runner.refused_checkpoints:
+            warnings.warn(f"segmentation: not resumed from {note}; a checkpoint that cannot be read with "
+                          f"weights_only=True is never unpickled, so training started from an earlier one or "
+                          f"from scratch", stacklevel=2)
+        metrics = {k: float(scores[k]) for k in ("mIoU", "aAcc", "mAcc")}  # IoUMetric's, gathered over ranks
+        metrics["background_mIoU"] = floor["mIoU"]
         _write_json(workdir / _RESULT_FILE, {"signature": signature, "metrics": metrics, "options": recorded})
+        result = metrics, recorded
     # Rank 0's result everywhere; received once result.json is written (a barrier, as above).
-    return broadcast_object((metrics, recorded))
+    return broadcast_object(result)
 
 
 def _discard_run(workdir: Path) -> None:
