@@ -5,6 +5,20 @@ through this class: ``encoder`` (the shared timm ViT), ``forward(batch) -> {"los
 ``after_step()`` (called after every optimizer step), the declared ``extra_views`` and ``needs_text``,
 and optional capabilities found by name. The first view (``batch["image"]``) is the study's, not the
 method's (`data.transforms.method_view_specs`).
+
+How a method's loss meets the global batch decides how the trainer accumulates it exactly
+(``train.accum_steps``), so that four micro-batches train the same weights as one batch of four times
+the size, on any number of ranks:
+
+- **Per-sample losses** (MAE, captioning) implement ``forward``: the mean of per-row terms. The trainer
+  averages the micro-batches' losses (plain accumulation). A mean whose count varies per micro-batch
+  (caption tokens) divides by the step's count instead: the method declares it in ``loss_counts(batch)``
+  and divides with `mugbench.models.global_batch.global_mean`.
+- **Batch-coupled losses** (contrastive terms, batch statistics) implement ``features(batch)`` (per-row
+  tensors, no coupling) and ``loss(features)`` (the coupling, over every row the rank holds) instead of
+  ``forward``. Accumulating, the trainer computes every micro-batch's features without gradients, takes
+  the loss of their concatenation once, then re-forwards each micro-batch with its share of the
+  gradient (open_clip's ``--accum-freq``, GradCache), drawing the same random numbers both times.
 """
 from __future__ import annotations
 
@@ -19,6 +33,7 @@ from torch import nn
 
 from .config import coerce
 from .data.transforms import ViewSpec
+from .models.global_batch import loss_stage
 
 # Optional capabilities the harness looks for; a method has one if it defines the method.
 CAPABILITIES = ("encode_image", "encode_text", "caption", "score_text", "reconstruct")
@@ -96,8 +111,38 @@ class Method(nn.Module):
         self.options = options
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Return ``{"loss": scalar, <part>: scalar, ...}`` for one batch."""
+        """Return ``{"loss": scalar, <part>: scalar, ...}`` for one batch; every part is a mean over the
+        batch's rows (the trainer averages parts over micro-batches and ranks). A batch-coupled method
+        (`couples_rows`) does not override it: its forward is ``loss(features(batch))``."""
+        if not type(self).couples_rows():
+            raise NotImplementedError(f"method {self.name!r} implements neither forward(batch) nor "
+                                      f"features(batch) and loss(features)")
+        features = self.features(batch)
+        with loss_stage():
+            return self.loss(features)
+
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """A batch-coupled method's per-row tensors (rows first, each row from its own sample only: no
+        batch statistics, no contrast), computed per micro-batch; everything that couples rows belongs
+        in `loss`."""
         raise NotImplementedError
+
+    def loss(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch-coupled method's loss (as ``forward`` returns it) from `features` of every row this
+        rank holds of the global batch (a cross-rank gather, where wanted, happens here)."""
+        raise NotImplementedError
+
+    @classmethod
+    def couples_rows(cls) -> bool:
+        """Whether the loss couples the rows of a batch, declared by a features / loss split: the trainer
+        then accumulates it in two passes (`features` without, then with gradients)."""
+        return cls.features is not Method.features
+
+    def loss_counts(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Counts (0-d tensors, from the batch alone) that the loss divides a sum by through
+        `mugbench.models.global_batch.global_mean`; the trainer sums each over the step's micro-batches
+        and ranks first. None by default: a mean over rows needs no count."""
+        return {}
 
     def after_step(self) -> None:
         """Called by the trainer (and the bench's loops) right after every optimizer step, on the

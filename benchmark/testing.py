@@ -9,7 +9,10 @@ whose message names the plugin and the missing piece:
   with ``label`` too, which ``needs_labels`` methods read); ``after_step`` runs; a method that declares
   ``pretrains=False`` is instead checked to keep the encoder it was given exactly as initialised; every
   capability it defines works on a small batch; no registered protocol that applies to it finds anything
-  missing (`Protocol.method_problems`).
+  missing (`Protocol.method_problems`); and accumulation is exact (`check_accumulation`): 8 steps of the
+  real trainer with ``accum_steps=4`` train the same weights (relative 1e-4) and log the same loss curve
+  (relative 1e-5) as ``accum_steps=1``, which fails a loss that couples rows without declaring a
+  ``features`` / ``loss`` split, or divides by a count of the micro-batch's own.
 - `check_protocol` (name): the class is well formed (`mugbench.protocol.problems_of`); its options
   parse from ``{}`` and round-trip through a study file (``eval.<name>.<option>``); it runs through
   the real harness (`mugbench.eval.harness.evaluate`) on a small generated set of its kind and returns
@@ -153,6 +156,8 @@ def check_method(name: str) -> None:
     _check_protocol_needs(who, cls)
     method, batch = _check_training(who, name, cls)
     _check_capabilities(who, method, batch)
+    if cls.pretrains:
+        check_accumulation(name)
 
 
 def _check_method_class(who: str, cls: type) -> None:
@@ -232,6 +237,85 @@ def _check_training(who: str, name: str, cls: type):
     if returned is not None:
         raise _fail(who, f"returns {returned!r} from after_step(), which the trainer ignores; return None")
     return method, batch
+
+
+# Accumulation check: 8 steps of a global batch of 8 rows, in 4 micro-batches of 2 against 1 batch of 8.
+ACCUM_STEPS, ACCUM_TRAIN_STEPS = 4, 8
+WEIGHT_RTOL, LOSS_RTOL = 1e-4, 1e-5
+
+
+def check_accumulation(name: str, accum_steps: int = ACCUM_STEPS, steps: int = ACCUM_TRAIN_STEPS) -> None:
+    """``steps`` optimiser steps of method ``name`` in the real trainer with ``accum_steps`` micro-batches
+    per step give the same weights (all parameters as one vector, within `WEIGHT_RTOL`) and the same
+    logged loss curve (`LOSS_RTOL`) as one batch per step; an `AssertionError` naming the method, the
+    tensor or step that differ and what to change otherwise."""
+    who = f"Method {name!r}"
+    one = train_tiny(name, 1, steps)
+    split = train_tiny(name, accum_steps, steps)
+    hint = ("a loss that couples the rows of a batch (a contrast, batch statistics) must be split into "
+            "features(batch) and loss(features); a mean whose count varies per batch must divide by the "
+            "step's count (loss_counts and mugbench.models.global_batch.global_mean); random draws must come "
+            "from mugbench.models.global_batch.global_batch_rand")
+    # Relative to the whole weight vector: a tensor whose gradient is zero up to rounding (an attention key
+    # bias, which softmax ignores) moves by Adam's full step in a direction set by that rounding, so tensor
+    # by tensor two exact runs may differ by a percent; a micro-batch's contrast or mean shifts every weight.
+    diffs = {key: (split["weights"][key] - ref).float() for key, ref in one["weights"].items()}
+    norm = sum(float(ref.float().pow(2).sum()) for ref in one["weights"].values()) ** 0.5
+    drift = sum(float(d.pow(2).sum()) for d in diffs.values()) ** 0.5
+    if drift > WEIGHT_RTOL * max(norm, 1e-12):
+        worst = max(diffs, key=lambda key: float(diffs[key].norm()))
+        raise _fail(who, f"trains other weights with train.accum_steps={accum_steps} than with 1 after {steps} steps "
+                         f"(relative difference {drift / max(norm, 1e-12):.3g}, most in {worst}); {hint}")
+    for (step, a), (_, b) in zip(one["loss"], split["loss"]):
+        if abs(a - b) > LOSS_RTOL * max(abs(a), 1e-6):
+            raise _fail(who, f"logs another loss at step {step} with train.accum_steps={accum_steps} ({b!r}) than "
+                             f"with 1 ({a!r}): the logged loss must be the global batch's; {hint}")
+
+
+def train_tiny(name: str, accum_steps: int, steps: int, info=None) -> dict:
+    """Train a fresh method ``name`` for ``steps`` steps of the toy batches (a global batch of `2 * BATCH`
+    rows, each step's crops its own) in ``accum_steps`` micro-batches per rank; with ``info`` (a
+    `DistInfo` of a process group) on this rank's rows of every global batch. Its weights and its logged
+    (step, loss) (rank 0's log)."""
+    import json
+
+    from .models.vit import build_encoder
+    from .registry import get_method
+    from .train.distributed import DistInfo
+    from .train.loop import train
+
+    cls, info = get_method(name), info or DistInfo()
+
+    t = toy()
+    cfg = dataclasses.replace(t.cfg.train, batch_size=len(t.samples), accum_steps=accum_steps, epochs=1,
+                              log_every=1, ckpt_every=10 ** 6, warmup_epochs=0.25)
+    global_batches = [tiny_batch(cls, t.samples, t.tokenizer, t.cfg.encoder.img_size, t.cfg.data.augment, seed=i)
+                      for i in range(steps)]
+
+    def batches(epoch: int):
+        for batch in global_batches:
+            yield from _split_rows(_split_rows(batch, info.world_size)[info.rank], accum_steps)
+
+    method = cls.build(build_encoder(t.cfg.encoder, seed=t.cfg.seed), t.spec(), t.cfg.methods.get(name))
+    with tempfile.TemporaryDirectory(prefix="mugbench-accum-") as workdir:
+        train(method, batches, cfg, steps_per_epoch=steps, workdir=Path(workdir), info=info, seed=t.cfg.seed,
+              desc=f"{name} (accum_steps={accum_steps})")
+        log = Path(workdir) / "metrics.jsonl"
+        rows = [json.loads(line) for line in log.read_text().splitlines()] if info.is_main else []
+    return {"weights": {k: v.detach().clone() for k, v in method.named_parameters()},
+            "loss": [(row["step"], row["loss"]) for row in rows]}
+
+
+def _split_rows(batch: dict, parts: int) -> list[dict]:
+    """``batch`` cut into ``parts`` micro-batches of consecutive rows (tensors, lists and each image view)."""
+    rows = len(batch["image"]) // parts
+
+    def cut(value, i):
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            return [v[i * rows:(i + 1) * rows] for v in value]
+        return value[i * rows:(i + 1) * rows]
+
+    return [{k: cut(v, i) for k, v in batch.items()} for i in range(parts)]
 
 
 def _check_untouched(who: str, encoder, fresh) -> None:

@@ -15,8 +15,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from mugbench.method import Method, check_range, evaluating
-from mugbench.models.text import CaptionDecoder, caption_log_likelihood, caption_loss, generate_captions
-from mugbench.models.vit import _global_batch_noise, masked_encode
+from mugbench.models.global_batch import global_batch_rand
+from mugbench.models.text import (CaptionDecoder, caption_log_likelihood, caption_loss, caption_token_count,
+                                  generate_captions)
+from mugbench.models.vit import masked_encode
 from mugbench.registry import register_method
 
 Prefix = Union[str, Sequence[str], torch.Tensor, None]
@@ -50,6 +52,12 @@ class CaptioningMixin:
     ``caption`` decodes them with the tokenizer it is given. All three run in eval mode without
     gradients and restore the module's mode afterwards.
     """
+
+    def loss_counts(self, batch: dict) -> dict[str, torch.Tensor]:
+        """``caption_tokens``: the tokens the captioning loss averages over (`caption_token_count`), so
+        that it is a mean over the global batch's tokens however the batch is split."""
+        t = self.text_spec
+        return {"caption_tokens": caption_token_count(batch["text"], t.pad_id, t.eot_id)}
 
     def caption_tokens(self, images: torch.Tensor, prefix: Optional[torch.Tensor] = None,
                        max_len: Optional[int] = None, beam: int = 1,
@@ -115,9 +123,9 @@ class CAP(CaptioningMixin, Method):
     the image (and the caption's padded length) rather than from the words before it; the rest are
     teacher-forced as usual. The choice is made per caption, as the authors' released code does
     (big_vision ``proj/cappa``: ``masked_pred_prob=0.75``, one draw per example, every input token
-    masked), from torch's generator, which the trainer seeds identically on every rank: like
-    MAE's masks, draws cover the global batch and each rank keeps its rows, so the choice depends
-    on the seed and step alone, not on the number of processes. Generation and scoring
+    masked); like MAE's masks, draws cover the global batch and each rank keeps its rows
+    (`global_batch_rand`), so the choice depends on the seed and step alone, not on the number of
+    processes or micro-batches. Generation and scoring
     (``caption``, ``score_text``) and evaluation-mode losses stay autoregressive.
 
     Default ``parallel_fraction=0``: the MUG paper (Zhao et al., TMLR 2024) has no captioning-only
@@ -158,9 +166,9 @@ class CAP(CaptioningMixin, Method):
 
     def parallel_rows(self, batch_size: int, device=None) -> torch.Tensor:
         """Which of this rank's ``batch_size`` captions CapPa predicts in parallel, bool ``[B]``:
-        each with probability ``parallel_fraction``, drawn for the global batch from torch's
-        generator (the same on every rank, so the run does not depend on the process count)."""
-        return _global_batch_noise(batch_size, 1, device)[:, 0] < self.options.parallel_fraction
+        each with probability ``parallel_fraction``, cut from one draw for the global batch of the training
+        step (`global_batch_rand`), so the choice does not depend on the process count or accumulation."""
+        return global_batch_rand(batch_size, device=device) < self.options.parallel_fraction
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """``loss`` = ``caption``, the captioning loss: teacher-forced, or in training a

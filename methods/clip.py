@@ -68,10 +68,15 @@ class CLIP(Method):
         z = self.text(text)
         return F.normalize(z, dim=-1) if normalize else z
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """CLIP's symmetric InfoNCE at the learned scale (kept at most 100 by `after_step`)."""
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Normalised image and caption embeddings ``[B, embed_dim]``: each row its own sample's."""
+        return {"image": self.encode_image(batch["image"]), "text": self.encode_text(batch["text"])}
+
+    def loss(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """CLIP's symmetric InfoNCE at the learned scale (kept at most 100 by `after_step`), every rank's
+        rows the negatives of every other's."""
         scale = self.logit_scale.exp()
-        loss = self.contrastive_loss(self.encode_image(batch["image"]), self.encode_text(batch["text"]), scale)
+        loss = self.contrastive_loss(features["image"], features["text"], scale)
         return {"loss": loss, "contrastive": loss, "logit_scale": scale.detach()}
 
     def after_step(self) -> None:

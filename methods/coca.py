@@ -8,9 +8,10 @@ open_clip's ``VisionTransformer(attentional_pool="parallel")``: the final norm, 
 ``AttentionalPooler``s read the same tokens, and the single pooled query is projected. (open_clip's
 released CoCa configs use one 256-query pooler whose first output is the contrastive token, which
 its code notes does not match the paper.) The
-poolers, the text side, its wiring and the loss are open_clip's (``AttentionalPooler``,
-``TextTransformer`` with ``embed_cls``, ``MultimodalTransformer``, ``CoCaLoss`` with its
-distributed gather); the image tower is the shared ViT, as for every method of a study.
+poolers, the text side, its wiring and the contrastive loss are open_clip's (``AttentionalPooler``,
+``TextTransformer`` with ``embed_cls``, ``MultimodalTransformer``, ``ClipLoss`` with its distributed
+gather); the caption term is ``CoCaLoss``'s token-mean cross-entropy, taken over the global batch's
+tokens. The image tower is the shared ViT, as for every method of a study.
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from open_clip.loss import CoCaLoss
+from open_clip.loss import ClipLoss
 from open_clip.transformer import AttentionalPooler
 from torch import nn
 
 from mugbench.method import Method, check_range
 from mugbench.methods.cap import CaptioningMixin, encode_tokens
 from mugbench.methods.clip import clamp_logit_scale
+from mugbench.models.global_batch import global_mean
 from mugbench.models.text import CoCaTextDecoder, caption_targets, full_context
 from mugbench.registry import register_method
 from mugbench.train.distributed import rank_and_world
@@ -94,10 +96,7 @@ class CoCa(CaptioningMixin, Method):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / options.init_temperature)))
         rank, world = rank_and_world()
         # local_loss + gather_with_grad: the memory-lean exact gradient under DDP (open_clip's advice).
-        # CoCaLoss returns each part already multiplied by its weight.
-        self.loss_fn = CoCaLoss(caption_loss_weight=options.caption_loss_weight,
-                                clip_loss_weight=options.clip_loss_weight, pad_id=text.pad_id,
-                                local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+        self.contrastive_loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
 
     def _image_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """Unnormalised joint-space embedding ``[B, embed_dim]`` from the encoder's tokens ``[B, T, D]``."""
@@ -124,25 +123,33 @@ class CoCa(CaptioningMixin, Method):
         to mask (``mask_ratio``)."""
         return self._decoder_memory(encode_tokens(self.encoder, images, mask_ratio or 0.0))
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """``loss`` = clip_loss_weight * ``contrastive`` + caption_loss_weight * ``caption``."""
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Per row: the normalised image and caption embeddings, and the caption's summed token
+        cross-entropy from the multimodal decoder with its token count (`caption_nll`)."""
         images, t = batch["image"], self.text_spec
         text = full_context(batch["text"], t)  # the class token's slot follows the padding: keep it fixed
         tokens = self.encoder.forward_features(images)
         text_emb, text_features = self.caption_decoder.encode(text)
         # The tower is causal: the features of text[:, :-1] are the first L-1 of text's (open_clip's CoCa).
         logits = self.caption_decoder.decode(self._decoder_memory(tokens), text_features[:, :-1])
-        scale = self.logit_scale.exp()  # at most 100: after_step clamps the parameter
-        contrastive_w, caption_w = self.loss_fn(
-            F.normalize(self._image_embedding(tokens), dim=-1), F.normalize(text_emb, dim=-1),
-            logits, caption_targets(text, t.pad_id, t.eot_id), scale)
+        labels = caption_targets(text, t.pad_id, t.eot_id)
+        nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=t.pad_id, reduction="none").sum(1)
+        return {"image": F.normalize(self._image_embedding(tokens), dim=-1), "text": F.normalize(text_emb, dim=-1),
+                "caption_nll": nll, "caption_tokens": (labels != t.pad_id).sum(1)}
+
+    def loss(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``loss`` = clip_loss_weight * ``contrastive`` + caption_loss_weight * ``caption`` (CoCa's
+        weighting, as open_clip's ``CoCaLoss``): CLIP's InfoNCE over every rank's rows, and the mean token
+        cross-entropy over the global batch's caption tokens."""
         o = self.options
-        # Log the unweighted parts, comparable with clip's and mug's; a part with weight 0 is not
-        # computed (CoCaLoss skips the contrastive one) and is logged as 0.
-        contrastive = contrastive_w / o.clip_loss_weight if o.clip_loss_weight else contrastive_w.detach()
-        caption = caption_w / o.caption_loss_weight if o.caption_loss_weight else caption_w.detach()
-        return {"loss": contrastive_w + caption_w, "contrastive": contrastive, "caption": caption,
-                "logit_scale": scale.detach()}
+        scale = self.logit_scale.exp()  # at most 100: after_step clamps the parameter
+        caption = global_mean(features["caption_nll"].sum(), "caption_tokens", features["caption_tokens"].sum())
+        # A part with weight 0 is not computed (as CoCaLoss skips it) and is logged as 0; parts are logged
+        # unweighted, comparable with clip's and mug's.
+        contrastive = self.contrastive_loss(features["image"], features["text"], scale) if o.clip_loss_weight \
+            else scale.new_zeros(())
+        return {"loss": o.clip_loss_weight * contrastive + o.caption_loss_weight * caption,
+                "contrastive": contrastive, "caption": caption, "logit_scale": scale.detach()}
 
     def after_step(self) -> None:
         """Keep the logit scale in [1, 100] (open_clip's clamp of the parameter after each step)."""

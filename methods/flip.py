@@ -43,8 +43,6 @@ class FLIP(CLIP):
         z = self.image_proj(latent[:, 0])
         return F.normalize(z, dim=-1) if normalize else z
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """CLIP's symmetric InfoNCE with masked-image embeddings."""
-        scale = self.logit_scale.exp()  # at most 100: CLIP's after_step clamps the parameter
-        loss = self.contrastive_loss(self.encode_masked_image(batch["image"]), self.encode_text(batch["text"]), scale)
-        return {"loss": loss, "contrastive": loss, "logit_scale": scale.detach()}
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Masked-image and caption embeddings; CLIP's `loss` contrasts them."""
+        return {"image": self.encode_masked_image(batch["image"]), "text": self.encode_text(batch["text"])}

@@ -21,7 +21,8 @@ from mugbench.models.vit import pooled_features
 from mugbench.registry import register_method
 from mugbench.train.distributed import rank_and_world
 
-__all__ = ["SIMCLR_VIEW", "ProjectionMLP", "check_simclr_options", "nt_xent_loss", "simclr_loss", "two_views", "SimCLR"]
+__all__ = ["SIMCLR_VIEW", "ProjectionMLP", "check_simclr_options", "gather_rows", "nt_xent_loss", "simclr_features",
+           "simclr_head_loss", "simclr_loss", "two_views", "SimCLR"]
 
 # SLIP's SimCLR augmentation: RandomResizedCrop(0.08-1), colour jitter (0.4, 0.4, 0.4, 0.1) with
 # p=0.8 -- strength 0.5 in ViewSpec's convention (brightness 0.8*s, hue 0.2*s), SLIP keeps it
@@ -32,8 +33,8 @@ SIMCLR_VIEW = ViewSpec(scale=(0.08, 1.0), color_jitter=0.5, grayscale=0.2, blur=
 class ProjectionMLP(nn.Sequential):
     """SLIP's SimCLR projection head: Linear-BN-ReLU, Linear-BN-ReLU, Linear.
 
-    Under multi-GPU DDP the trainer turns the BatchNorms into SyncBatchNorm, SimCLR's "global BN"
-    (per-device statistics would leak which views belong together).
+    It runs on the gathered global batch (`simclr_head_loss`): SimCLR's "global BN" (per-device
+    statistics would leak which views belong together).
 
     SLIP uses a hidden width of 4096 and an output of 256 on ViT-B; mugbench's defaults are
     smaller to suit the toy encoder, and a preset can set the published widths.
@@ -58,25 +59,32 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1,
 
     Under ``torch.distributed`` (``rank``/``world_size`` default to the process group's) the
     embeddings of every rank are gathered *with* gradient, so the negatives are the global batch,
-    while the anchors stay local: this rank's rows sit at offset ``rank * N`` of the gathered
-    matrix, which gives the positive's column and the self-similarity to exclude. DDP's gradient
-    average over ranks then equals the gradient of the loss averaged over the global batch.
-    All ranks must pass the same N.
+    while the anchors stay local. DDP's gradient average over ranks then equals the gradient of the
+    loss averaged over the global batch. All ranks must pass the same N.
     """
     if rank is None or world_size is None:
         rank, world_size = rank_and_world()
+    k_a, k_b = gather_rows(z_a, world_size), gather_rows(z_b, world_size)
+    return _nt_xent_of_anchors(z_a, z_b, k_a, k_b, rank * z_a.shape[0], temperature)
+
+
+def gather_rows(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's ``x`` concatenated in rank order, with gradient (each rank's rows get the gradient
+    of every rank's loss); ``x`` itself on one process."""
+    return torch.cat(dist_nn.all_gather(x), dim=0) if world_size > 1 else x
+
+
+def _nt_xent_of_anchors(q_a: torch.Tensor, q_b: torch.Tensor, k_a: torch.Tensor, k_b: torch.Tensor, first: int,
+                        temperature: float) -> torch.Tensor:
+    """NT-Xent of the anchors ``q_a``/``q_b`` (rows ``first ..`` of the global batch) against every row of
+    ``k_a``/``k_b``: this rank's rows sit at offset ``first`` of the gathered matrix, which gives the
+    positive's column and the self-similarity to exclude."""
     # Similarities in float32 even under bf16 autocast: at t = 0.1 the logits span [-10, 10] and
     # bf16's 8-bit mantissa would blur differences between close negatives.
-    with torch.autocast(device_type=z_a.device.type, enabled=False):
-        q_a = F.normalize(z_a.float(), dim=-1)
-        q_b = F.normalize(z_b.float(), dim=-1)
-        if world_size > 1:
-            k_a = torch.cat(dist_nn.all_gather(q_a), dim=0)
-            k_b = torch.cat(dist_nn.all_gather(q_b), dim=0)
-        else:
-            k_a, k_b = q_a, q_b
-        n = q_a.shape[0]
-        targets = torch.arange(n, device=q_a.device) + rank * n
+    with torch.autocast(device_type=q_a.device.type, enabled=False):
+        q_a, q_b = F.normalize(q_a.float(), dim=-1), F.normalize(q_b.float(), dim=-1)
+        k_a, k_b = F.normalize(k_a.float(), dim=-1), F.normalize(k_b.float(), dim=-1)
+        targets = torch.arange(q_a.shape[0], device=q_a.device) + first
         is_self = F.one_hot(targets, k_a.shape[0]).bool()
         # Each anchor scores [the other view of every image | its own view of every other image];
         # the positive is in the first block at the anchor's global index.
@@ -85,17 +93,33 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.1,
         return (F.cross_entropy(logits_a / temperature, targets) + F.cross_entropy(logits_b / temperature, targets)) / 2
 
 
+def simclr_features(encoder: nn.Module, view_a: torch.Tensor, view_b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The class tokens of both views, ``{"view_a", "view_b"}`` ``[B, D]``: SimCLR's per-row features.
+    Both views go through the encoder in one call (the ViT has no batch statistics, so this is the same
+    as two calls)."""
+    f_a, f_b = pooled_features(encoder, torch.cat([view_a, view_b]), "token").chunk(2)
+    return {"view_a": f_a, "view_b": f_b}
+
+
+def simclr_head_loss(head: nn.Module, f_a: torch.Tensor, f_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's coupling of the rows: this rank's class tokens ``f_a``/``f_b`` are gathered from every rank
+    (with gradient), the head runs on the whole global batch one view at a time, as in SLIP, so each
+    BatchNorm normalises with one view's statistics over the global batch (SimCLR's "global BN", on any
+    device and number of ranks; the head is a few percent of a ViT-B step even at 4,096 rows), and NT-Xent
+    scores this rank's anchors against every row."""
+    rank, world = rank_and_world()
+    z_a, z_b = head(gather_rows(f_a, world)), head(gather_rows(f_b, world))
+    n = f_a.shape[0]
+    rows = slice(rank * n, (rank + 1) * n)
+    return _nt_xent_of_anchors(z_a[rows], z_b[rows], z_a, z_b, rank * n, temperature)
+
+
 def simclr_loss(encoder: nn.Module, head: nn.Module, view_a: torch.Tensor, view_b: torch.Tensor,
                 temperature: float) -> torch.Tensor:
-    """SimCLR's objective on two views: class tokens of the shared ViT -> ``head`` -> NT-Xent.
-
-    Both views go through the encoder in one call (the ViT has no batch statistics, so this is
-    the same as two calls), but through the head one view at a time, as in SLIP, so that each
-    BatchNorm sees a batch of one view.
-    """
-    feats = pooled_features(encoder, torch.cat([view_a, view_b]), "token")
-    f_a, f_b = feats.chunk(2)
-    return nt_xent_loss(head(f_a), head(f_b), temperature)
+    """SimCLR's objective on two views: class tokens of the shared ViT -> ``head`` -> NT-Xent
+    (`simclr_features`, then `simclr_head_loss`)."""
+    f = simclr_features(encoder, view_a, view_b)
+    return simclr_head_loss(head, f["view_a"], f["view_b"], temperature)
 
 
 def check_simclr_options(method: str, options) -> None:
@@ -149,7 +173,11 @@ class SimCLR(Method):
         super().__init__(encoder, text, options)
         self.image_mlp = ProjectionMLP(encoder.embed_dim, options.mlp_dim, options.out_dim)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """NT-Xent between the batch's two SimCLR views (views 1 and 2; view 0 is the unused base view)."""
-        loss = simclr_loss(self.encoder, self.image_mlp, *two_views(batch, first=1), self.options.temperature)
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Class tokens of the batch's two SimCLR views (views 1 and 2; view 0 is the unused base view)."""
+        return simclr_features(self.encoder, *two_views(batch, first=1))
+
+    def loss(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Projection head and NT-Xent over the global batch (`simclr_head_loss`)."""
+        loss = simclr_head_loss(self.image_mlp, features["view_a"], features["view_b"], self.options.temperature)
         return {"loss": loss, "ssl": loss}

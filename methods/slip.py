@@ -9,7 +9,8 @@ import torch
 
 from mugbench.method import check_range
 from mugbench.methods.clip import CLIP
-from mugbench.methods.simclr import SIMCLR_VIEW, ProjectionMLP, check_simclr_options, simclr_loss, two_views
+from mugbench.methods.simclr import (SIMCLR_VIEW, ProjectionMLP, check_simclr_options, simclr_features,
+                                    simclr_head_loss, two_views)
 from mugbench.registry import register_method
 
 
@@ -48,9 +49,13 @@ class SLIP(CLIP):
         super().__init__(encoder, text, options)
         self.image_mlp = ProjectionMLP(encoder.embed_dim, options.mlp_dim, options.out_dim)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """CLIP's embeddings of the base view and caption, and the class tokens of the two SimCLR views."""
+        return {**super().features(batch), **simclr_features(self.encoder, *two_views(batch, first=1))}
+
+    def loss(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``contrastive + ssl_scale * ssl`` with both parts reported unweighted."""
-        out = super().forward(batch)
-        ssl = simclr_loss(self.encoder, self.image_mlp, *two_views(batch, first=1), self.options.temperature)
+        out = super().loss(features)
+        ssl = simclr_head_loss(self.image_mlp, features["view_a"], features["view_b"], self.options.temperature)
         loss = out["contrastive"] + self.options.ssl_scale * ssl
         return {"loss": loss, "contrastive": out["contrastive"], "ssl": ssl, "logit_scale": out["logit_scale"]}

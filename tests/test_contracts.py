@@ -100,6 +100,33 @@ class SplitScoring(Method):
         return memory.repeat_interleave(len(text) // len(memory))
 
 
+class CoupledInForward(Method):
+    """A contrast between the rows of a batch computed in forward, with no features / loss split: plain
+    accumulation would contrast each micro-batch with itself only."""
+
+    paradigm = "single-modal discriminative"
+
+    def forward(self, batch):
+        """InfoNCE of each row's class token against the others'."""
+        z = torch.nn.functional.normalize(self.encoder.forward_features(batch["image"])[:, 0], dim=-1)
+        logits = z @ z.T / 0.1
+        return {"loss": torch.nn.functional.cross_entropy(logits, torch.arange(len(z)))}
+
+
+class LocalTokenMean(Method):
+    """A per-row loss averaged over a count that differs from micro-batch to micro-batch (each row weighs
+    as many times as its caption has tokens), divided by the micro-batch's own count."""
+
+    paradigm = "multi-modal generative"
+    needs_text = True
+
+    def forward(self, batch):
+        """Squared features weighted by each row's token count, over the micro-batch's tokens."""
+        tokens = (batch["text"] != 0).sum(1).float()
+        per_row = self.encoder.forward_features(batch["image"]).pow(2).mean((1, 2))
+        return {"loss": (per_row * tokens).sum() / tokens.sum()}
+
+
 class NoRun(Protocol):
     """Declares everything but ``run``."""
 
@@ -135,6 +162,8 @@ _KINDS = {"Method": (METHODS, check_method), "Protocol": (PROTOCOLS, check_proto
     ("Method", "broken-loss", NoLoss, "no 'loss' tensor from forward(batch)"),
     ("Method", "broken-caption", BadCaption, "from caption(images, tokenizer), not a list of 4 strings"),
     ("Method", "broken-scoring", SplitScoring, "scores differently through score_text_with_memory"),
+    ("Method", "broken-coupled", CoupledInForward, "trains other weights with train.accum_steps=4 than with 1"),
+    ("Method", "broken-token-mean", LocalTokenMean, "trains other weights with train.accum_steps=4 than with 1"),
     ("Protocol", "broken-run", NoRun, "is not a usable protocol: run() is not implemented"),
     ("Protocol", "broken-headline", NoHeadline,
      "returns no 'top1' among its metrics (mean_norm) though its headline names it"),

@@ -17,6 +17,7 @@ from open_clip.transformer import MultimodalTransformer, TextTransformer
 from torch import nn
 
 from ..method import TextSpec, evaluating
+from .global_batch import global_mean
 
 
 class CausalTextEncoder(TextTransformer):
@@ -181,17 +182,36 @@ def caption_targets(text: torch.Tensor, pad_id: int, eot_id: Optional[int] = Non
     return labels
 
 
-def caption_loss(decoder: nn.Module, image_tokens: torch.Tensor, text: torch.Tensor, pad_id: int,
-                 eot_id: Optional[int] = None, parallel: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Teacher-forced captioning loss: the mean cross-entropy of predicting ``text[:, 1:]`` from
-    ``text[:, :-1]`` over the positions `caption_targets` keeps (padding ignored).
+def caption_nll(decoder: nn.Module, image_tokens: torch.Tensor, text: torch.Tensor, pad_id: int,
+                eot_id: Optional[int] = None, parallel: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced captioning: per caption, the summed cross-entropy of predicting ``text[:, 1:]`` from
+    ``text[:, :-1]`` over the positions `caption_targets` keeps, and how many positions that is (``[B]``
+    each). Sums, not means, so a loss can divide by the token count of a whole global batch
+    (`mugbench.models.global_batch.global_mean`).
 
     ``parallel`` (bool ``[B]``, for a `CaptionDecoder` with a mask token): those captions are
-    predicted in parallel from mask tokens (CapPa); the mean is over all kept tokens of the batch.
+    predicted in parallel from mask tokens (CapPa).
     """
     logits = decoder(image_tokens, text[:, :-1]) if parallel is None else \
         decoder(image_tokens, text[:, :-1], parallel=parallel)
-    return F.cross_entropy(logits.transpose(1, 2), caption_targets(text, pad_id, eot_id), ignore_index=pad_id)
+    labels = caption_targets(text, pad_id, eot_id)
+    per_token = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=pad_id, reduction="none")
+    return per_token.sum(1), (labels != pad_id).sum(1)
+
+
+def caption_token_count(text: torch.Tensor, pad_id: int, eot_id: Optional[int] = None) -> torch.Tensor:
+    """The number of positions `caption_nll` predicts in ``text`` (a 0-d tensor), from the tokens alone:
+    what a captioning method declares in ``loss_counts`` so that its loss is a mean over the global batch."""
+    return (caption_targets(text, pad_id, eot_id) != pad_id).sum()
+
+
+def caption_loss(decoder: nn.Module, image_tokens: torch.Tensor, text: torch.Tensor, pad_id: int,
+                 eot_id: Optional[int] = None, parallel: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The mean of `caption_nll` over every kept token of the batch (padding ignored): within a training
+    step, over the step's global batch (`global_mean` of the ``caption_tokens`` count)."""
+    nll, count = caption_nll(decoder, image_tokens, text, pad_id, eot_id, parallel)
+    return global_mean(nll.sum(), "caption_tokens", count.sum())
 
 
 def caption_log_likelihood(decoder: nn.Module, image_tokens: torch.Tensor, text: torch.Tensor, pad_id: int,

@@ -5,10 +5,6 @@ dict loads into ``timm.create_model(spec.timm_name, **spec.timm_kwargs())`` unch
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator
-
 import torch
 import timm
 from timm.models import checkpoint_seq
@@ -16,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..config import EncoderSpec
+from .global_batch import global_batch_rand
 
 
 def build_encoder(spec: EncoderSpec, seed: int | None = None) -> VisionTransformer:
@@ -51,39 +48,6 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([embed(xs), embed(ys)], dim=1).float()
 
 
-# Set while the trainer runs a step (`global_batch_masks`): only then is a rank's batch a slice of one
-# global batch. Evaluation shards whole batches over ranks instead (`mugbench.eval.sharding`), so there
-# a rank draws for its own batch, as one process would for that batch.
-_SLICE_OF_GLOBAL_BATCH: contextvars.ContextVar[bool] = contextvars.ContextVar("mugbench_global_batch", default=False)
-
-
-@contextlib.contextmanager
-def global_batch_masks() -> Iterator[None]:
-    """Within the block, random masks are drawn for the global batch of a training step and sliced per
-    rank (`_global_batch_noise`); the trainer wraps its forward passes in it."""
-    token = _SLICE_OF_GLOBAL_BATCH.set(True)
-    try:
-        yield
-    finally:
-        _SLICE_OF_GLOBAL_BATCH.reset(token)
-
-
-def _global_batch_noise(b: int, n: int, device) -> torch.Tensor:
-    """Uniform noise ``[b, n]`` for this rank's rows of the global batch.
-
-    In a training step (`global_batch_masks`) every rank draws the noise of the whole global batch
-    (ranks share the RNG seed) and keeps its own slice, so the masks, and with them the run, do not
-    depend on how many processes share the batch: two ranks of 16 mask exactly as one process of 32
-    does. Elsewhere the batch is this process's own.
-    """
-    from ..train.distributed import rank_and_world  # here, not at the top: train/ imports models/
-
-    rank, world = rank_and_world() if _SLICE_OF_GLOBAL_BATCH.get() else (0, 1)
-    if world == 1:
-        return torch.rand(b, n, device=device)
-    return torch.rand(b * world, n, device=device)[rank * b:(rank + 1) * b]
-
-
 def random_masking(x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep a random subset of tokens per sample (MAE's per-sample shuffle).
 
@@ -92,7 +56,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, to
     """
     b, n, d = x.shape
     keep = max(1, int(round(n * (1 - mask_ratio))))
-    noise = _global_batch_noise(b, n, x.device)
+    noise = global_batch_rand(b, n, device=x.device)  # the same mask for a sample on any number of ranks
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     ids_keep = ids_shuffle[:, :keep]

@@ -1,17 +1,25 @@
 """The one training loop every method shares (DESIGN.md "Trainer").
 
 AdamW without weight decay on norms, biases and tokens; warmup then cosine (timm's scheduler);
-gradient clipping and accumulation; bf16 autocast on CUDA; DDP under torchrun; JSONL metrics;
+gradient clipping; exact accumulation; bf16 autocast on CUDA; DDP under torchrun; JSONL metrics;
 atomic checkpoints every N steps and at the end, resumed automatically by a rerun.
+
+A step trains on one global batch, whatever the number of ranks and micro-batches it arrives in: each
+rank gets its rows (`data.streams`), every forward pass runs in a `StepContext` that places its rows in
+the global batch (masks and means over the global batch, `models.global_batch`), and accumulation is
+exact (`Method` says how: plain for per-sample losses, two passes for batch-coupled ones). So 1 or N
+ranks, 0..W loader workers and any ``accum_steps`` train the same weights, up to float rounding.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,7 +34,7 @@ from timm.utils import random_seed
 from ..config import ConfigError, TrainConfig
 from ..data.catalog import BadDataError
 from ..files import atomic_write_text
-from ..models.vit import global_batch_masks
+from ..models.global_batch import StepContext, training_step
 from ..progress import progress_bar
 from .checkpoint import CHECKPOINT_LINK, load_newest_checkpoint, save_run_checkpoint
 from .distributed import DistInfo, gather_full_state, load_full_state, shard_with_fsdp
@@ -68,7 +76,8 @@ class TrainState:
     step: int = 0
     # Timing: training seconds, checkpoint writes excluded.
     seconds: float = 0.0
-    # Data: images trained on (all ranks), and samples the pipeline skipped or repaired, by kind.
+    # Data: images trained on, and samples the pipeline skipped or repaired, by kind (all ranks: merged at
+    # log steps and checkpoints, `_merge_counts`).
     images: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     repaired: dict[str, int] = field(default_factory=dict)
@@ -214,24 +223,46 @@ class _NonFiniteWatch:
             f"train.grad_clip, or check the data; rerunning resumes from that checkpoint.")
 
 
-def _tally(state: TrainState, batch: dict) -> None:
-    """Add a batch's skipped and repaired counts to the run's totals."""
-    for counts, tally in ((state.skipped, "skipped"), (state.repaired, "repaired")):
-        for kind, n in batch.pop(tally, {}).items():
-            counts[kind] = counts.get(kind, 0) + int(n)
+@dataclass
+class _Counts:
+    """This rank's skipped and repaired samples since the last merge (`_merge_counts`)."""
+
+    skipped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+
+    def tally(self, batch: dict) -> None:
+        """Add a batch's counts (and take them off the batch)."""
+        self.skipped.update({k: int(n) for k, n in batch.pop("skipped", {}).items()})
+        self.repaired.update({k: int(n) for k, n in batch.pop("repaired", {}).items()})
 
 
-def _image_batches(batches: Iterable[dict], state: TrainState, resume_at: int) -> Iterator[dict]:
-    """Yield the batches that hold images; tally the image-less ones (a worker's last skip counts)
-    here, unless they came before ``resume_at`` real batches, which the checkpoint already counted.
-    Filtered before the ranks agree on having data, so every rank steps in lockstep."""
+def _merge_counts(state: TrainState, counts: _Counts, info: DistInfo) -> None:
+    """Add every rank's pending counts to the run's totals, the same on every rank (a collective: every
+    rank calls it at the same step), so records and checkpoints count all ranks' samples."""
+    mine = {"skipped": dict(counts.skipped), "repaired": dict(counts.repaired)}
+    counts.skipped.clear()
+    counts.repaired.clear()
+    every = [mine]
+    if info.world_size > 1:
+        every = [None] * info.world_size
+        dist.all_gather_object(every, mine)
+    for rank_counts in every:
+        for total, key in ((state.skipped, "skipped"), (state.repaired, "repaired")):
+            for kind, n in rank_counts[key].items():
+                total[kind] = total.get(kind, 0) + n
+
+
+def _image_batches(batches: Iterable[dict], counts: _Counts, resume_at: int) -> Iterator[dict]:
+    """Yield the batches that hold images; tally the image-less ones (the counts of an epoch's last,
+    unfilled step) here, unless they came before ``resume_at`` real batches, which the checkpoint already
+    counted. Filtered before the ranks agree on having data, so every rank steps in lockstep."""
     real = 0
     for batch in batches:
         if "image" in batch:
             real += 1
             yield batch
         elif real >= resume_at:
-            _tally(state, batch)
+            counts.tally(batch)
 
 
 def _loss_parts(out: dict) -> torch.Tensor:
@@ -249,9 +280,11 @@ def _mean_over_ranks(out: dict, info: DistInfo) -> dict[str, float]:
     return dict(zip(out, values.tolist()))
 
 
-def _while_every_rank_has_data(batches: Iterable[dict], info: DistInfo) -> Iterator[dict]:
-    """Yield batches while every rank still has one. Shards rarely hold equal sample counts, and
-    a rank that ran dry would leave the others waiting forever in the gradient all-reduce."""
+def _while_every_rank_has_data(batches: Iterable[dict], info: DistInfo, counts: _Counts) -> Iterator[dict]:
+    """Yield batches while every rank still has one. An epoch ends at the first step some stream cannot
+    fill (`data.streams`), which only the rank holding that stream sees; a rank that ran dry would leave
+    the others waiting forever in the gradient all-reduce. A batch a rank holds when the others stop is
+    not trained, but its counts are tallied: one process reading every stream would count them too."""
     it = iter(batches)
     while True:
         batch = next(it, None)
@@ -259,10 +292,25 @@ def _while_every_rank_has_data(batches: Iterable[dict], info: DistInfo) -> Itera
             more = torch.tensor([float(batch is not None)], device=info.device)
             dist.all_reduce(more, op=dist.ReduceOp.MIN)
             if not more.item():
+                if batch is not None:
+                    counts.tally(batch)
                 return
         if batch is None:
             return
         yield batch
+
+
+def _steps(batches: Iterable[dict], accum_steps: int, counts: _Counts) -> Iterator[list[dict]]:
+    """Group micro-batches into the ``accum_steps`` of one optimiser step; a last incomplete group is
+    dropped (its counts tallied)."""
+    group: list[dict] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accum_steps:
+            yield group
+            group = []
+    for batch in group:
+        counts.tally(batch)
 
 
 def _shapes(module: torch.nn.Module) -> dict[str, list[int]]:
@@ -350,18 +398,16 @@ def _logged_step(row: str) -> float:
 MIN_SAMPLES_FOR_BAD_FRACTION = 1000
 
 
-def _check_bad_fraction(state: TrainState, limit: float, info: DistInfo, desc: str, step: int) -> None:
-    """Raise `BadDataError` on every rank together when the skipped fraction exceeds ``limit``."""
-    bad = torch.tensor([float(sum(state.skipped.values()))], device=info.device)
-    if info.world_size > 1:  # skips are counted per rank; the decision must be the same everywhere
-        dist.all_reduce(bad)
-    bad, good = int(bad.item()), state.images
+def _check_bad_fraction(state: TrainState, limit: float, desc: str, step: int) -> None:
+    """Raise `BadDataError` when the skipped fraction exceeds ``limit``: on every rank together, as the
+    counts are merged over ranks (`_merge_counts`) before this is asked."""
+    bad, good = sum(state.skipped.values()), state.images
     if bad + good < MIN_SAMPLES_FOR_BAD_FRACTION or bad <= limit * (bad + good):
         return
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(state.skipped.items()))
     raise BadDataError(
         f"Training of {desc} stopped at step {step}: {bad} of the {bad + good} samples read so far were bad "
-        f"({100 * bad / (bad + good):.1f}%), more than data.max_bad_fraction={limit}. By kind (rank {info.rank}): "
+        f"({100 * bad / (bad + good):.1f}%), more than data.max_bad_fraction={limit}. By kind: "
         f"{kinds}. List the bad keys with `mugbench data check DATA --fix-list`, rebuild the broken shards, or "
         f"accept more with --set data.max_bad_fraction=X; rerunning resumes from the last checkpoint.")
 
@@ -385,6 +431,7 @@ class _Run:
     workdir: Path
     desc: str
     max_bad_fraction: float
+    seed: int  # the study's: masks of step t are drawn from (seed, t) (`models.global_batch`)
 
     @property
     def device(self) -> torch.device:
@@ -409,6 +456,7 @@ class _Session:
     since the last log step."""
 
     watch: _NonFiniteWatch
+    counts: _Counts
     bar: Any  # `progress.progress_bar`: a tqdm bar on a terminal, plain lines in a log
     log: TextIO | None  # rank 0 only
     on_log: Callable[[dict], None] | None = None  # rank 0 only
@@ -440,20 +488,23 @@ def _wrap_for_ranks(method: torch.nn.Module, info: DistInfo, fsdp: bool) -> torc
 
 
 def _prepare(method: torch.nn.Module, cfg: TrainConfig, *, steps_per_epoch: int, workdir: Path, info: DistInfo,
-             desc: str, max_bad_fraction: float) -> _Run:
+             desc: str, max_bad_fraction: float, seed: int) -> _Run:
     """Check the strategy, move and wrap the method (SyncBatchNorm, activation checkpointing,
     DDP / FSDP, compile), build the optimiser and schedule: everything a session trains with."""
     if cfg.strategy not in ("ddp", "fsdp"):
         raise ConfigError(f"train.strategy must be 'ddp' or 'fsdp', not {cfg.strategy!r}.")
     fsdp = cfg.strategy == "fsdp" and info.world_size > 1
+    if fsdp and cfg.accum_steps > 1 and _couples_rows(method):
+        raise ConfigError(
+            f"{desc} has a batch-coupled loss, which accumulates in two passes (features without gradients, "
+            f"then each micro-batch again with its share of the gradient); those passes call the method's "
+            f"features and loss outside FSDP's sharded forward, so train.strategy=fsdp cannot run them. Use "
+            f"train.strategy=ddp, or train.accum_steps=1 with a smaller per-GPU batch on more GPUs.")
     workdir.mkdir(parents=True, exist_ok=True)
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    # No SyncBatchNorm: batch statistics couple rows, so a method computes them in its loss over the gathered
+    # global batch (SimCLR's head, `simclr_head_loss`), the same on any device and number of ranks.
     method.to(info.device)
-    if info.world_size > 1 and info.device.type == "cuda":
-        # Batch statistics of projection heads over the global batch (SimCLR's "global BN": per-device
-        # statistics leak which views belong together). torch synchronises BatchNorm only on GPUs;
-        # the modules are swapped in place, keeping their parameters, so the method object stays.
-        torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     identity = {"method": desc, "params": _shapes(method)}  # before sharding: the full shapes
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(method)
@@ -464,7 +515,7 @@ def _prepare(method: torch.nn.Module, cfg: TrainConfig, *, steps_per_epoch: int,
         if cfg.compile else model
     return _Run(cfg=cfg, info=info, method=method, model=model, step_fn=step_fn, optimizer=optimizer,
                 scheduler=scheduler, fsdp=fsdp, identity=identity, total=total, steps_per_epoch=steps_per_epoch,
-                workdir=workdir, desc=desc, max_bad_fraction=max_bad_fraction)
+                workdir=workdir, desc=desc, max_bad_fraction=max_bad_fraction, seed=seed)
 
 
 def _restore(run: _Run, ckpt: dict, path: Path) -> TrainState:
@@ -511,25 +562,147 @@ def _session(run: _Run, state: TrainState, on_log: Callable[[dict], None] | None
                       disable=not run.info.is_main) as bar, \
             (open(run.log_path, "a") if run.info.is_main else contextlib.nullcontext()) as log:
         run.model.train()
-        yield _Session(watch, bar, log, on_log if run.info.is_main else None)
+        yield _Session(watch, _Counts(), bar, log, on_log if run.info.is_main else None)
 
 
-def _forward_backward(run: _Run, state: TrainState, session: _Session, batch: dict, sync: bool) -> dict:
-    """One micro-step: count the batch, forward under autocast, backward of the loss share of
-    this micro-step; ``sync``: the last micro-step of an update. The step's outputs."""
-    _tally(state, batch)
-    batch = _to_device(batch, run.device)
-    cfg, info = run.cfg, run.info
-    # DDP skips the gradient all-reduce on accumulation micro-steps; FSDP reduces every one.
-    with (contextlib.nullcontext() if sync or info.world_size == 1 or run.fsdp else run.model.no_sync()):
-        with autocast(cfg, run.device), global_batch_masks():
-            out = run.step_fn(batch)
-        session.watch.observe(out, state.step)
-        (out["loss"] / cfg.accum_steps).backward()
-    n_img = batch["image"].shape[0] * info.world_size
-    state.images += n_img
-    session.window_images += n_img
+def _couples_rows(method: torch.nn.Module) -> bool:
+    """Whether ``method`` declares a batch-coupled loss (`Method.couples_rows`); a plain module does not."""
+    couples = getattr(type(method), "couples_rows", None)
+    return bool(couples()) if callable(couples) else False
+
+
+def _step_totals(run: _Run, micro: list[dict]) -> dict[str, torch.Tensor]:
+    """The method's `Method.loss_counts` summed over the step's micro-batches and every rank (one small
+    all-reduce): what `global_mean` divides by."""
+    counts_of = getattr(run.method, "loss_counts", None)
+    counts = [counts_of(batch) for batch in micro] if callable(counts_of) else [{}]
+    names = sorted(counts[0])
+    if not names:
+        return {}
+    values = torch.stack([sum(c[name] for c in counts).to(run.device, torch.float64) for name in names])
+    if run.info.world_size > 1:
+        dist.all_reduce(values)
+    return dict(zip(names, values))
+
+
+def _train_step(run: _Run, state: TrainState, session: _Session, micro: list[dict]) -> dict[str, torch.Tensor]:
+    """Forward and backward one global batch, this rank's rows of it in ``micro`` (``accum_steps``
+    micro-batches of equal size, in row order); the gradients are then the global batch's. Returns the
+    step's loss parts (means over this rank's rows, `_log_step` averages them over ranks)."""
+    for batch in micro:
+        session.counts.tally(batch)
+    micro = [_to_device(batch, run.device) for batch in micro]
+    k, world = len(micro), run.info.world_size
+    rows = micro[0]["image"].shape[0]
+    totals = _step_totals(run, micro)
+
+    def contexts(share: int) -> list[StepContext]:
+        # Rank r holds rows [r * k * rows, (r + 1) * k * rows) of the global batch, micro-batch i the i-th run of them.
+        first = run.info.rank * k * rows
+        return [StepContext(run.seed, state.step, first + i * rows, world * k * rows, totals, share) for i in range(k)]
+
+    if k > 1 and _couples_rows(run.method):
+        out = _two_pass_accumulation(run, state, session, micro, contexts)
+    else:
+        out = _plain_accumulation(run, state, session, micro, contexts(world * k))
+    state.images += world * k * rows
+    session.window_images += world * k * rows
     return out
+
+
+def _plain_accumulation(run: _Run, state: TrainState, session: _Session, micro: list[dict],
+                        contexts: list[StepContext]) -> dict[str, torch.Tensor]:
+    """Per-sample losses: forward and backward each micro-batch, its loss divided by their number; the
+    parts are averaged over the micro-batches (a mean over rows of equal-sized micro-batches, or a
+    `global_mean` already scaled for it)."""
+    k, info = len(micro), run.info
+    total = None
+    for i, (batch, ctx) in enumerate(zip(micro, contexts)):
+        # DDP skips the gradient all-reduce on accumulation micro-steps; FSDP reduces every one.
+        last = i == k - 1
+        with (contextlib.nullcontext() if last or info.world_size == 1 or run.fsdp else run.model.no_sync()):
+            with autocast(run.cfg, run.device), training_step(ctx):
+                out = run.step_fn(batch)
+            session.watch.observe(out, state.step)
+            (out["loss"] / k).backward()
+        parts = _loss_parts(out)
+        total = parts if total is None else total + parts
+    return dict(zip(out, total / k))
+
+
+def _two_pass_accumulation(run: _Run, state: TrainState, session: _Session, micro: list[dict],
+                           contexts: Callable[[int], list[StepContext]]) -> dict[str, torch.Tensor]:
+    """Batch-coupled losses, exactly (GradCache; open_clip's ``--accum-freq``): every micro-batch's
+    `Method.features` without gradients; the `Method.loss` of their concatenation (with the other ranks'
+    rows where the loss gathers them) and its backward, which leaves the loss's own parameters their
+    gradient and each feature row its share; then each micro-batch forwarded again, with the random
+    state of its first pass, and backpropagated from that share. Costs one more forward of the features
+    per micro-batch. Gradients are averaged over ranks by hand: these passes run outside DDP's forward."""
+    method, cfg, device = run.method, run.cfg, run.device
+    rows = micro[0]["image"].shape[0]
+    first_pass, replays = contexts(run.info.world_size), contexts(run.info.world_size)
+    rng_before, features = [], []
+    with torch.no_grad():
+        for batch, ctx in zip(micro, first_pass):
+            rng_before.append(_rng_state(device))
+            with autocast(cfg, device), training_step(ctx):
+                features.append(method.features(batch))
+    rng_after = _rng_state(device)
+    cached = {name: torch.cat([f[name] for f in features]).detach() for name in features[0]}
+    for tensor in cached.values():
+        tensor.requires_grad_(tensor.is_floating_point())
+    loss_ctx = dataclasses.replace(first_pass[0], stage="loss", calls=0)
+    with autocast(cfg, device), training_step(loss_ctx):
+        out = method.loss(cached)
+    session.watch.observe(out, state.step)
+    out["loss"].backward()
+    shares = {name: t.grad for name, t in cached.items() if t.grad is not None}
+    for i, (batch, ctx) in enumerate(zip(micro, replays)):
+        _set_rng_state(rng_before[i], device)
+        with autocast(cfg, device), training_step(ctx):
+            again = method.features(batch)
+        names = [name for name in shares if again[name].requires_grad]
+        if names:
+            torch.autograd.backward([again[n] for n in names], [shares[n][i * rows:(i + 1) * rows] for n in names])
+    _set_rng_state(rng_after, device)
+    if run.info.world_size > 1:
+        _average_gradients(method, run.info.world_size)
+    return {name: value.detach() for name, value in out.items()}
+
+
+def _rng_state(device: torch.device) -> dict:
+    """torch's generator states a forward pass draws from (dropout, drop path): the CPU's and the device's."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(rng: dict, device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+# Gradients are averaged over ranks in buckets of about this many bytes (DDP's default bucket is 25 MB).
+GRAD_BUCKET_BYTES = 25 * 2**20
+
+
+def _average_gradients(method: torch.nn.Module, world_size: int) -> None:
+    """Average every parameter's gradient over the ranks, as DDP's reducer does, in flat buckets."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in method.parameters() if p.grad is not None]
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for i, grad in enumerate(grads):
+        bucket.append(grad)
+        size += grad.numel() * grad.element_size()
+        if size >= GRAD_BUCKET_BYTES or i == len(grads) - 1 or grads[i + 1].dtype != grad.dtype:
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat /= world_size
+            for g, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                g.copy_(averaged)
+            bucket, size = [], 0
 
 
 def _optimizer_step(run: _Run, state: TrainState) -> None:
@@ -553,6 +726,7 @@ def _log_step(run: _Run, state: TrainState, session: _Session, out: dict) -> Non
     rate, throughput), update the progress bar; stop when too many samples were bad."""
     info, step = run.info, state.step
     session.watch.check(info, run.desc, run.ckpt_path)
+    _merge_counts(state, session.counts, info)
     elapsed, images = session.lap()
     ips = images / max(elapsed, 1e-9)
     state.seconds += elapsed
@@ -567,7 +741,7 @@ def _log_step(run: _Run, state: TrainState, session: _Session, out: dict) -> Non
         session.on_log(row)
     session.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}",
                             bad=sum(state.skipped.values()), fixed=sum(state.repaired.values()))
-    _check_bad_fraction(state, run.max_bad_fraction, info, run.desc, step)
+    _check_bad_fraction(state, run.max_bad_fraction, run.desc, step)
 
 
 def _rng_states(info: DistInfo) -> list[dict]:
@@ -587,6 +761,7 @@ def _checkpoint(run: _Run, state: TrainState, session: _Session) -> None:
     """Stop on a non-finite loss (no checkpoint holds the damage), book the training time, and
     write the checkpoint (rank 0; every rank takes part in gathering it)."""
     session.watch.check(run.info, run.desc, run.ckpt_path)
+    _merge_counts(state, session.counts, run.info)
     state.seconds += session.restart_clock()
     rngs = _rng_states(run.info)
     model_state, optimizer_state = (gather_full_state(run.method, run.optimizer) if run.fsdp else
@@ -597,11 +772,11 @@ def _checkpoint(run: _Run, state: TrainState, session: _Session) -> None:
                             state.step, keep=run.cfg.keep_checkpoints)
 
 
-def _end_short_epoch(run: _Run, state: TrainState, epoch: int, micro_steps: int) -> None:
-    """The epoch's batches ran out before its updates did (samples were skipped): drop a partial
-    accumulation and count the epoch as complete, so the schedule and the resume position stay
-    aligned with the epochs. An epoch without a single batch stops the run (`BadDataError`)."""
-    if micro_steps == 0:
+def _end_short_epoch(run: _Run, state: TrainState, epoch: int, steps: int) -> None:
+    """The epoch's batches ran out before its updates did (a stream ran short: samples were skipped, or
+    streams hold unequal counts): count the epoch as complete, so the schedule and the resume position
+    stay aligned with the epochs. An epoch without a single step stops the run (`BadDataError`)."""
+    if steps == 0:
         raise BadDataError(f"The data pipeline yielded no batch for epoch {epoch} of {run.desc}: every "
                            f"sample was skipped (by kind: {state.skipped or 'none'}) or the "
                            f"shards hold none. Run `mugbench data check SHARDS` to see what is wrong "
@@ -614,27 +789,24 @@ def _end_short_epoch(run: _Run, state: TrainState, epoch: int, micro_steps: int)
 def _run_epoch(run: _Run, state: TrainState, session: _Session, batches: Callable[[int], Iterable[dict]]) -> None:
     """Train the epoch ``state.step`` is in, from where it stands, until the epoch's last update
     or the run's; log and checkpoint at their steps."""
-    cfg = run.cfg
+    k = run.cfg.accum_steps
     epoch, done = divmod(state.step, run.steps_per_epoch)
-    skip = done * cfg.accum_steps
-    micro = 0
-    epoch_batches = _image_batches(_timed_fetches(batches(epoch), state), state, skip)
-    for i, batch in enumerate(_while_every_rank_has_data(epoch_batches, run.info)):
-        if i < skip:  # resuming mid-epoch: the pipeline is deterministic, so skip what was seen
+    counts = session.counts
+    epoch_batches = _image_batches(_timed_fetches(batches(epoch), state), counts, done * k)
+    seen = 0
+    for seen, micro in enumerate(_steps(_while_every_rank_has_data(epoch_batches, run.info, counts), k, counts), 1):
+        if seen <= done:  # resuming mid-epoch: the pipeline is deterministic, so skip what was trained
             continue
-        micro += 1
-        out = _forward_backward(run, state, session, batch, sync=micro % cfg.accum_steps == 0)
-        if micro % cfg.accum_steps:
-            continue
+        out = _train_step(run, state, session, micro)
         _optimizer_step(run, state)
-        if _due(state.step, cfg.log_every, run.total):
+        if _due(state.step, run.cfg.log_every, run.total):
             _log_step(run, state, session, out)
         session.bar.update(1)
-        if _due(state.step, cfg.ckpt_every, run.total):
+        if _due(state.step, run.cfg.ckpt_every, run.total):
             _checkpoint(run, state, session)
         if state.step >= run.total or state.step % run.steps_per_epoch == 0:
             return
-    _end_short_epoch(run, state, epoch, micro)
+    _end_short_epoch(run, state, epoch, seen)
 
 
 def _summarize(run: _Run, state: TrainState, resumed_from: int) -> TrainSummary:
@@ -663,10 +835,11 @@ def train(method: torch.nn.Module, batches: Callable[[int], Iterable[dict]], cfg
     metrics row as it is written (an experiment tracker's hook, `trackers.Tracker.log_train`).
     """
     run = _prepare(method, cfg, steps_per_epoch=steps_per_epoch, workdir=workdir, info=info, desc=desc,
-                   max_bad_fraction=max_bad_fraction)
+                   max_bad_fraction=max_bad_fraction, seed=seed)
     state = _resume(run, seed)
     resumed_from = state.step
     with _session(run, state, on_log) as session:
         while state.step < run.total:
             _run_epoch(run, state, session, batches)
+        _merge_counts(state, session.counts, info)
     return _summarize(run, state, resumed_from)
