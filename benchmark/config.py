@@ -172,16 +172,21 @@ class DataConfig:
     name: str = "toy"  # toy | cc3m | cc12m | laion400m | a shard pattern
     toy_seed: int = SEED.field(0)
     toy_native_size: int = COUNT.field(64)  # pixels the world is drawn at; views are resized to encoder.img_size
-    toy_shard_size: int = COUNT.field(1000)  # samples per shard; ranks x loader workers need a shard each
+    toy_shard_size: int = COUNT.field(1000)  # samples per shard; every one of data.streams needs a shard
     toy_sizes: dict = COUNT.field(factory=lambda: {"pretrain": 6000, "cls-train": 2000, "cls-val": 1000,
                                                    "caps-val": 200})
     samples_per_epoch: Optional[int] = COUNT.field(None)  # null = counted (stats files or a tar-header pass)
-    num_workers: int = COUNT0.field(0)  # DataLoader worker processes per rank
+    num_workers: int = COUNT0.field(0)  # DataLoader worker processes per rank (speed only: the same batches)
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (CUDA only)
     prefetch_factor: int = COUNT.field(4)  # batches each worker prepares ahead (with workers only)
-    shuffle_buffer: int = COUNT0.field(2000)  # 0 = no sample shuffling
-    # open_clip's multi-node recipe: each (rank, worker) draws shards with replacement and an epoch is
-    # samples_per_epoch samples; without it shards are split across ranks and workers, one pass each.
+    shuffle_buffer: int = COUNT0.field(2000)  # samples in each stream's shuffle buffer; 0 = no sample shuffling
+    # The number of virtual sample streams (`data.streams`), a condition of the study: every global batch is
+    # made of batch_size / streams samples of each stream, and rank r of W reads streams r*S/W .. (r+1)*S/W-1,
+    # so the batches are the same for any number of ranks, loader workers and accumulation steps. Must divide
+    # train.batch_size and be a multiple of the world size; each stream needs at least one shard.
+    streams: int = COUNT.field(2)
+    # open_clip's multi-node recipe: each stream draws shards with replacement and an epoch is
+    # samples_per_epoch samples; without it each stream reads its share of the shards once.
     resampled: bool = False
     min_image_size: int = COUNT0.field(32)  # shorter side in pixels; smaller images are skipped as tiny_image
     repair_modes: bool = True  # CMYK/palette/alpha/grey -> RGB (counted); false skips them as wrong_mode
@@ -192,6 +197,10 @@ class DataConfig:
     # them for image-only studies and is refused when a method of the study reads captions.
     require_caption: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # every method's base view (view 0)
+
+    # How the batches are loaded, never which: a run directory is not keyed by them, so a rerun with more
+    # loader workers resumes the same run (workers own whole streams, `data.streams`).
+    LOADING_ONLY = ("num_workers", "pin_memory", "prefetch_factor")
 
 
 @dataclass
@@ -239,7 +248,9 @@ class TrainConfig:
     dist_timeout_min: float = POSITIVE.field(60)
 
     # Speed, memory and job plumbing only: the same training either way, so a run directory is not keyed by them.
-    PERFORMANCE_ONLY = ("optimizer_impl", "grad_checkpointing", "compile", "compile_backend", "dist_timeout_min")
+    # accum_steps: accumulation is exact (train.loop), so a run may resume with another split of its batch.
+    PERFORMANCE_ONLY = ("optimizer_impl", "grad_checkpointing", "compile", "compile_backend", "dist_timeout_min",
+                        "accum_steps")
 
     @property
     def lr(self) -> float:

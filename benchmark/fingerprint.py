@@ -34,6 +34,8 @@ NOT_CONDITIONS = {
     "data": {
         "pin_memory": "page-locked host memory: copies faster, the same batches",
         "prefetch_factor": "how far ahead workers prepare batches, not which batches",
+        "num_workers": "loader processes own whole sample streams (data.streams) and the global batch is "
+                       "assembled in stream order, so every worker count gives the same batches",
         "decode_draft": "JPEG reduced-size decode, never below the resolution the study's base-view crops "
                         "need, the same for every method (study.pretrain_batches)",
     },
@@ -42,16 +44,20 @@ NOT_CONDITIONS = {
            for name in TrainConfig.PERFORMANCE_ONLY},
         "device": "where it runs; the numerics it implies are kept as the resolved train.precision",
         "strategy": "ddp and fsdp compute the same update (fsdp shards the weights to save memory)",
+        "accum_steps": "accumulation is exact (train.loop): a batch-coupled loss is taken over the whole global "
+                       "batch in two passes, means divide by the step's counts, so the update is the same "
+                       "(up to float rounding) for any number of micro-batches",
         "ckpt_every": "checkpoint cadence; resuming is exact",
         "keep_checkpoints": "how many checkpoint files stay on disk",
         "log_every": "logging cadence",
     },
 }
+# Not a setting, not a condition: the number of ranks (GPUs, nodes). Each rank holds whole sample streams and
+# its rows of every global batch, masks are cut from one draw per global batch, and losses gather or divide
+# over every rank, so 1 or 64 GPUs train the same weights (tests/test_stream_identity_slow.py).
 # Kept on purpose (they look like speed settings but are not):
-# - data.num_workers: shards are split across loader workers and each drops its own partial batch, so
-#   the worker count changes which samples share a batch and which are dropped (data/pipeline.py).
-# - train.accum_steps: batch-coupled losses (CLIP's and SimCLR's contrastive terms) see only a
-#   micro-batch of negatives per step, so accumulation is not the same training as one large batch.
+# - data.streams: the global batch is assembled from that many streams of shards; another count reads
+#   other samples into each batch.
 # - train.precision: bf16 autocast and fp32 give different numerics; "auto" is resolved per device.
 
 # Parts that move out of their section so that a report names them on their own.
@@ -63,12 +69,11 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def like_for_like(cfg: StudyConfig, *, device: Any = None, world_size: int | None = None) -> dict[str, Any]:
+def like_for_like(cfg: StudyConfig, *, device: Any = None) -> dict[str, Any]:
     """The readable like-for-like conditions of ``cfg``'s pre-training, as plain JSON data.
 
     ``device`` (a ``torch.device`` or its type name), when known, resolves ``train.precision="auto"``
-    to what the trainer runs (bf16 autocast on CUDA, fp32 elsewhere); ``world_size``, when known, is
-    kept as ``train.world_size`` because shards are split across ranks as across loader workers.
+    to what the trainer runs (bf16 autocast on CUDA, fp32 elsewhere). The number of ranks is not one.
     """
     parts: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
@@ -89,8 +94,6 @@ def like_for_like(cfg: StudyConfig, *, device: Any = None, world_size: int | Non
     if train.get("precision") == "auto" and device is not None:
         kind = getattr(device, "type", str(device))
         train["precision"] = "bf16" if kind == "cuda" else "fp32"
-    if world_size is not None:
-        train["world_size"] = int(world_size)
     return _plain(parts)
 
 

@@ -56,6 +56,37 @@ def check_batch_split(cfg: StudyConfig, world: int, samples: int | None) -> None
             f"data (data.samples_per_epoch, or data.toy_sizes.pretrain for the embedded set).")
 
 
+def pretrain_shards(cfg: StudyConfig) -> int | None:
+    """Pre-training shards known from the configuration alone: the embedded set's (None: known once the
+    shard set is resolved, which then checks them itself)."""
+    if cfg.data.name == "toy" and "pretrain" in cfg.data.toy_sizes:
+        return -(-cfg.data.toy_sizes["pretrain"] // cfg.data.toy_shard_size)
+    return None
+
+
+def check_stream_split(cfg: StudyConfig, world: int, shards: int | None = None) -> None:
+    """``data.streams`` makes this job's global batches (`data.streams.check_streams`): it divides the batch,
+    every rank gets whole streams and, unless resampled, each of the ``shards`` (when known) feeds one."""
+    from .data.streams import check_streams
+
+    d, t = cfg.data, cfg.train
+    problems = check_streams(d.streams, t.batch_size, world, t.accum_steps, None if d.resampled else shards)
+    if not problems:
+        return
+    fits = [s for s in range(world, t.batch_size + 1, world)
+            if t.batch_size % s == 0 and (d.resampled or shards is None or s <= shards)]
+    example = f" (e.g. data.streams={min(fits, key=lambda s: (abs(s - d.streams), s))})" if fits else \
+        f" (none fits {shards} shards on {world} processes: use data with more shards, or data.resampled=true)"
+    raise ConfigError(
+        f"data.streams={d.streams} does not fit this job of {world} process{'es' if world != 1 else ''} "
+        f"(train.batch_size={t.batch_size}, train.accum_steps={t.accum_steps}): {' '.join(problems)} The global batch "
+        f"is made of data.streams virtual sample streams, train.batch_size / data.streams samples of each, and every "
+        f"process reads data.streams / world size of them, so that the batches are the same on any number of "
+        f"processes. Set data.streams to a divisor of train.batch_size that is a multiple of the world size"
+        f"{example}, or change train.batch_size; data.streams is a condition of the study (it decides the sample "
+        f"order), so compare only runs with the same value.")
+
+
 def encoder_params(cfg: StudyConfig) -> int:
     """Parameters of the shared ViT (patch embedding, class and position tokens, blocks, final norm)."""
     e = cfg.encoder
@@ -176,12 +207,13 @@ def check_run(cfg: StudyConfig, *, data_root: Path | None, needs_text: bool, wor
               reports: Path, cache: Path, methods: list[str] = (), report_to: tuple[str, ...] = ()) -> list[Path]:
     """Everything `mugbench run` can know to be wrong before training: the experiment trackers of
     ``--report-to`` (known, and their package installed), the study (`check_study`), the batch split, the
-    free space for the first checkpoint, and the four output folders (created if missing, only after
-    everything else passed). Returns the folders it created."""
+    sample streams (`check_stream_split`), the free space for the first checkpoint, and the four output
+    folders (created if missing, only after everything else passed). Returns the folders it created."""
     from .trackers import check_report_to
 
     check_report_to(report_to)
     check_study(cfg, list(methods), data_root)
     check_batch_split(cfg, world_size(), pretrain_samples(cfg))
+    check_stream_split(cfg, world_size(), pretrain_shards(cfg))
     check_free_space(workdir, checkpoint_bytes(cfg, needs_text))
     return check_folders({"--workdir": workdir, "--results": results, "--reports": reports, "--cache-dir": cache})

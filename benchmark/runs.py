@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import StudyConfig, TrainConfig
+from .config import DataConfig, StudyConfig, TrainConfig
 from .method import Method, TextSpec
 from .models.vit import build_encoder
 from .registry import get_method
@@ -27,6 +27,7 @@ def run_dir_for(workdir: Path, cfg: StudyConfig, name: str) -> Path:
     """Run directory keyed by everything that changes training, so a rerun resumes the same run."""
     key = {k: v for k, v in cfg.to_dict().items() if k not in ("eval", "preset")}
     key["train"] = {k: v for k, v in key["train"].items() if k not in TrainConfig.PERFORMANCE_ONLY}
+    key["data"] = {k: v for k, v in key["data"].items() if k not in DataConfig.LOADING_ONLY}
     key["method"] = name
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return workdir / _safe(cfg.data.name) / cfg.preset / f"{name}-seed{cfg.seed}-{digest}"

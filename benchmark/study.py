@@ -20,7 +20,7 @@ from .eval.harness import EvalProgress, EvalResult, evaluate
 from .eval.sharding import broadcast_object
 from .evalset import EvalSets
 from .fingerprint import fingerprint, like_for_like
-from .preflight import check_study
+from .preflight import check_stream_split, check_study
 from .registry import get_method
 from .results import ResultRecord, record_location, write_record
 from .runs import build_method, run_dir_for, set_aside
@@ -58,6 +58,7 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
     world = info.world_size * cfg.train.accum_steps
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by world size x accum_steps = {world}")
+    check_stream_split(cfg, info.world_size, len(data.urls))
     steps_per_epoch = data.samples // cfg.train.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"{data.samples} samples make no full batch of {cfg.train.batch_size}")
@@ -69,8 +70,8 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
         # command stops here instead of training into the same checkpoints and log).
         with _claim(run_dir, info, fresh, name, log), _tracker(report_to, run_dir, name, cfg, info) as tracker:
             if type(method).pretrains:
-                batches = pretrain_batches(cfg, data, type(method), tokenizer, per_rank=cfg.train.batch_size // world,
-                                           steps_per_epoch=steps_per_epoch,
+                batches = pretrain_batches(cfg, data, type(method), tokenizer, rank=info.rank,
+                                           world_size=info.world_size, steps_per_epoch=steps_per_epoch,
                                            pin_memory=cfg.data.pin_memory and info.device.type == "cuda")
                 place = plan.begin(cfg.seed, name, PRETRAIN)
                 log(f"[{place}] {name} on {data.name} ({data.samples} samples, {cfg.train.epochs} epochs) "
@@ -147,7 +148,7 @@ def _finish(name: str, method, summary: TrainSummary, cfg: StudyConfig, data: Pr
         method.load_state_dict(load_newest_checkpoint(run_dir)[0]["model"])
         method.to(info.device)
     # The like-for-like conditions every record of this run carries (and `mugbench eval` reads back).
-    conditions = like_for_like(cfg, device=info.device, world_size=info.world_size)
+    conditions = like_for_like(cfg, device=info.device)
     progress, done = None, frozenset()
     if info.is_main:
         export_encoder(run_dir / "encoder.safetensors", method.encoder, cfg.encoder)

@@ -69,7 +69,8 @@ def tiny_config(overrides: Iterable[str] = ()):
     from .config import load_config
 
     sizes = ", ".join(f"{k}: {v}" for k, v in TOY_SIZES.items())
-    return load_config("smoke", [f"data.toy_sizes={{{sizes}}}", *overrides])
+    # Shards of 8: the 32 pre-training samples fill the smoke preset's 4 streams (data.streams), a shard each.
+    return load_config("smoke", [f"data.toy_sizes={{{sizes}}}", "data.toy_shard_size=8", *overrides])
 
 
 @dataclass

@@ -169,7 +169,7 @@ def build_paper_world(root: Path, *, shards: int = 2, per_shard: int = 4, classe
     as a brace pattern), ``samples`` (pre-training samples) and ``root``.
 
     The defaults are the least that runs every protocol of the `paper` preset once at its real
-    architecture: a pre-training batch of 4 per shard (each loader worker drops its own partial batch),
+    architecture: a pre-training batch of 4 per shard (the test's 2 streams read a shard each),
     8 ImageNet training images (one fine-tuning batch, even for Mixup), 2 ADE20K training images (one
     batch of 2 crops: UperNet's BatchNorm needs more than one) and one validation image, whose every
     pass costs a 512 x 512 UperNet forward. Pre-training, ImageNet and COCO images are 192 x 160 JPEGs

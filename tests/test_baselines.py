@@ -25,6 +25,8 @@ from mugbench.study import run_study
 from mugbench.testing import tiny_config
 
 KNN = ["eval.protocols=[knn]", "eval.datasets=[toy-cls]"]
+# The contract kit's 32 pre-training samples in four shards: one for each of the smoke preset's data.streams.
+SHARDS = ["data.toy_shard_size=8"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def _quiet(lines: list[str]):
 
 
 def test_random_is_evaluated_exactly_as_initialised(cache, tmp_path):
-    cfg = tiny_config(KNN)
+    cfg = tiny_config([*SHARDS, *KNN])
     lines: list[str] = []
     records = run_study(cfg, ["random"], workdir=tmp_path / "runs", results_dir=tmp_path / "results",
                         cache_dir=cache, log=_quiet(lines))
@@ -60,7 +62,7 @@ def test_random_is_evaluated_exactly_as_initialised(cache, tmp_path):
 
 
 def test_supervised_reads_the_toy_labels_from_the_same_sample_stream(cache):
-    cfg = tiny_config()
+    cfg = tiny_config(SHARDS)
     data = resolve_data(cfg, None, cache, log=lambda *a: None)
     tokenizer = build_tokenizer(cfg, data)
     assert data.num_classes == len(TOY_CLASSES) == 8
@@ -68,7 +70,7 @@ def test_supervised_reads_the_toy_labels_from_the_same_sample_stream(cache):
     assert spec.num_classes == 8 and text_spec(cfg, tokenizer).num_classes == 8  # from the study alone too
     streams = {}
     for name in ("mae", "supervised"):
-        batches = pretrain_batches(cfg, data, get_method(name), tokenizer, per_rank=8, steps_per_epoch=4)
+        batches = pretrain_batches(cfg, data, get_method(name), tokenizer, steps_per_epoch=1)
         streams[name] = [b for b in batches(0) if "image" in b]
     keys = {name: [k for b in batches_ for k in b["key"]] for name, batches_ in streams.items()}
     assert keys["mae"] == keys["supervised"] and len(keys["mae"]) == 32  # the toy world: every sample labelled
@@ -80,14 +82,14 @@ def test_supervised_reads_the_toy_labels_from_the_same_sample_stream(cache):
 
 
 def test_supervised_head_has_a_logit_per_class_and_its_loss_falls(cache):
-    cfg = tiny_config()
+    cfg = tiny_config([*SHARDS, "train.batch_size=16"])
     data = resolve_data(cfg, None, cache, log=lambda *a: None)
     tokenizer = build_tokenizer(cfg, data)
     method = build_method("supervised", cfg, text_spec(cfg, tokenizer, data))
     assert method.head.out_features == 8 and method.head.in_features == cfg.encoder.embed_dim
     assert method.encoder is not None and get_method("supervised").needs_labels
-    batch = next(b for b in pretrain_batches(cfg, data, type(method), tokenizer, per_rank=16,
-                                             steps_per_epoch=2)(0) if "image" in b)
+    batch = next(b for b in pretrain_batches(cfg, data, type(method), tokenizer, steps_per_epoch=2)(0)
+                 if "image" in b)
     optimizer = torch.optim.AdamW(method.parameters(), lr=2e-3)
     torch.manual_seed(0)
     losses = []
@@ -130,7 +132,7 @@ def unlabelled(tmp_path_factory) -> str:
 
 
 def test_supervised_is_skipped_on_data_without_labels_and_mae_still_runs(cache, tmp_path, unlabelled):
-    cfg = tiny_config([f"data.name={unlabelled}", "train.batch_size=16", *KNN])
+    cfg = tiny_config([f"data.name={unlabelled}", "train.batch_size=16", "data.streams=2", *KNN])
     lines: list[str] = []
     records = run_study(cfg, ["supervised", "mae"], workdir=tmp_path / "runs", results_dir=tmp_path / "results",
                         cache_dir=cache, log=_quiet(lines))
@@ -142,7 +144,7 @@ def test_supervised_is_skipped_on_data_without_labels_and_mae_still_runs(cache, 
     data = resolve_data(cfg, None, cache, log=lambda *a: None)
     assert data.num_classes == 0
     with pytest.raises(ConfigError, match="'supervised' trains on class labels"):
-        pretrain_batches(cfg, data, get_method("supervised"), None, per_rank=8, steps_per_epoch=4)
+        pretrain_batches(cfg, data, get_method("supervised"), None, steps_per_epoch=4)
 
 
 def test_bench_refuses_a_method_that_never_trains(capsys):

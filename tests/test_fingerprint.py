@@ -22,13 +22,12 @@ CHANGES = [
     ("train.batch_size=64", "train.batch_size"),
     ("train.blr=0.001", "train.blr"),
     ("train.warmup_epochs=0.5", "train.warmup_epochs"),
-    ("train.accum_steps=2", "train.accum_steps"),  # contrastive losses see a micro-batch of negatives
     ("train.precision=bf16", "train.precision"),
     ("encoder.depth=3", "encoder.depth"),
     ("encoder.img_size=64", "image_size"),
     ("data.min_image_size=8", "data.min_image_size"),
     ("data.shuffle_buffer=10", "data.shuffle_buffer"),
-    ("data.num_workers=2", "data.num_workers"),  # shards are split across workers: other batches
+    ("data.streams=2", "data.streams"),  # the global batch is made of other streams of shards
     ("seed=1", "seed"),
     ("text.width=64", "text.width"),
     pytest.param("data.augment.scale=[0.5,1.0]", "augment.scale",
@@ -38,12 +37,13 @@ CHANGES = [
 SAME = ["train.compile=true", "train.optimizer_impl=loop", "train.grad_checkpointing=true", "train.log_every=3",
         "train.ckpt_every=5", "train.keep_checkpoints=1", "train.device=cpu", "train.strategy=fsdp",
         "data.pin_memory=false", "data.prefetch_factor=2", "data.decode_draft=false", "eval.knn.k=5",
+        "train.accum_steps=2", "data.num_workers=2",  # exact accumulation; workers own whole streams
         "eval.protocols=[knn]", "methods.mae.mask_ratio=0.5", "preset=renamed"]
 
 
 def conditions(*overrides, seed=0):
     """The smoke study's conditions with ``overrides``, as `mugbench run` records them on one CPU process."""
-    return like_for_like(load_config("smoke", [f"seed={seed}", *overrides]), device="cpu", world_size=1)
+    return like_for_like(load_config("smoke", [f"seed={seed}", *overrides]), device="cpu")
 
 
 @pytest.mark.parametrize("override, part", CHANGES)
@@ -64,7 +64,8 @@ def test_parts_are_readable_and_the_hash_is_short_and_stable():
     assert {"data", "seed", "train", "encoder", "image_size", "text"} <= set(parts)
     assert parts["train"]["lr"] == pytest.approx(parts["train"]["blr"] * parts["train"]["batch_size"] / 256)
     assert parts["image_size"] == 32 and "img_size" not in parts["encoder"]  # named once, on its own
-    assert parts["train"]["precision"] == "fp32" and parts["train"]["world_size"] == 1  # resolved on CPU
+    assert parts["train"]["precision"] == "fp32"  # resolved on CPU
+    assert "world_size" not in parts["train"] and "accum_steps" not in parts["train"]  # the same batches either way
     assert "bf16" == like_for_like(load_config("smoke"), device="cuda")["train"]["precision"]
     assert not set(NOT_CONDITIONS["data"]) & set(parts["data"])
     # JSON data, so a record read back from disk compares equal and hashes the same.
@@ -186,8 +187,7 @@ def test_eval_conditions_of_exports_older_runs_earlier_checkpoints_and_timm_mode
     assert pretrain_conditions(load_source(tmp_path / "hub")) == record["conditions"]
     # A run.json from before conditions were recorded: computed from its config, precision as configured.
     older = dataclasses.replace(source, run={k: v for k, v in source.run.items() if k != "conditions"})
-    assert condition_diff(pretrain_conditions(older), record["conditions"]) == [
-        'train.precision "auto" vs "fp32"', "train.world_size absent vs 1"]
+    assert condition_diff(pretrain_conditions(older), record["conditions"]) == ['train.precision "auto" vs "fp32"']
     # An earlier checkpoint of the run has not had the whole budget.
     early = pretrain_conditions(dataclasses.replace(source, steps=1))
     assert condition_diff(early, record["conditions"]) == ["checkpoint.of 2 vs absent", "checkpoint.step 1 vs absent"]

@@ -195,7 +195,8 @@ def _shards(root: Path) -> list[str]:
 
 def _stream(cfg, data, name: str, tokenizer, epoch: int) -> tuple[list[str], dict, list[torch.Tensor], dict]:
     """Everything one epoch of ``name``'s loader yields, read through run_study's `pretrain_batches`."""
-    batches = pretrain_batches(cfg, data, get_method(name), tokenizer, per_rank=4, steps_per_epoch=4)
+    # More steps than the data holds: the epoch ends where the stream runs dry, every sample read.
+    batches = pretrain_batches(cfg, data, get_method(name), tokenizer, steps_per_epoch=7)
     keys, skipped, images, first = [], {}, [], None
     for batch in batches(epoch):
         for reason, n in batch["skipped"].items():
@@ -207,6 +208,10 @@ def _stream(cfg, data, name: str, tokenizer, epoch: int) -> tuple[list[str], dic
     return keys, skipped, images, first
 
 
+# Batches of 4 from one stream over the three shards.
+STREAM = ["train.batch_size=4", "data.streams=1"]
+
+
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
@@ -215,7 +220,7 @@ def shard_set(tmp_path_factory):
 
 @pytest.mark.parametrize("epoch", [0, 1])
 def test_mae_and_clip_read_the_same_samples_in_the_same_order(shard_set, epoch):
-    cfg = load_config("smoke")
+    cfg = load_config("smoke", STREAM)
     tokenizer = TextTokenizer(cfg.text.context_length)
     mae = _stream(cfg, shard_set, "mae", tokenizer, epoch)
     clip = _stream(cfg, shard_set, "clip", tokenizer, epoch)
@@ -229,7 +234,7 @@ def test_mae_and_clip_read_the_same_samples_in_the_same_order(shard_set, epoch):
 
 
 def test_the_caption_filter_is_the_studys_setting(shard_set):
-    cfg = load_config("smoke", ["data.require_caption=false"])
+    cfg = load_config("smoke", [*STREAM, "data.require_caption=false"])
     keys, skipped, _, _ = _stream(cfg, shard_set, "mae", None, 0)
     assert skipped == {"tiny_image": 1, "undecodable_image": 1} and len(keys) == 24  # all 24 captioned or not
     check_sample_stream(cfg, ["mae", "simclr"])  # image-only methods may keep caption-less samples

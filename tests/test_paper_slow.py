@@ -24,7 +24,8 @@ from paper_world import build_paper_world
 # Budgets only (epochs, iterations, batch sizes): every architecture and recipe setting stays the preset's.
 # One pre-training step of 4 samples, one probe epoch, one fine-tuning step of 8, one UperNet iteration of 2
 # crops (its BatchNorm needs more than one).
-BUDGET = ["train.epochs=0.5", "train.batch_size=4", "train.warmup_epochs=0",
+# data.streams: the miniature download has 2 shards, and every one of the preset's 64 streams needs one.
+BUDGET = ["train.epochs=0.5", "train.batch_size=4", "train.warmup_epochs=0", "data.streams=2",
           "eval.batch_size=8",
           "eval.linear.epochs=1", "eval.linear.batch_size=8", "eval.linear.warmup_epochs=0",
           "eval.finetune.epochs=1", "eval.finetune.batch_size=8", "eval.finetune.warmup_epochs=0",

@@ -20,6 +20,9 @@ from mugbench.data.pipeline import IMAGE_KEYS, SkipCounter, TarSamples
 from mugbench.data.shard_count import count_samples, stats_file
 from mugbench.data.pretrain import resolve_data
 
+# The shard sets here hold 1-3 shards: one sample stream reads them (each of data.streams needs a shard).
+ONE_STREAM = ["data.streams=1"]
+
 
 def _image(fmt: str, colour=(200, 40, 40)) -> bytes:
     buf = io.BytesIO()
@@ -174,11 +177,11 @@ def test_no_samples_remote_shards_and_an_explicit_value(tmp_path):
     urls, _ = _shard_set(tmp_path / "shards")
     pattern = str(tmp_path / "shards" / "{00000..00002}.tar")
     lines = []
-    explicit = load_config("smoke", [f"data.name={pattern}", "data.samples_per_epoch=1000"])
+    explicit = load_config("smoke", [f"data.name={pattern}", "data.samples_per_epoch=1000", *ONE_STREAM])
     assert resolve_data(explicit, None, tmp_path / "cache", log=lines.append).samples == 1000
     for url, n in zip(urls, (40, 41, 42)):
         stats_file(url).write_text(json.dumps({"successes": n}))
-    counted = load_config("smoke", [f"data.name={pattern}"])
+    counted = load_config("smoke", [f"data.name={pattern}", *ONE_STREAM])
     assert resolve_data(counted, None, tmp_path / "cache", log=lines.append).samples == 123
     assert lines == ["samples per epoch: 1,000 from data.samples_per_epoch",
                      "samples per epoch: 123 from img2dataset stats files"]
@@ -194,7 +197,7 @@ def test_a_foreign_shard_set_trains_without_samples_per_epoch(tmp_path, capsys, 
             stats_file(url).write_text(json.dumps({"count": 20, "successes": 16, "failed_to_download": 4}))
     source = "img2dataset stats files" if with_stats else "a header pass over 3 shards"
     pattern = str(tmp_path / "shards" / "{00000..00002}.tar")
-    args = ["run", "--methods", "mae", "--preset", "smoke", "--data", pattern, "--evals", "knn",
+    args = ["run", "--methods", "mae", "--preset", "smoke", "--data", pattern, "--evals", "knn", "--set", *ONE_STREAM,
             "--cache-dir", str(tmp_path / "cache"), "--workdir", str(tmp_path / "runs"),
             "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports")]
     assert main(args) == 0
@@ -219,7 +222,7 @@ def test_the_paper_preset_counts_its_named_set(tmp_path, monkeypatch):
 
     monkeypatch.setitem(catalog.PRETRAIN_SETS, "cc3m", "cc3m/{00000..00001}.tar")  # a two-shard "download"
     _stats_set(tmp_path / "root" / "cc3m", [5, 6])
-    cfg = load_config("paper")
+    cfg = load_config("paper", ONE_STREAM)
     assert cfg.data.name == "cc3m" and cfg.data.samples_per_epoch is None
     lines, warnings = [], []
     data = resolve_data(cfg, tmp_path / "root", tmp_path / "cache", log=lines.append, warn=warnings.append)
@@ -230,7 +233,7 @@ def test_the_paper_preset_counts_its_named_set(tmp_path, monkeypatch):
 @pytest.mark.parametrize("explicit,warned", [(100, False), (103, False), (97, False), (104, True), (64, True)])
 def test_an_explicit_epoch_length_wins_and_is_checked_against_the_shards(tmp_path, explicit, warned):
     pattern = _stats_set(tmp_path / "shards", [60, 40])  # 100 samples
-    cfg = load_config("paper", [f"data.name={pattern}", f"data.samples_per_epoch={explicit}"])
+    cfg = load_config("paper", [f"data.name={pattern}", f"data.samples_per_epoch={explicit}", *ONE_STREAM])
     lines, warnings = [], []
     data = resolve_data(cfg, None, tmp_path / "cache", log=lines.append, warn=warnings.append)
     assert data.samples == explicit and lines == [f"samples per epoch: {explicit} from data.samples_per_epoch"]
@@ -250,7 +253,8 @@ def test_resampled_or_remote_shards_are_not_checked(tmp_path, monkeypatch):
     cfg = load_config("paper", [f"data.name={pattern}", "data.samples_per_epoch=1000", "data.resampled=true"])
     warnings = []
     assert resolve_data(cfg, None, tmp_path / "cache", log=print, warn=warnings.append).samples == 1000
-    remote = load_config("paper", ["data.name=pipe:cat /x/{00000..00001}.tar", "data.samples_per_epoch=1000"])
+    remote = load_config("paper", ["data.name=pipe:cat /x/{00000..00001}.tar", "data.samples_per_epoch=1000",
+                                   *ONE_STREAM])
     assert resolve_data(remote, None, tmp_path / "cache", log=print, warn=warnings.append).samples == 1000
     assert warnings == []
 
@@ -258,7 +262,7 @@ def test_resampled_or_remote_shards_are_not_checked(tmp_path, monkeypatch):
 def test_the_mismatch_warning_goes_to_stderr_by_default_and_a_failed_count_only_warns(tmp_path, capsys):
     urls, real = _shard_set(tmp_path / "shards")  # no stats files: a header pass
     pattern = str(tmp_path / "shards" / "{00000..00002}.tar")
-    cfg = load_config("smoke", [f"data.name={pattern}", "data.samples_per_epoch=64"])
+    cfg = load_config("smoke", [f"data.name={pattern}", "data.samples_per_epoch=64", *ONE_STREAM])
     assert resolve_data(cfg, None, tmp_path / "cache", log=print).samples == 64
     out, err = capsys.readouterr()
     assert out.splitlines()[-1] == "samples per epoch: 64 from data.samples_per_epoch"
@@ -267,7 +271,8 @@ def test_the_mismatch_warning_goes_to_stderr_by_default_and_a_failed_count_only_
         "a header pass over 3 shards" in warning
     (tmp_path / "empty").mkdir()
     _write_shard(tmp_path / "empty" / "00000.tar", _sample("k", None))  # nothing to count: said, not raised
-    cfg = load_config("smoke", [f"data.name={tmp_path / 'empty' / '00000.tar'}", "data.samples_per_epoch=64"])
+    cfg = load_config("smoke", [f"data.name={tmp_path / 'empty' / '00000.tar'}", "data.samples_per_epoch=64",
+                               *ONE_STREAM])
     warnings = []
     assert resolve_data(cfg, None, tmp_path / "cache", log=print, warn=warnings.append).samples == 64
     assert len(warnings) == 1 and "could not be checked" in warnings[0] and "no sample with an image" in warnings[0]

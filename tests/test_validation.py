@@ -126,7 +126,7 @@ def _broken_shards(root: Path, shards: int = 2, per_shard: int = 8) -> str:
 def test_shard_set_with_every_sample_broken_is_a_data_error(tmp_path, capsys, monkeypatch):
     pattern = _broken_shards(tmp_path / "shards")
     args = [*SMALL_RUN, *_folders(tmp_path), "--data", pattern, "--set", "data.samples_per_epoch=16",
-            "--set", "train.batch_size=4"]
+            "--set", "train.batch_size=4", "--set", "data.streams=2"]
     code, _, err = _cli(args, tmp_path, capsys, monkeypatch)
     _assert_user_error(code, err, "yielded no batch", "undecodable", "mugbench data check", first=False)
     assert not list((tmp_path / "results").rglob("*.json"))

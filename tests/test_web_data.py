@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 import webdataset as wds
 from PIL import Image
 
@@ -24,7 +23,6 @@ from mugbench.data.decode import BadImage, decode_rgb, draft_size
 from mugbench.data.pipeline import DecodeOptions, make_loader, split_sample_key
 from mugbench.data.transforms import build_eval_transform
 from mugbench.registry import registered_eval_sets
-from mugbench.train.distributed import DistInfo
 from mugbench.train.loop import TrainState, _check_bad_fraction
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -224,12 +222,11 @@ def test_distribution_percentiles():
 
 
 def test_too_many_bad_samples_stop_training_with_counts():
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    skipped = {"undecodable_image": 380, "truncated_tar": 2}
-    _check_bad_fraction(TrainState(images=600, skipped=skipped), 0.2, info, "mae", 7)  # 982 samples read: too few to judge
-    _check_bad_fraction(TrainState(images=2000, skipped=skipped), 0.2, info, "mae", 7)  # 16%: carry on
+    skipped = {"undecodable_image": 380, "truncated_tar": 2}  # every rank's, merged (`train.loop._merge_counts`)
+    _check_bad_fraction(TrainState(images=600, skipped=skipped), 0.2, "mae", 7)  # 982 samples read: too few to judge
+    _check_bad_fraction(TrainState(images=2000, skipped=skipped), 0.2, "mae", 7)  # 16%: carry on
     with pytest.raises(BadDataError) as err:
-        _check_bad_fraction(TrainState(images=700, skipped=skipped), 0.2, info, "mae", 7)
+        _check_bad_fraction(TrainState(images=700, skipped=skipped), 0.2, "mae", 7)
     msg = str(err.value)
     assert "382 of the 1082" in msg and "undecodable_image=380" in msg and "--fix-list" in msg
 

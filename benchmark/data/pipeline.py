@@ -13,6 +13,9 @@ the wrong mode (CMYK, palette, alpha, greyscale) are repaired to RGB and counted
 Multi-node: with ``resampled=True`` every (rank, worker) draws shards with replacement from
 its own seeded stream and an epoch is a fixed number of batches, as open_clip does for
 LAION; otherwise shards are split across ranks and workers and an epoch is one pass.
+
+Pre-training does not use `make_loader`: it reads the same per-sample stages through the fixed virtual
+streams of `streams.stream_batches`, whose batches do not depend on ranks, workers or accumulation.
 """
 
 from __future__ import annotations
@@ -237,9 +240,13 @@ def _mask_tensor(mask: Image.Image, size: int) -> torch.Tensor:
 class _Collate:
     """Stacks examples into the batch dict and attaches this worker's skip counts."""
 
-    def __init__(self, counter: SkipCounter, tokenizer: Callable | None, need_label: bool, need_mask: bool):
+    def __init__(self, counter: SkipCounter, tokenizer: Callable | None, need_label: bool, need_mask: bool,
+                 trim_text: bool = True):
         self.counter, self.tokenizer = counter, tokenizer
         self.need_label, self.need_mask = need_label, need_mask
+        # Off where parts of one batch are collated apart and concatenated later (`streams`): they must
+        # share one text length, so the concatenated batch is trimmed instead.
+        self.trim_text = trim_text
 
     def __call__(self, examples: list[dict]) -> dict:
         """Build the batch dict described in ``make_loader``."""
@@ -250,7 +257,7 @@ class _Collate:
             batch["image_views"] = views
         if self.tokenizer is not None:
             batch["text"] = self.tokenizer(captions)
-            if getattr(self.tokenizer, "pad_id", None) is not None:
+            if self.trim_text and getattr(self.tokenizer, "pad_id", None) is not None:
                 batch["text"] = trim_padding(batch["text"], self.tokenizer.pad_id)
         if self.need_label:
             batch["label"] = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
@@ -333,11 +340,13 @@ def _sample_pipeline(urls: Sequence[str], counter: SkipCounter, to_example: _ToE
     stages.append(TarSamples(counter.tar_handler))
     if shuffle:
         stages.append(_SeededShuffle(shuffle_buffer, seed, epoch))
-    stages += [
-        wds.decode(only=_METADATA_KEYS, handler=counter.decode_handler),
-        wds.map(to_example),
-    ]
-    return stages
+    return stages + example_stages(counter, to_example)
+
+
+def example_stages(counter: SkipCounter, to_example: _ToExample) -> list:
+    """The stages after reading (and shuffling) raw samples: decode the metadata only, then turn each
+    sample into an example, dropping (and counting in ``counter``) the ones that must be skipped."""
+    return [wds.decode(only=_METADATA_KEYS, handler=counter.decode_handler), wds.map(to_example)]
 
 
 def make_loader(urls: str | Sequence[str], *, batch_size: int, image_transforms: Sequence[Callable],

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from ..config import ConfigError, StudyConfig
 from ..method import TextSpec
+from ..preflight import check_stream_split
 from ..registry import get_method
 from . import catalog
 from .decode import draft_size
-from .pipeline import DecodeOptions, make_loader
+from .pipeline import DecodeOptions
+from .streams import stream_batches, too_few_shards
 from .tokenizer import TextTokenizer, corpus_vocab
 from .toy import TOY_CLASSES, prepare_toy_world
 from .transforms import build_view_transform, method_view_specs
@@ -53,6 +55,7 @@ def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=
     if cfg.data.name == "toy":
         root, manifest = prepare_toy_world(cfg.data, cache_dir, log=log)
         split = manifest["splits"]["pretrain"]
+        _check_shard_count(cfg, len(split["shards"]))
         return PretrainData("toy", [str(root / s) for s in split["shards"]], split["count"], root / "vocab.json",
                             num_classes=len(manifest["classes"]))
     urls = catalog.resolve_pretrain_urls(cfg.data.name, data_root)
@@ -63,6 +66,7 @@ def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=
             f"Pre-training data {cfg.data.name!r} is read from remote shards, whose samples cannot be counted "
             f"before training, so the epoch length is unknown. Set it with --set data.samples_per_epoch=N "
             f"(img2dataset's NNNNN_stats.json files hold each shard's count of successful downloads).")
+    _check_shard_count(cfg, len(urls))  # before a header pass, which may take minutes
     if not samples:
         from .shard_count import count_samples  # imported here: only resolve_data counts shards
 
@@ -79,6 +83,15 @@ def resolve_data(cfg: StudyConfig, data_root: Path | None, cache_dir: Path, log=
     log(f"samples per epoch: {samples:,} from {source}")
     key = hashlib.sha1("\n".join(urls).encode()).hexdigest()[:12]
     return PretrainData(cfg.data.name, urls, samples, cache_dir / "vocab" / f"{key}.json")
+
+
+def _check_shard_count(cfg: StudyConfig, shards: int) -> None:
+    """Refuse shards too few for ``data.streams`` (each stream reads whole shards) before anything is
+    counted or trained; resampled streams draw from the whole set, so any count will do."""
+    if not cfg.data.resampled and shards < cfg.data.streams:
+        toy = cfg.data.name == "toy"
+        hint = " For the embedded set, a smaller data.toy_shard_size gives more shards." if toy else ""
+        raise ConfigError(too_few_shards(shards, cfg.data.streams) + hint)
 
 
 def decode_options(cfg: StudyConfig, min_crop_scales: list[float]) -> DecodeOptions:
@@ -103,22 +116,26 @@ def check_sample_stream(cfg: StudyConfig, methods: list[str]) -> None:
 
 
 def pretrain_batches(cfg: StudyConfig, data: PretrainData, method_cls: type, tokenizer: TextTokenizer, *,
-                     per_rank: int, steps_per_epoch: int, pin_memory: bool = False):
-    """``batches(epoch) -> DataLoader`` of one method's pre-training, as `run_study` trains it.
+                     rank: int = 0, world_size: int = 1, steps_per_epoch: int, pin_memory: bool = False):
+    """``batches(epoch)``: rank ``rank`` of ``world_size``'s micro-batches of one method's pre-training epoch,
+    as `run_study` trains it (`streams.stream_batches`, ``train.accum_steps`` per step).
 
-    The sample filter is the study's (``data.require_caption``, ``data.min_image_size``, the decoder's
-    checks), the same for every method, so every method sees the same samples in the same order; only
-    the tokenised text (for methods that read captions) and the declared extra views differ. View 0
-    is the study's base view (`method_view_specs`), drawn first from each sample's seeded RNG, so it
-    is the same crop for every method. Methods that declare ``needs_labels`` also get ``label`` (the
-    shard's ``.cls``); the loader would skip a sample without one, so they only run on data whose every
-    sample has a label (``data.num_classes > 0``: the toy world), where the stream stays the same.
+    The global batches are the study's alone (``data.streams``, the seed, the data), whatever the ranks,
+    loader workers and accumulation steps. The sample filter is the study's (``data.require_caption``,
+    ``data.min_image_size``, the decoder's checks), the same for every method, so every method sees the same
+    samples in the same order; only the tokenised text (for methods that read captions) and the declared
+    extra views differ. View 0 is the study's base view (`method_view_specs`), drawn first from each
+    sample's seeded RNG, so it is the same crop for every method. Methods that declare ``needs_labels``
+    also get ``label`` (the shard's ``.cls``); the loader would skip a sample without one, so they only run
+    on data whose every sample has a label (``data.num_classes > 0``: the toy world), where the stream
+    stays the same.
     """
-    d = cfg.data
+    d, t = cfg.data, cfg.train
     reason = not_applicable(method_cls, data)
     if reason:
         raise ConfigError(f"Method {method_cls.name!r} trains on class labels, but {reason}: leave it out of "
                           f"this study (run_study skips it).")
+    check_stream_split(cfg, world_size, len(data.urls))
     specs = method_view_specs(method_cls, d.augment)
     transforms = [build_view_transform(v, cfg.encoder.img_size) for v in specs]
     # Decoded at the size the study's base view needs, the same for every method: the decoded image
@@ -127,12 +144,12 @@ def pretrain_batches(cfg: StudyConfig, data: PretrainData, method_cls: type, tok
     text = tokenizer if method_cls.needs_text else None
 
     def batches(epoch: int):
-        return make_loader(data.urls, batch_size=per_rank, image_transforms=transforms, tokenizer=text,
-                           need_caption=d.require_caption, need_label=method_cls.needs_labels, shuffle=True,
-                           seed=cfg.seed, epoch=epoch,
-                           num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, decode=decode,
-                           resampled=d.resampled, batches_per_epoch=steps_per_epoch * cfg.train.accum_steps,
-                           pin_memory=pin_memory, prefetch_factor=d.prefetch_factor, tally_tail=True)
+        return stream_batches(data.urls, streams=d.streams, rank=rank, world_size=world_size,
+                              accum_steps=t.accum_steps, global_batch=t.batch_size, steps_per_epoch=steps_per_epoch,
+                              image_transforms=transforms, tokenizer=text, need_caption=d.require_caption,
+                              need_label=method_cls.needs_labels, seed=cfg.seed, epoch=epoch,
+                              num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, decode=decode,
+                              resampled=d.resampled, pin_memory=pin_memory, prefetch_factor=d.prefetch_factor)
 
     return batches
 

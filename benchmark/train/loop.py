@@ -772,11 +772,12 @@ def _checkpoint(run: _Run, state: TrainState, session: _Session) -> None:
                             state.step, keep=run.cfg.keep_checkpoints)
 
 
-def _end_short_epoch(run: _Run, state: TrainState, epoch: int, steps: int) -> None:
+def _end_short_epoch(run: _Run, state: TrainState, session: _Session, epoch: int, steps: int) -> None:
     """The epoch's batches ran out before its updates did (a stream ran short: samples were skipped, or
     streams hold unequal counts): count the epoch as complete, so the schedule and the resume position
     stay aligned with the epochs. An epoch without a single step stops the run (`BadDataError`)."""
     if steps == 0:
+        _merge_counts(state, session.counts, run.info)  # the message names every rank's skips
         raise BadDataError(f"The data pipeline yielded no batch for epoch {epoch} of {run.desc}: every "
                            f"sample was skipped (by kind: {state.skipped or 'none'}) or the "
                            f"shards hold none. Run `mugbench data check SHARDS` to see what is wrong "
@@ -806,7 +807,7 @@ def _run_epoch(run: _Run, state: TrainState, session: _Session, batches: Callabl
             _checkpoint(run, state, session)
         if state.step >= run.total or state.step % run.steps_per_epoch == 0:
             return
-    _end_short_epoch(run, state, epoch, seen)
+    _end_short_epoch(run, state, session, epoch, seen)
 
 
 def _summarize(run: _Run, state: TrainState, resumed_from: int) -> TrainSummary:
