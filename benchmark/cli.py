@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_study_args(ev, preset_default=None, preset_help="default: the run's own study, else toy")
 
     bench = sub.add_parser("bench", help="train-step speed, FLOPs and memory of each method beside a plain ViT step "
-                           "(or: bench input-pipeline)")
+                           "(or: bench input-pipeline, bench accumulation)")
     bench.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
     bench.add_argument("--preset", default="toy", help="smoke | toy | paper | path to a study YAML (default: toy)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -126,6 +126,22 @@ def _parser() -> argparse.ArgumentParser:
     inp.add_argument("--workers", type=int, default=0, help="loader workers (default: 0 = one worker's throughput)")
     inp.add_argument("--workdir", type=Path, default=None, help="where the generated shards go (default: the cache)")
     inp.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    acc = bsub.add_parser("accumulation", help="ms per optimiser step and peak step memory of the shared trainer at "
+                          "one global batch, in one piece and in accum_steps micro-batches (exact accumulation: two "
+                          "passes for batch-coupled methods, plain for per-sample ones)")
+    acc.add_argument("--methods", default="clip,simclr", help="comma-separated (default: clip,simclr)")
+    acc.add_argument("--accum", default="1,4", metavar="K1,K2", help="accumulation counts, each dividing the global "
+                     "batch (default: 1,4)")
+    acc.add_argument("--preset", default="toy", help="smoke | toy | paper | path to a study YAML (default: toy)")
+    acc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    acc.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    acc.add_argument("--batch-size", type=int, default=None, metavar="GLOBAL",
+                     help="global batch of every configuration (default: the preset's train.batch_size)")
+    acc.add_argument("--steps", type=int, default=6, help="timed optimiser steps per configuration (default: 6)")
+    acc.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    acc.add_argument("--rounds", type=int, default=2, help="alternations of the configurations; the median of the "
+                     "rounds is reported (default: 2)")
+    acc.add_argument("--json", type=Path, default=None, help="also write the rows here")
 
     exp = sub.add_parser("export", help="write a run's encoder as a timm Hugging Face folder (config.json + model.safetensors) "
                                          "that timm and transformers load; clip, slip and flip runs also get an open_clip model")
@@ -391,6 +407,8 @@ def _cmd_export(args) -> int:
 def _cmd_bench(args) -> int:
     if args.bench_command is None:
         return _cmd_bench_train_step(args)
+    if args.bench_command == "accumulation":
+        return _cmd_bench_accumulation(args)
     from .bench.input_pipeline import format_table, run
     from .data.catalog import default_cache_dir
 
@@ -403,6 +421,37 @@ def _cmd_bench(args) -> int:
         from .files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def _cmd_bench_accumulation(args) -> int:
+    from .config import ConfigError, load_config
+
+    cfg = load_config(args.preset, args.overrides)
+    try:
+        accum = [int(k) for k in args.accum.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"mugbench bench accumulation --accum {args.accum}: give whole numbers separated by "
+                          f"commas, e.g. --accum 1,4.") from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    import torch
+
+    from .bench.accumulation import format_table, run
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    rows = run(cfg, methods, device=device, accum=accum, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+               global_batch=args.batch_size)
+    print(format_table(rows, device, cfg.preset))
+    if args.json:
+        import dataclasses
+
+        from .files import atomic_write_text
+
+        machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "threads": torch.get_num_threads(), "preset": cfg.preset, "overrides": list(args.overrides)}
+        atomic_write_text(args.json, json.dumps({**machine, "rows": [dataclasses.asdict(r) for r in rows]},
+                                                indent=1) + "\n")
     return 0
 
 

@@ -97,3 +97,62 @@ def test_bench_step_runs_the_methods_after_step(smoke_cfg, spec, toy_samples, to
     batch = make_batch(type(method), toy_samples[:4], tokenizer, smoke_cfg.encoder.img_size)
     measure("clip", method, batch, smoke_cfg, torch.device("cpu"), steps=2, warmup=1, count_flops=False)
     assert len(calls) == 3
+
+
+def test_accumulation_bench_times_one_global_batch_in_one_and_in_two_micro_batches(smoke_cfg):
+    from mugbench.bench.accumulation import format_table, run
+
+    rows = run(smoke_cfg, ["clip"], device=torch.device("cpu"), accum=(1, 2), steps=2, warmup=1, rounds=1)
+    assert [(r.method, r.global_batch, r.accum_steps, r.micro_batch) for r in rows] == [("clip", 32, 1, 32),
+                                                                                         ("clip", 32, 2, 16)]
+    assert all(r.step_ms > 0 and len(r.rounds_ms) == 1 for r in rows)
+    assert rows[0].time_ratio == 1.0 and rows[1].time_ratio == rows[1].step_ms / rows[0].step_ms
+    assert [r.accumulation for r in rows] == ["none (one batch)", "two passes"]  # clip couples rows
+    table = format_table(rows, torch.device("cpu"), "smoke")
+    assert "| clip | 32 | 1 | 32 |" in table and "| clip | 32 | 2 | 16 |" in table
+    assert "time vs accum 1" in table and f"| {rows[1].time_ratio:.2f}x |" in table
+    assert "one extra forward of the features per micro-batch" in table and "torch threads" in table
+
+
+def test_accumulation_bench_cuts_consecutive_rows_and_trims_each_micro_batch(smoke_cfg):
+    from mugbench.bench.accumulation import micro_batches
+    from mugbench.bench.train_step import synthetic_batch
+    from mugbench.data.tokenizer import TextTokenizer
+    from mugbench.registry import get_method
+
+    tok = TextTokenizer(smoke_cfg.text.context_length)
+    whole = synthetic_batch(smoke_cfg, get_method("simclr"), tok, 8, "cpu")  # the base view and simclr's two
+    text = torch.full((8, 32), tok.pad_id)
+    text[:4], text[4:, :3] = 5, 6  # long captions in the first micro-batch, three tokens in the second
+    whole["text"] = text
+    micro = micro_batches(whole, 2, tok.pad_id)
+    assert [m["image"].shape[0] for m in micro] == [4, 4] and micro[1]["caption"] == whole["caption"][4:]
+    torch.testing.assert_close(torch.cat([m["image"] for m in micro]), whole["image"])
+    assert len(whole["image_views"]) == 3
+    for i in range(3):
+        torch.testing.assert_close(torch.cat([m["image_views"][i] for m in micro]), whole["image_views"][i])
+    assert micro[0]["text"].shape == (4, 32) and micro[1]["text"].shape == (4, 8)  # trimmed to a multiple of 8
+
+
+def test_accumulation_bench_cli_writes_the_rows_as_json(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "accum.json"
+    assert main(["bench", "accumulation", "--preset", "smoke", "--methods", "clip", "--accum", "1,2", "--steps", "2",
+                 "--warmup", "1", "--rounds", "1", "--device", "cpu", "--json", str(path)]) == 0
+    assert "| clip | 32 | 2 | 16 |" in capsys.readouterr().out
+    saved = json.loads(path.read_text())
+    assert saved["device"] == "cpu" and saved["threads"] >= 1
+    assert [(r["accum_steps"], r["micro_batch"]) for r in saved["rows"]] == [(1, 32), (2, 16)]
+    assert all(r["step_ms"] > 0 for r in saved["rows"])
+
+
+def test_accumulation_bench_refuses_a_global_batch_its_counts_do_not_split(tmp_path, capsys):
+    path = tmp_path / "accum.json"
+    assert main(["bench", "accumulation", "--preset", "smoke", "--methods", "clip", "--accum", "1,3",
+                 "--json", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "global batch of 32 rows does not split into 3 micro-batches" in err and "--batch-size" in err
+    assert not path.exists()
+    assert main(["bench", "accumulation", "--preset", "smoke", "--accum", "1,four"]) == 2
+    assert "whole numbers" in capsys.readouterr().err

@@ -108,6 +108,7 @@ def test_a_study_outlasting_the_process_group_timeout_finishes(tmp_path):
 def _torchrun_study(tmp_path: Path, results: str) -> list[str]:
     return [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *MUGBENCH, "run", "--preset", "smoke",
             "--methods", "mae", "--evals", "knn,linear,finetune", "--set", "train.ckpt_every=2",
+            "--set", "train.accum_steps=2", "--set", "data.num_workers=1",  # killed mid-step, streams in workers
             "--set", "eval.finetune.epochs=6", "--workdir", f"runs-{results}", "--results", results]
 
 

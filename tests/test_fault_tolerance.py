@@ -78,8 +78,12 @@ def test_a_checkpoint_of_another_method_is_a_clear_error(smoke_cfg, spec, toy_sa
 
 
 def _run(tmp_path: Path, workdir: str, results: str) -> list[str]:
-    return [sys.executable, "-m", "mugbench.cli", "run", "--preset", "smoke", "--methods", "mae", "--evals", "knn",
-            "--set", "train.epochs=4", "--set", "train.ckpt_every=4", "--cache-dir", str(tmp_path / "cache"),
+    # clip in two micro-batches per step (the two-pass accumulation): a kill lands mid-step as often as not,
+    # and the rerun replays the global sample stream up to the checkpoint. (With loader workers too: the slow
+    # test_distributed_eval_slow kill test, under torchrun.)
+    return [sys.executable, "-m", "mugbench.cli", "run", "--preset", "smoke", "--methods", "clip", "--evals", "knn",
+            "--set", "train.epochs=4", "--set", "train.ckpt_every=4", "--set", "train.accum_steps=2",
+            "--cache-dir", str(tmp_path / "cache"),
             "--workdir", str(tmp_path / workdir), "--results", str(tmp_path / results),
             "--reports", str(tmp_path / "reports")]
 

@@ -80,6 +80,14 @@ def synthetic_captions(count: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(10)) for _ in range(count)]
 
 
+def synthetic_tokenizer(cfg: StudyConfig) -> TextTokenizer:
+    """The study's tokenizer for synthetic captions: the full BPE, or (``text.vocab: corpus``) the compact
+    vocabulary of the captions seen, as in the study."""
+    if cfg.text.vocab == "corpus":
+        return TextTokenizer(cfg.text.context_length, corpus_vocab(synthetic_captions(512)))
+    return TextTokenizer(cfg.text.context_length)
+
+
 def synthetic_batch(cfg: StudyConfig, method_cls, tokenizer: TextTokenizer, batch: int, device, seed: int = 0) -> dict:
     """Random images for every view the method trains on (`method_view_specs`: the study's base view
     plus its extra views) and tokenised ten-word captions, on ``device``."""
@@ -243,9 +251,7 @@ def run(cfg: StudyConfig, methods: list[str], *, device, steps: int = 10, warmup
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown bench variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
-    tokenizer = TextTokenizer(cfg.text.context_length)
-    if cfg.text.vocab == "corpus":  # the compact vocabulary of the captions seen, as in the study
-        tokenizer = TextTokenizer(cfg.text.context_length, corpus_vocab(synthetic_captions(512)))
+    tokenizer = synthetic_tokenizer(cfg)
     spec = text_spec(cfg, tokenizer)
     batch = batch_size or cfg.train.batch_size // cfg.train.accum_steps
     peak = matmul_peak_tflops(device) if device.type == "cuda" else None
