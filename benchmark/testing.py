@@ -285,9 +285,7 @@ def train_tiny(name: str, accum_steps: int, steps: int, info=None) -> dict:
     from .train.distributed import DistInfo
     from .train.loop import train
 
-    cls, info = get_method(name), info or DistInfo()
-
-    t = toy()
+    cls, info, t = get_method(name), info or DistInfo(), toy()
     cfg = dataclasses.replace(t.cfg.train, batch_size=len(t.samples), accum_steps=accum_steps, epochs=1,
                               log_every=1, ckpt_every=10 ** 6, warmup_epochs=0.25)
     global_batches = [tiny_batch(cls, t.samples, t.tokenizer, t.cfg.encoder.img_size, t.cfg.data.augment, seed=i)
@@ -295,7 +293,7 @@ def train_tiny(name: str, accum_steps: int, steps: int, info=None) -> dict:
 
     def batches(epoch: int):
         for batch in global_batches:
-            yield from _split_rows(_split_rows(batch, info.world_size)[info.rank], accum_steps)
+            yield from split_rows(split_rows(batch, info.world_size)[info.rank], accum_steps)
 
     method = cls.build(build_encoder(t.cfg.encoder, seed=t.cfg.seed), t.spec(), t.cfg.methods.get(name))
     with tempfile.TemporaryDirectory(prefix="mugbench-accum-") as workdir:
@@ -307,8 +305,9 @@ def train_tiny(name: str, accum_steps: int, steps: int, info=None) -> dict:
             "loss": [(row["step"], row["loss"]) for row in rows]}
 
 
-def _split_rows(batch: dict, parts: int) -> list[dict]:
-    """``batch`` cut into ``parts`` micro-batches of consecutive rows (tensors, lists and each image view)."""
+def split_rows(batch: dict, parts: int) -> list[dict]:
+    """``batch`` cut into ``parts`` micro-batches of consecutive rows (tensors, lists and each image view),
+    as the trainer receives a step's micro-batches."""
     rows = len(batch["image"]) // parts
 
     def cut(value, i):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..config import ConfigError, StudyConfig
 from ..method import TextSpec
-from ..preflight import check_stream_split
 from ..registry import get_method
 from . import catalog
 from .decode import draft_size
@@ -135,7 +134,6 @@ def pretrain_batches(cfg: StudyConfig, data: PretrainData, method_cls: type, tok
     if reason:
         raise ConfigError(f"Method {method_cls.name!r} trains on class labels, but {reason}: leave it out of "
                           f"this study (run_study skips it).")
-    check_stream_split(cfg, world_size, len(data.urls))
     specs = method_view_specs(method_cls, d.augment)
     transforms = [build_view_transform(v, cfg.encoder.img_size) for v in specs]
     # Decoded at the size the study's base view needs, the same for every method: the decoded image

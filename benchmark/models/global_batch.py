@@ -25,6 +25,8 @@ from typing import Iterator
 
 import torch
 
+from ..data.transforms import sample_seed
+
 __all__ = ["StepContext", "global_batch_rand", "global_mean", "loss_stage", "step_context", "training_step"]
 
 
@@ -84,8 +86,7 @@ def loss_stage() -> Iterator[None]:
 
 
 def _call_seed(ctx: StepContext) -> int:
-    from ..data.transforms import sample_seed  # a hash of (seed, step, name): here, models/ must not need data/ at import
-
+    """The seed of the pass's next draw: a hash of (seed, step, stage, draw number)."""
     ctx.calls += 1
     return sample_seed(ctx.seed, ctx.step, f"rand/{ctx.stage}/{ctx.calls}")
 

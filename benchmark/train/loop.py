@@ -489,8 +489,8 @@ def _wrap_for_ranks(method: torch.nn.Module, info: DistInfo, fsdp: bool) -> torc
 
 def _prepare(method: torch.nn.Module, cfg: TrainConfig, *, steps_per_epoch: int, workdir: Path, info: DistInfo,
              desc: str, max_bad_fraction: float, seed: int) -> _Run:
-    """Check the strategy, move and wrap the method (SyncBatchNorm, activation checkpointing,
-    DDP / FSDP, compile), build the optimiser and schedule: everything a session trains with."""
+    """Check the strategy, move and wrap the method (activation checkpointing, DDP / FSDP, compile), build
+    the optimiser and schedule: everything a session trains with."""
     if cfg.strategy not in ("ddp", "fsdp"):
         raise ConfigError(f"train.strategy must be 'ddp' or 'fsdp', not {cfg.strategy!r}.")
     fsdp = cfg.strategy == "fsdp" and info.world_size > 1
@@ -637,7 +637,8 @@ def _two_pass_accumulation(run: _Run, state: TrainState, session: _Session, micr
     rows where the loss gathers them) and its backward, which leaves the loss's own parameters their
     gradient and each feature row its share; then each micro-batch forwarded again, with the random
     state of its first pass, and backpropagated from that share. Costs one more forward of the features
-    per micro-batch. Gradients are averaged over ranks by hand: these passes run outside DDP's forward."""
+    per micro-batch. Gradients are averaged over ranks by hand, after the last backward (no overlap with
+    it, unlike DDP's buckets): these passes call the method itself, outside DDP's (and a compiled) forward."""
     method, cfg, device = run.method, run.cfg, run.device
     rows = micro[0]["image"].shape[0]
     first_pass, replays = contexts(run.info.world_size), contexts(run.info.world_size)
