@@ -20,18 +20,9 @@ from mugbench.train.checkpoint import load_checkpoint, run_checkpoints
 from mugbench.train.distributed import DistInfo
 from mugbench.train.loop import CheckpointMismatchError, train
 
-from test_train import _batches, _cfg, _Crash
+from test_train import _batches, _cfg, _Crash, _crashing
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def _crashing(feed, at_epoch: int, at_batch: int):
-    def batches(epoch):
-        for i, b in enumerate(feed(epoch)):
-            if epoch == at_epoch and i == at_batch:
-                raise _Crash
-            yield b
-    return batches
 
 
 def test_keeps_the_last_checkpoints_and_falls_back_past_a_corrupt_one(smoke_cfg, spec, toy_samples, tokenizer,

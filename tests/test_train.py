@@ -31,6 +31,16 @@ class _Crash(Exception):
     """Stands in for a killed job."""
 
 
+def _crashing(feed, at_epoch: int, at_batch: int):
+    """``feed`` that raises `_Crash` instead of yielding batch ``at_batch`` of epoch ``at_epoch``."""
+    def batches(epoch):
+        for i, b in enumerate(feed(epoch)):
+            if epoch == at_epoch and i == at_batch:
+                raise _Crash
+            yield b
+    return batches
+
+
 def _losses(path):
     return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
 
@@ -145,20 +155,12 @@ def test_a_crash_between_the_micro_batches_of_a_step_resumes_to_the_uninterrupte
         whole = _batches(method, toy_samples, tokenizer, smoke_cfg.encoder.img_size)
         return lambda epoch: (micro for batch in whole(epoch) for micro in split_rows(batch, 2))
 
-    def crashing(batches, epoch_at: int, micro_at: int):
-        def crash_in(epoch):
-            for i, micro in enumerate(batches(epoch)):
-                if epoch == epoch_at and i == micro_at:
-                    raise _Crash
-                yield micro
-        return crash_in
-
     cfg = _cfg(epochs=3, ckpt_every=2, accum_steps=2)
     whole = build_method("clip", smoke_cfg, spec)
     train(whole, feed(whole), cfg, steps_per_epoch=3, workdir=tmp_path / "whole", info=DistInfo(), seed=0)
     crashed = build_method("clip", smoke_cfg, spec)
     with pytest.raises(_Crash):  # epoch 2's first step is step 7; its second micro-batch never arrives
-        train(crashed, crashing(feed(crashed), 2, 1), cfg, steps_per_epoch=3, workdir=tmp_path / "crashed",
+        train(crashed, _crashing(feed(crashed), 2, 1), cfg, steps_per_epoch=3, workdir=tmp_path / "crashed",
               info=DistInfo(), seed=0)
     again = build_method("clip", smoke_cfg, spec)
     summary = train(again, feed(again), cfg, steps_per_epoch=3, workdir=tmp_path / "crashed", info=DistInfo(), seed=0)

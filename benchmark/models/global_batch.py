@@ -27,7 +27,7 @@ import torch
 
 from ..data.transforms import sample_seed
 
-__all__ = ["StepContext", "global_batch_rand", "global_mean", "loss_stage", "step_context", "training_step"]
+__all__ = ["StepContext", "global_batch_rand", "global_mean", "loss_stage", "training_step"]
 
 
 @dataclass
@@ -61,11 +61,6 @@ def training_step(ctx: StepContext) -> Iterator[StepContext]:
         yield ctx
     finally:
         _STEP.reset(token)
-
-
-def step_context() -> StepContext | None:
-    """The training step the current forward pass belongs to; None outside the trainer."""
-    return _STEP.get()
 
 
 @contextlib.contextmanager
