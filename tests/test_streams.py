@@ -225,3 +225,24 @@ def test_preflight_refuses_streams_that_do_not_fit_the_job():
         check_stream_split(many, 1, pretrain_shards(many))
     check_stream_split(load_config("smoke", ["data.streams=8", "data.resampled=true"]), 1, 4)
     assert load_config("toy").data.streams == 2 and load_config("paper").data.streams == 64
+
+
+def test_parts_joined_ahead_in_a_thread_keep_their_order_errors_and_stop_with_the_consumer():
+    import threading
+
+    from mugbench.data.streams import _ahead_in_thread
+
+    assert list(_ahead_in_thread(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise RuntimeError("shard 7 is unreadable")
+
+    ahead = _ahead_in_thread(broken(), depth=2)
+    assert next(ahead) == 1
+    with pytest.raises(RuntimeError, match="shard 7"):
+        next(ahead)
+    endless = _ahead_in_thread((i for i in iter(int, 1)), depth=2)  # never ends by itself
+    assert next(endless) == 0
+    endless.close()  # what the trainer does at an epoch's last step
+    assert not any(t.name == "mugbench-stream-join" for t in threading.enumerate())
