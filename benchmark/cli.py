@@ -202,24 +202,30 @@ def _cmd_run(args) -> int:
     methods = parse_method_list(args.methods)
     for name in methods:  # option errors before any training starts
         get_method(name).parse_options(cfg.methods.get(name))
-    from .preflight import check_run
+    from .preflight import check_run, remove_if_empty
 
     cache_dir = args.cache_dir or default_cache_dir()
     report_to = tuple(name.strip() for name in args.report_to.split(",") if name.strip())
     # The last check before work: nothing is created on disk until every setting above passed.
-    check_run(cfg, data_root=data_root, needs_text=any(get_method(n).needs_text for n in methods),
-              workdir=args.workdir, results=args.results, reports=args.reports, cache=cache_dir, methods=methods,
-              report_to=report_to)
+    created = check_run(cfg, data_root=data_root, needs_text=any(get_method(n).needs_text for n in methods),
+                        workdir=args.workdir, results=args.results, reports=args.reports, cache=cache_dir,
+                        methods=methods, report_to=report_to)
     from .report import build_report, write_report
     from .study import run_study
     from .study_plan import StudyPlan
 
     plan = StudyPlan(cfg, methods, seeds)  # one plan over every seed: places and time left for the whole command
-    for seed in seeds:
-        cfg.seed = seed
-        run_study(cfg, methods, workdir=args.workdir, results_dir=args.results,
-                  cache_dir=cache_dir, data_root=data_root, overrides=overrides, fresh=args.fresh,
-                  report_to=report_to, plan=plan)
+    try:
+        for seed in seeds:
+            cfg.seed = seed
+            run_study(cfg, methods, workdir=args.workdir, results_dir=args.results,
+                      cache_dir=cache_dir, data_root=data_root, overrides=overrides, fresh=args.fresh,
+                      report_to=report_to, plan=plan)
+    except BaseException:
+        # A run that stops before writing a record leaves no new folder but its run folder (and the cache it
+        # filled): the results and reports folders it made for records that never came go again.
+        remove_if_empty(created)
+        raise
     if _is_main_process():
         report = build_report(args.results)
         write_report(args.results, args.reports, report=report)

@@ -490,12 +490,31 @@ def apply_override(raw: dict, override: str) -> None:
         node = child
     # Method options may be new keys (validated by the method); everything else must exist in the
     # schema, which `from_dict` checks.
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:  # e.g. a !!python/... tag, which safe_load refuses, or unbalanced brackets
+        raise ConfigError(
+            f"Override {override!r}: the value of {key.strip()!r} is not a plain YAML value ({_yaml_problem(exc)}). "
+            f"Give a number, a string, true/false, null or a [list]; tags such as !!python/... are never "
+            f"loaded.") from None
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """The first line of what YAML found wrong, without its source excerpt."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return " ".join(str(problem).split())
 
 
 def load_config(preset: str = "toy", overrides: list[str] | None = None) -> StudyConfig:
     """Read a preset, apply overrides in order and validate the result."""
-    raw = yaml.safe_load(preset_path(preset).read_text()) or {}
+    path = preset_path(preset)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"The study file {path} is not plain YAML{where} ({_yaml_problem(exc)}): fix it; tags such "
+                          f"as !!python/... are never loaded.") from None
     raw.setdefault("preset", Path(preset).stem if preset not in PRESETS else preset)
     for override in overrides or []:
         apply_override(raw, override)

@@ -153,7 +153,9 @@ def _make(folder: Path, created: list[Path]) -> None:
     created.extend(reversed(missing))
 
 
-def _remove(created: list[Path]) -> None:
+def remove_if_empty(created: list[Path]) -> None:
+    """Remove the folders `check_folders` created (``created``) that are still empty, innermost first: a run
+    that failed before writing anything leaves no new folder behind; one that something filled stays."""
     for path in reversed(created):  # innermost first; a folder something else filled meanwhile stays
         try:
             path.rmdir()
@@ -175,7 +177,7 @@ def check_folders(folders: dict[str, Path]) -> list[Path]:
             _make(folder, created)
             _probe(folder)
         except OSError as exc:
-            _remove(created)
+            remove_if_empty(created)
             raise OutputError(_unwritable(option, folder, exc)) from None
     return created
 

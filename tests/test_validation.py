@@ -129,7 +129,19 @@ def test_shard_set_with_every_sample_broken_is_a_data_error(tmp_path, capsys, mo
             "--set", "train.batch_size=4", "--set", "data.streams=2"]
     code, _, err = _cli(args, tmp_path, capsys, monkeypatch)
     _assert_user_error(code, err, "yielded no batch", "undecodable", "mugbench data check", first=False)
-    assert not list((tmp_path / "results").rglob("*.json"))
+    # No record was written, so the folders made for records and reports are gone again; the run folder stays.
+    assert not (tmp_path / "results").exists() and not (tmp_path / "reports").exists()
+    assert list((tmp_path / "runs").rglob("metrics.jsonl")) or list((tmp_path / "runs").iterdir())
+
+
+def test_a_python_tag_in_an_override_is_a_one_paragraph_error(tmp_path, capsys, monkeypatch):
+    """safe_load refuses the tag (nothing runs); the refusal is the usual error naming the key, exit 2."""
+    for value in ('!!python/object/apply:os.system ["touch X"]', "[1,"):
+        code, _, err = _cli([*SMALL_RUN, *_folders(tmp_path), "--set", f"train.epochs={value}"], tmp_path, capsys,
+                            monkeypatch)
+        _assert_user_error(code, err, "train.epochs", "not a plain YAML value")
+        assert "Traceback" not in err
+    assert not (tmp_path / "X").exists() and not (tmp_path / "results").exists()
 
 
 # --- item 6: unusable output folders are found before training -------------------------------------
@@ -323,3 +335,13 @@ def test_paper_preset_without_its_evaluation_sets_stops_before_any_folder(tmp_pa
     _assert_user_error(code, err, "Evaluation set 'imagenet' was not found", str(empty / "imagenet"),
                        "ILSVRC2012", "ade20k, coco-caps")
     assert list(tmp_path.iterdir()) == [] and list(empty.iterdir()) == []
+
+
+def test_a_study_file_with_a_python_tag_is_refused_naming_the_file_and_line(tmp_path):
+    from mugbench.config import ConfigError, load_config
+
+    study = tmp_path / "study.yaml"
+    study.write_text("preset: mine\ntrain:\n  epochs: !!python/object/apply:os.system [\"touch X\"]\n")
+    with pytest.raises(ConfigError, match=r"study\.yaml is not plain YAML at line 3"):
+        load_config(str(study))
+    assert not (tmp_path / "X").exists()
