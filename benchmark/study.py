@@ -55,10 +55,7 @@ def run_study(cfg: StudyConfig, methods: list[str], *, workdir: Path, results_di
     # The embedded data, shard counts and vocabulary are made by one rank per cache folder (per node for
     # node-local caches); the others then find them cached.
     data, tokenizer = once_per_cache(cache_dir, prepare, info)
-    world = info.world_size * cfg.train.accum_steps
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by world size x accum_steps = {world}")
-    check_stream_split(cfg, info.world_size, len(data.urls))
+    check_stream_split(cfg, info.world_size, len(data.urls))  # also: the batch splits over ranks x accum_steps
     steps_per_epoch = data.samples // cfg.train.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"{data.samples} samples make no full batch of {cfg.train.batch_size}")

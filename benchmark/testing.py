@@ -280,6 +280,7 @@ def train_tiny(name: str, accum_steps: int, steps: int, info=None) -> dict:
     (step, loss) (rank 0's log)."""
     import json
 
+    from .data.streams import split_rows
     from .models.vit import build_encoder
     from .registry import get_method
     from .train.distributed import DistInfo
@@ -303,19 +304,6 @@ def train_tiny(name: str, accum_steps: int, steps: int, info=None) -> dict:
         rows = [json.loads(line) for line in log.read_text().splitlines()] if info.is_main else []
     return {"weights": {k: v.detach().clone() for k, v in method.named_parameters()},
             "loss": [(row["step"], row["loss"]) for row in rows]}
-
-
-def split_rows(batch: dict, parts: int) -> list[dict]:
-    """``batch`` cut into ``parts`` micro-batches of consecutive rows (tensors, lists and each image view),
-    as the trainer receives a step's micro-batches."""
-    rows = len(batch["image"]) // parts
-
-    def cut(value, i):
-        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            return [v[i * rows:(i + 1) * rows] for v in value]
-        return value[i * rows:(i + 1) * rows]
-
-    return [{k: cut(v, i) for k, v in batch.items()} for i in range(parts)]
 
 
 def _check_untouched(who: str, encoder, fresh) -> None:

@@ -29,7 +29,7 @@ from mugbench.method import Method, check_range
 from mugbench.methods.cap import CaptioningMixin, encode_tokens
 from mugbench.methods.clip import clamp_logit_scale
 from mugbench.models.global_batch import global_mean
-from mugbench.models.text import CoCaTextDecoder, caption_targets, full_context
+from mugbench.models.text import CoCaTextDecoder, caption_targets, full_context, token_nll
 from mugbench.registry import register_method
 from mugbench.train.distributed import rank_and_world
 
@@ -132,10 +132,9 @@ class CoCa(CaptioningMixin, Method):
         text_emb, text_features = self.caption_decoder.encode(text)
         # The tower is causal: the features of text[:, :-1] are the first L-1 of text's (open_clip's CoCa).
         logits = self.caption_decoder.decode(self._decoder_memory(tokens), text_features[:, :-1])
-        labels = caption_targets(text, t.pad_id, t.eot_id)
-        nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=t.pad_id, reduction="none").sum(1)
+        nll, count = token_nll(logits, caption_targets(text, t.pad_id, t.eot_id), t.pad_id)
         return {"image": F.normalize(self._image_embedding(tokens), dim=-1), "text": F.normalize(text_emb, dim=-1),
-                "caption_nll": nll, "caption_tokens": (labels != t.pad_id).sum(1)}
+                "caption_nll": nll, "caption_tokens": count}
 
     def loss(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``loss`` = clip_loss_weight * ``contrastive`` + caption_loss_weight * ``caption`` (CoCa's

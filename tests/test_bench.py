@@ -115,7 +115,7 @@ def test_accumulation_bench_times_one_global_batch_in_one_and_in_two_micro_batch
 
 
 def test_accumulation_bench_cuts_consecutive_rows_and_trims_each_micro_batch(smoke_cfg):
-    from mugbench.bench.accumulation import micro_batches
+    from mugbench.data.streams import split_rows
     from mugbench.bench.train_step import synthetic_batch
     from mugbench.data.tokenizer import TextTokenizer
     from mugbench.registry import get_method
@@ -125,7 +125,7 @@ def test_accumulation_bench_cuts_consecutive_rows_and_trims_each_micro_batch(smo
     text = torch.full((8, 32), tok.pad_id)
     text[:4], text[4:, :3] = 5, 6  # long captions in the first micro-batch, three tokens in the second
     whole["text"] = text
-    micro = micro_batches(whole, 2, tok.pad_id)
+    micro = split_rows(whole, 2, tok.pad_id)
     assert [m["image"].shape[0] for m in micro] == [4, 4] and micro[1]["caption"] == whole["caption"][4:]
     torch.testing.assert_close(torch.cat([m["image"] for m in micro]), whole["image"])
     assert len(whole["image_views"]) == 3

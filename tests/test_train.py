@@ -149,7 +149,7 @@ def test_a_crash_between_the_micro_batches_of_a_step_resumes_to_the_uninterrupte
     """clip with two micro-batches per step (the two-pass accumulation), crashed after the first half of
     step 7's batch: the rerun resumes from checkpoint 6, replays the epoch's stream to step 7 and ends
     with the weights of an uninterrupted run, bit for bit; the logged losses are the same rows."""
-    from mugbench.testing import split_rows
+    from mugbench.data.streams import split_rows
 
     def feed(method):
         whole = _batches(method, toy_samples, tokenizer, smoke_cfg.encoder.img_size)

@@ -47,7 +47,7 @@ import torch
 
 from ..config import ConfigError, StudyConfig
 from ..data.pretrain import text_spec
-from ..data.tokenizer import trim_padding
+from ..data.streams import split_rows
 from ..registry import get_method
 from ..runs import build_method
 from ..train.distributed import DistInfo
@@ -89,22 +89,6 @@ def check_splits(global_batch: int, accum: Sequence[int]) -> None:
                 f"micro-batches of equal size, and exact accumulation (train.accum_steps={k}) trains equal "
                 f"micro-batches of consecutive rows. Give --accum counts that divide {global_batch} (e.g. "
                 f"{','.join(map(str, fits))}), or a --batch-size that every count divides.")
-
-
-def micro_batches(batch: dict, k: int, pad_id: int) -> list[dict]:
-    """``batch`` (the whole global batch) cut into ``k`` micro-batches of consecutive rows, as the trainer
-    receives them with ``train.accum_steps=k``; each micro-batch's text trimmed to its own longest caption."""
-    rows = batch["image"].shape[0] // k
-
-    def cut(key, value, part: slice):
-        if key == "text":
-            return trim_padding(value[part], pad_id)
-        if key == "image_views":
-            return [view[part] for view in value]
-        return value[part]
-
-    return [{key: cut(key, value, slice(i * rows, (i + 1) * rows)) for key, value in batch.items()}
-            for i in range(k)]
 
 
 def _release_freed_memory() -> None:
@@ -211,7 +195,7 @@ def run(cfg: StudyConfig, methods: list[str], *, device, accum: Sequence[int] = 
         for name in methods:
             whole = synthetic_batch(cfg, get_method(name), tokenizer, batch, device)
             for k in accum:
-                ms, mb = accumulated_step(name, cfg, spec, micro_batches(whole, k, tokenizer.pad_id), device,
+                ms, mb = accumulated_step(name, cfg, spec, split_rows(whole, k, tokenizer.pad_id), device,
                                           steps, warmup)
                 measured[name, k][0].append(ms)
                 measured[name, k][1].append(mb)

@@ -255,9 +255,7 @@ def _micro_batches(loader: Iterable[dict], worker_streams: list[tuple[int, int]]
         if any(p.get("end") for p in parts):
             yield {"skipped": skipped, "repaired": repaired}
             return
-        share = _concat(parts, pin)
-        for i in range(accum_steps):
-            micro = _rows(share, slice(i * rows, (i + 1) * rows), pad_id)
+        for i, micro in enumerate(split_rows(_concat(parts, pin), accum_steps, pad_id)):
             micro["skipped"], micro["repaired"] = (skipped, repaired) if i == 0 else ({}, {})
             yield micro
 
@@ -297,12 +295,22 @@ def _concat(parts: list[dict], pin: bool) -> dict:
     return share
 
 
-def _rows(share: dict, rows: slice, pad_id: int | None) -> dict:
-    """Rows ``rows`` of the share (views of its tensors), text trimmed to the micro-batch's longest caption."""
-    micro = {name: value[rows] for name, value in share.items() if name != "image_views"}
-    if "image_views" in share:
-        micro["image_views"] = [view[rows] for view in share["image_views"]]
-        micro["image"] = micro["image_views"][0]
-    if "text" in micro and pad_id is not None:
-        micro["text"] = trim_padding(micro["text"], pad_id)
+def split_rows(batch: dict, parts: int, pad_id: int | None = None) -> list[dict]:
+    """``batch`` cut into ``parts`` micro-batches of consecutive rows (views of its tensors, slices of its
+    lists, each image view), as the trainer receives a step's with ``train.accum_steps=parts``; with
+    ``pad_id``, each micro-batch's text trimmed to its own longest caption."""
+    rows = len(batch["image"]) // parts
+
+    def cut(name: str, value, part: slice):
+        if name == "image_views":
+            return [view[part] for view in value]
+        if name == "text" and pad_id is not None:
+            return trim_padding(value[part], pad_id)
+        return value[part]
+
+    micro = [{name: cut(name, value, slice(i * rows, (i + 1) * rows)) for name, value in batch.items()}
+             for i in range(parts)]
+    for m in micro:
+        if "image_views" in m:  # the loader's format: ``image`` is view 0 itself
+            m["image"] = m["image_views"][0]
     return micro

@@ -195,7 +195,12 @@ def caption_nll(decoder: nn.Module, image_tokens: torch.Tensor, text: torch.Tens
     """
     logits = decoder(image_tokens, text[:, :-1]) if parallel is None else \
         decoder(image_tokens, text[:, :-1], parallel=parallel)
-    labels = caption_targets(text, pad_id, eot_id)
+    return token_nll(logits, caption_targets(text, pad_id, eot_id), pad_id)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``logits [B, L, V]``: the summed cross-entropy at ``labels [B, L]`` (positions holding
+    ``pad_id`` ignored) and how many positions count, ``[B]`` each."""
     per_token = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=pad_id, reduction="none")
     return per_token.sum(1), (labels != pad_id).sum(1)
 

@@ -280,24 +280,25 @@ def _mean_over_ranks(out: dict, info: DistInfo) -> dict[str, float]:
     return dict(zip(out, values.tolist()))
 
 
-def _while_every_rank_has_data(batches: Iterable[dict], info: DistInfo, counts: _Counts) -> Iterator[dict]:
-    """Yield batches while every rank still has one. An epoch ends at the first step some stream cannot
-    fill (`data.streams`), which only the rank holding that stream sees; a rank that ran dry would leave
-    the others waiting forever in the gradient all-reduce. A batch a rank holds when the others stop is
-    not trained, but its counts are tallied: one process reading every stream would count them too."""
-    it = iter(batches)
+def _while_every_rank_has_data(steps: Iterable[list[dict]], info: DistInfo, counts: _Counts) -> Iterator[list[dict]]:
+    """Yield steps (their micro-batches) while every rank still has one: one small all-reduce, and the
+    wait for the device it implies, per step. An epoch ends at the first step some stream cannot fill
+    (`data.streams`), which only the rank holding that stream sees; a rank that ran dry would leave the
+    others waiting forever in the gradient all-reduce. A step a rank holds when the others stop is not
+    trained, but its counts are tallied: one process reading every stream would count them too."""
+    it = iter(steps)
     while True:
-        batch = next(it, None)
+        step = next(it, None)
         if info.world_size > 1:
-            more = torch.tensor([float(batch is not None)], device=info.device)
+            more = torch.tensor([float(step is not None)], device=info.device)
             dist.all_reduce(more, op=dist.ReduceOp.MIN)
             if not more.item():
-                if batch is not None:
+                for batch in step or ():
                     counts.tally(batch)
                 return
-        if batch is None:
+        if step is None:
             return
-        yield batch
+        yield step
 
 
 def _steps(batches: Iterable[dict], accum_steps: int, counts: _Counts) -> Iterator[list[dict]]:
@@ -796,7 +797,7 @@ def _run_epoch(run: _Run, state: TrainState, session: _Session, batches: Callabl
     counts = session.counts
     epoch_batches = _image_batches(_timed_fetches(batches(epoch), state), counts, done * k)
     seen = 0
-    for seen, micro in enumerate(_steps(_while_every_rank_has_data(epoch_batches, run.info, counts), k, counts), 1):
+    for seen, micro in enumerate(_while_every_rank_has_data(_steps(epoch_batches, k, counts), run.info, counts), 1):
         if seen <= done:  # resuming mid-epoch: the pipeline is deterministic, so skip what was trained
             continue
         out = _train_step(run, state, session, micro)
